@@ -1,0 +1,227 @@
+"""Server aggregation rules on one LoRA module, vectorised over clients.
+
+Every function takes the clients' trained factors with a leading client axis,
+``B [n, d_out, r_max]``, ``A [n, r_max, d_in]``, their rank masks ``[n, r_max]``
+and scales ``[n]``. Columns past a client's rank are ignored whatever they hold.
+A client whose active factors hold NaN/Inf is left out of the round (weight 0,
+the others renormalised, a warning); if every client is left out, the module is
+returned unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedhl_jax.truncation import SVD, masked_factors, svd, weighted_delta, weighted_product
+
+WEIGHTINGS = ("optimal", "uniform", "data_size", "optimal_data_size")
+EPS_MODES = ("absolute", "relative")
+
+
+def check_eps(eps) -> float:
+    """Raises ``ValueError`` unless ``eps`` is a finite float > 0."""
+    try:
+        val = float(eps)
+    except (TypeError, ValueError):
+        raise ValueError(f"eps must be a positive number, got {eps!r}") from None
+    if not np.isfinite(val) or val <= 0:
+        raise ValueError(f"eps must be > 0, got eps={eps!r}")
+    return val
+
+
+def check_weighting(weighting: str, num_examples) -> None:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+    if weighting in ("data_size", "optimal_data_size") and num_examples is None:
+        raise ValueError(f"weighting={weighting!r} needs num_examples")
+
+
+def check_client_shapes(G_shape, B, A, mask, scale) -> None:
+    """Shape checks with messages that name the mismatching arrays."""
+    d_out, d_in = G_shape
+    n, r_max = mask.shape
+    if B.shape != (n, d_out, r_max):
+        raise ValueError(f"B has shape {tuple(B.shape)}, expected [n, d_out, r_max] = {(n, d_out, r_max)}")
+    if A.shape != (n, r_max, d_in):
+        raise ValueError(f"A has shape {tuple(A.shape)}, expected [n, r_max, d_in] = {(n, r_max, d_in)}")
+    if jnp.shape(scale) != (n,):
+        raise ValueError(f"scale has shape {tuple(jnp.shape(scale))}, expected [n] = ({n},)")
+
+
+def finite_clients(B: jax.Array, A: jax.Array, mask: jax.Array) -> jax.Array:
+    """``[n]`` bool: the client's active factors are all finite."""
+    Bm, Am = masked_factors(B, A, mask)
+    return jnp.all(jnp.isfinite(Bm), axis=(1, 2)) & jnp.all(jnp.isfinite(Am), axis=(1, 2))
+
+
+def _warn(valid) -> None:
+    valid = np.asarray(valid)
+    if not valid.all():
+        bad = np.flatnonzero(~valid).tolist()
+        msg = (f"clients {bad} sent non-finite factors and are left out of this round's aggregate"
+               + ("; no client left, the state is unchanged" if not valid.any() else ""))
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+
+def warn_excluded(valid: jax.Array) -> None:
+    """Warns (also from inside ``jit``) when some clients were left out."""
+    jax.debug.callback(_warn, valid)
+
+
+def normalise(w: jax.Array, valid: jax.Array) -> jax.Array:
+    """``w ⊙ valid / Σ(w ⊙ valid)``, all zeros when nothing is left."""
+    w = jnp.where(valid, w, 0.0)
+    total = jnp.sum(w)
+    return jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def fedhl_weights(errors: jax.Array, *, eps: float, eps_mode: str = "absolute", power: float = 2.0,
+                  weighting: str = "optimal", num_examples: jax.Array | None = None,
+                  valid: jax.Array | None = None) -> jax.Array:
+    """FedHL's drift-minimising weights ``p_i ∝ 1/(r̂_i^power + ε)`` (Eq. 12 of the paper).
+
+    ``r̂_i = ‖G − G_{r_i}‖²_F`` is already a squared norm and the paper squares it
+    again; ``power=2`` follows the text as written, ``power=1`` uses the plain
+    tail energy. When some ``r̂_i → 0`` (a client whose rank covers the whole
+    spectrum of ``G``) its weight tends to ``1/ε`` and, for a small absolute ε,
+    takes almost all the mass (weight explosion); ``eps_mode="relative"`` sets
+    ``ε_eff = ε · mean(r̂^power)`` so the cap scales with the errors. The weights
+    are computed as ``(min_j x_j + ε)/(x_i + ε)`` before normalising, which never
+    overflows, and define ``0/0 = 1`` (all errors zero and ε_eff = 0 gives
+    uniform weights).
+
+    Args:
+      errors: ``[n]`` truncation errors ``r̂_i``.
+      eps: ε > 0.
+      eps_mode: ``"absolute"`` or ``"relative"``.
+      power: exponent applied to ``r̂_i``.
+      weighting: ``"optimal"`` (default), ``"uniform"``, ``"data_size"`` (∝ n_i)
+        or ``"optimal_data_size"`` (∝ n_i/(r̂_i^power + ε)).
+      num_examples: ``[n]`` local data sizes, needed by the data-size variants.
+      valid: ``[n]`` bool; invalid clients get weight 0.
+
+    Returns:
+      ``[n]`` weights: finite, ≥ 0, summing to 1 (or all 0 if no client is valid).
+    """
+    check_weighting(weighting, num_examples)
+    if eps_mode not in EPS_MODES:
+        raise ValueError(f"unknown eps_mode {eps_mode!r}; expected one of {EPS_MODES}")
+    n = errors.shape[0]
+    valid = jnp.ones((n,), bool) if valid is None else valid
+    x = jnp.maximum(errors, 0.0) ** power  # [n]
+    if eps_mode == "relative":
+        mean = jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+        eps_eff = eps * mean
+    else:
+        eps_eff = jnp.asarray(eps, x.dtype)
+    xmin = jnp.min(jnp.where(valid, x, jnp.inf))
+    xmin = jnp.where(jnp.isfinite(xmin), xmin, 0.0)
+    den = x + eps_eff
+    opt = jnp.where(den > 0, (xmin + eps_eff) / jnp.where(den > 0, den, 1.0), 1.0)  # in (0, 1]
+    if weighting == "optimal":
+        w = opt
+    elif weighting == "uniform":
+        w = jnp.ones_like(x)
+    else:
+        size = jnp.asarray(num_examples, x.dtype)
+        w = size if weighting == "data_size" else size * opt
+    return normalise(w, valid)
+
+
+def data_weights(num_examples: jax.Array, valid: jax.Array) -> jax.Array:
+    """FedAvg weights ``p_i ∝ n_i`` over valid clients."""
+    return normalise(jnp.asarray(num_examples, jnp.float32), valid)
+
+
+def _num_examples_or_ones(num_examples, n):
+    return jnp.ones((n,), jnp.float32) if num_examples is None else jnp.asarray(num_examples, jnp.float32)
+
+
+def fedhl_aggregate(G: jax.Array, B: jax.Array, A: jax.Array, mask: jax.Array, scale: jax.Array, *,
+                    eps: float, num_examples: jax.Array | None = None, weighting: str = "optimal",
+                    eps_mode: str = "absolute", power: float = 2.0, dec: SVD | None = None):
+    """FedHL on one module: ``G ← G + Σ p_i ΔW_i`` with ``ΔW_i = s_i B_i A_i − G_{r_i}`` (Eqs. 6, 12).
+
+    The update is added to the full-rank ``G``, not to a truncated copy, so the
+    tail ``G − G_{r_i}`` that a client never saw is kept.
+
+    Args:
+      G: ``[d_out, d_in]`` dense global adapter (the one the clients were truncated from).
+      B: ``[n, d_out, r_max]`` trained factors.
+      A: ``[n, r_max, d_in]`` trained factors.
+      mask: ``[n, r_max]`` rank masks.
+      scale: ``[n]`` LoRA scales.
+      eps: ε > 0 of the weights.
+      num_examples: ``[n]`` data sizes (for the data-size weightings).
+      weighting, eps_mode, power: see ``fedhl_weights``.
+      dec: the SVD of ``G`` if already computed (the one used for broadcast).
+
+    Returns:
+      ``(G_next [d_out, d_in], p [n])``.
+    """
+    check_eps(eps)
+    check_weighting(weighting, num_examples)
+    check_client_shapes(G.shape, B, A, mask, scale)
+    dec = svd(G, mask.shape[1]) if dec is None else dec
+    ranks = jnp.sum(mask > 0, axis=1)
+    valid = finite_clients(B, A, mask)
+    warn_excluded(valid)
+    p = fedhl_weights(dec.tail[ranks], eps=eps, eps_mode=eps_mode, power=power, weighting=weighting,
+                      num_examples=num_examples, valid=valid)
+    return G + weighted_delta(dec, B, A, mask, scale, p), p
+
+
+def flexlora_aggregate(G: jax.Array, B: jax.Array, A: jax.Array, mask: jax.Array, scale: jax.Array, *,
+                       num_examples: jax.Array | None = None) -> jax.Array:
+    """FlexLoRA on one module: ``G ← Σ p_i s_i B_i A_i``, ``p_i ∝ n_i``.
+
+    The tail ``G − G_{r_i}`` that each client never received is dropped every
+    round (the truncation bias that FedHL removes).
+
+    Returns:
+      ``[d_out, d_in]``; ``G`` unchanged when no client is valid.
+    """
+    check_client_shapes(G.shape, B, A, mask, scale)
+    valid = finite_clients(B, A, mask)
+    warn_excluded(valid)
+    p = data_weights(_num_examples_or_ones(num_examples, mask.shape[0]), valid)
+    return jnp.where(jnp.any(valid), weighted_product(B, A, mask, scale, p), G)
+
+
+def flora_stack(B: jax.Array, A: jax.Array, mask: jax.Array, scale: jax.Array, p: jax.Array):
+    """FLoRA's stacking: ``[p_1 s_1 B_1 | … | p_n s_n B_n] @ [A_1; …; A_n]``.
+
+    Returns:
+      ``(B_stack [d_out, n·r_max], A_stack [n·r_max, d_in])`` whose product is
+      ``Σ_i p_i s_i B_i A_i`` (the product is what gets merged into the base).
+    """
+    Bm, Am = masked_factors(B, A, mask, p)
+    n, d_out, r = Bm.shape
+    Bs = (Bm * (p * scale)[:, None, None]).transpose(1, 0, 2).reshape(d_out, n * r)
+    return Bs, Am.reshape(n * r, Am.shape[2])
+
+
+def factor_average(B: jax.Array, A: jax.Array, mask: jax.Array, p: jax.Array):
+    """FedAvg of the zero-padded factors separately: ``(Σ p_i B_i, Σ p_i A_i)``.
+
+    Returns:
+      ``(B [d_out, r_max], A [r_max, d_in])``.
+    """
+    Bm, Am = masked_factors(B, A, mask, p)
+    return jnp.einsum("n,nor->or", p, Bm), jnp.einsum("n,nri->ri", p, Am)
+
+
+def hetlora_weights(B, A, mask, scale, valid):
+    """HetLoRA's weights ``p_i ∝ ‖s_i B_i A_i‖_F`` over valid clients."""
+    Bm, Am = masked_factors(B, A, mask, valid.astype(mask.dtype))
+    # ‖B A‖²_F = Σ (BᵀB) ⊙ (AAᵀ): [n, r, r] Gram matrices instead of [n, d_out, d_in].
+    gram = jnp.einsum("nor,nos->nrs", Bm, Bm) * jnp.einsum("nri,nsi->nrs", Am, Am)
+    norms = jnp.abs(scale) * jnp.sqrt(jnp.maximum(jnp.sum(gram, axis=(1, 2)), 0.0))
+    norms = jnp.where(valid, norms, 0.0)
+    # All-zero updates (e.g. B = 0 at the start): fall back to uniform.
+    norms = jnp.where(jnp.sum(norms) > 0, norms, 1.0)
+    return normalise(norms, valid)

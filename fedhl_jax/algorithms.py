@@ -1,0 +1,362 @@
+"""Federated LoRA algorithms as optax-style factories of pure functions.
+
+Each factory closes over its hyperparameters and returns an ``Algorithm``, a
+NamedTuple of pure, jit-able functions over a ``ServerState`` pytree:
+
+* ``init(shapes, key) -> state`` with ``shapes = {module: (d_out, d_in)}``;
+* ``broadcast(state, mask, scale, key) -> ClientStart``: what each of the ``n``
+  sampled clients starts from (``mask [n, r_max]``, ``scale [n]``);
+* ``aggregate(state, B, A, mask, scale, num_examples) -> (state, info)`` with the
+  clients' trained factors ``B = {module: [n, d_out, r_max]}``,
+  ``A = {module: [n, r_max, d_in]}`` and ``num_examples [n]``;
+* ``global_delta(state) -> {module: [d_out, d_in]}``: the dense update of the
+  base weights that the global model uses (evaluation and export);
+* ``check_ranks(ranks)``: host-side validation before any compile.
+
+Everything is vectorised over the leading client axis; no Python loop runs over
+clients. Python loops run over modules only (a fixed set, unrolled once at trace
+time).
+
+Factor-form algorithms (``hetlora``, ``fedit``, ``ffa_lora``, ``fedex_lora``)
+keep the global factors in scale-absorbed form ``(√s B, √s A)``, so a rank-``r``
+slice means the same update for every client whatever its own ``s = α/r``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from fedhl_jax import aggregation as agg
+from fedhl_jax.lora import check_ranks as _check_ranks
+from fedhl_jax.truncation import (SPLITS, SVD_METHODS, lora_init_A, masked_factors, svd,
+                                  truncate_from_svd, weighted_delta, weighted_product)
+
+
+@struct.dataclass
+class ServerState:
+    """Server state pytree (unused fields are empty dicts).
+
+    Attributes:
+      G: ``{module: [d_out, d_in]}`` dense global adapter (FedHL, FlexLoRA) or the
+        delta merged into the base so far (FLoRA, FedEx-LoRA's residual).
+      dec: ``{module: SVD}`` of ``G``, computed once per round in ``aggregate``
+        (or ``init``) and sliced by ``broadcast``.
+      B: ``{module: [d_out, r_max]}`` global factors (factor-form algorithms).
+      A: ``{module: [r_max, d_in]}``.
+      round: ``[]`` int32, rounds aggregated so far.
+    """
+
+    G: dict
+    dec: dict
+    B: dict
+    A: dict
+    round: jax.Array
+
+
+class ClientStart(NamedTuple):
+    """What the sampled clients start a round from.
+
+    Attributes:
+      B: ``{module: [n, d_out, r_max]}``.
+      A: ``{module: [n, r_max, d_in]}``.
+      base_delta: ``{module: [d_out, d_in]}`` added to the frozen base weights of
+        every client (shared, not per client), or ``None``.
+    """
+
+    B: dict
+    A: dict
+    base_delta: dict | None
+
+
+class Algorithm(NamedTuple):
+    """A federated LoRA algorithm (see the module docstring)."""
+
+    name: str
+    init: Callable
+    broadcast: Callable
+    aggregate: Callable
+    global_delta: Callable
+    check_ranks: Callable
+    trainable: tuple = ("A", "B")
+
+
+def _check_shapes(shapes: dict, r_max: int) -> None:
+    if not shapes:
+        raise ValueError("no LoRA modules given")
+    for name, (d_out, d_in) in shapes.items():
+        if r_max > min(d_out, d_in):
+            raise ValueError(f"r_max={r_max} exceeds min(d_out, d_in)={min(d_out, d_in)} of module {name!r}")
+
+
+def _check_rmax(r_max) -> int:
+    if not isinstance(r_max, (int, np.integer)) or r_max < 1:
+        raise ValueError(f"r_max must be a positive integer, got {r_max!r}")
+    return int(r_max)
+
+
+def _valid(B: dict, A: dict, mask: jax.Array) -> jax.Array:
+    """``[n]``: a client is valid when every module's active factors are finite."""
+    ok = [agg.finite_clients(B[k], A[k], mask) for k in B]
+    return jnp.all(jnp.stack(ok), axis=0)
+
+
+def _num_examples(num_examples, n):
+    return jnp.ones((n,), jnp.float32) if num_examples is None else jnp.asarray(num_examples, jnp.float32)
+
+
+def _module_keys(key, names):
+    return {name: jax.random.fold_in(key, i) for i, name in enumerate(names)}
+
+
+def _empty_state(G=None, dec=None, B=None, A=None) -> ServerState:
+    return ServerState(G=G or {}, dec=dec or {}, B=B or {}, A=A or {}, round=jnp.zeros((), jnp.int32))
+
+
+# --------------------------------------------------------------------------- dense-G family
+
+
+def _dense_family(name: str, r_max: int, *, split: str, svd_method: str, combine: Callable) -> Algorithm:
+    """FedHL and FlexLoRA: a dense ``G``, one SVD per module per round, slicing per client."""
+    r_max = _check_rmax(r_max)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if svd_method not in SVD_METHODS:
+        raise ValueError(f"unknown svd_method {svd_method!r}; expected one of {SVD_METHODS}")
+
+    def decompose(G: dict, key) -> dict:
+        keys = _module_keys(key, G)
+        return {k: svd(g, r_max, method=svd_method, key=keys[k]) for k, g in G.items()}
+
+    def init(shapes, key=None):
+        _check_shapes(shapes, r_max)
+        G = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
+        return _empty_state(G=G, dec=decompose(G, jax.random.PRNGKey(0) if key is None else key))
+
+    def broadcast(state, mask, scale, key):
+        keys = _module_keys(key, state.G)
+        B, A = {}, {}
+        for k in state.G:
+            B[k], A[k] = truncate_from_svd(state.dec[k], mask, scale, key=keys[k], split=split)
+        return ClientStart(B, A, None)
+
+    def aggregate(state, B, A, mask, scale, num_examples=None):
+        valid = _valid(B, A, mask)
+        agg.warn_excluded(valid)
+        ranks = jnp.sum(mask > 0, axis=1)
+        errors = {k: state.dec[k].tail[ranks] for k in state.G}  # r̂_i per module
+        G, info = combine(state, B, A, mask, scale, _num_examples(num_examples, mask.shape[0]), valid, errors)
+        info = dict(info, valid=valid, errors=sum(errors.values()))
+        key = jax.random.fold_in(jax.random.PRNGKey(17), state.round)
+        return state.replace(G=G, dec=decompose(G, key), round=state.round + 1), info
+
+    return Algorithm(name, init, broadcast, aggregate, lambda s: dict(s.G), lambda r: _check_ranks(r, r_max))
+
+
+def fedhl(r_max: int, *, eps: float = 1e-2, eps_mode: str = "relative", power: float = 2.0,
+          weighting: str = "optimal", per_module: bool = False, split: str = "balanced",
+          svd_method: str = "exact") -> Algorithm:
+    """FedHL (arXiv 2505.18494): unbiased aggregation into a full-rank ``G``.
+
+    ``G ← G + Σ_i p_i (s_i B_i A_i − G_{r_i})`` with ``p_i ∝ 1/(r̂_i^power + ε)``,
+    ``r̂_i = ‖G − G_{r_i}‖²_F`` summed over modules (one weight per client), or one
+    weight per client and module with ``per_module=True``.
+
+    Args:
+      r_max: padded rank.
+      eps: ε > 0 of the weights. Default ``1e-2`` relative to ``mean(r̂^power)``.
+      eps_mode: ``"relative"`` (default) or ``"absolute"``.
+      power: exponent on ``r̂`` (2 follows the paper's formula as written).
+      weighting: ``optimal`` | ``uniform`` | ``data_size`` | ``optimal_data_size``.
+      per_module: weights per module instead of one per client.
+      split: factor split of the broadcast (``truncate_from_svd``).
+      svd_method: ``"exact"`` or ``"randomized"``.
+    """
+    eps = agg.check_eps(eps)
+    agg.check_weighting(weighting, num_examples=0)
+    if eps_mode not in agg.EPS_MODES:
+        raise ValueError(f"unknown eps_mode {eps_mode!r}; expected one of {agg.EPS_MODES}")
+
+    def weights(err, num_examples, valid):
+        return agg.fedhl_weights(err, eps=eps, eps_mode=eps_mode, power=power, weighting=weighting,
+                                 num_examples=num_examples, valid=valid)
+
+    def combine(state, B, A, mask, scale, num_examples, valid, errors):
+        if per_module:
+            p = {k: weights(errors[k], num_examples, valid) for k in state.G}
+        else:
+            shared = weights(sum(errors.values()), num_examples, valid)
+            p = {k: shared for k in state.G}
+        G = {k: g + weighted_delta(state.dec[k], B[k], A[k], mask, scale, p[k]) for k, g in state.G.items()}
+        return G, {"p": jnp.mean(jnp.stack(list(p.values())), axis=0)}
+
+    return _dense_family("fedhl", r_max, split=split, svd_method=svd_method, combine=combine)
+
+
+def flexlora(r_max: int, *, split: str = "balanced", svd_method: str = "exact") -> Algorithm:
+    """FlexLoRA (Bai et al., 2024): ``G ← Σ p_i s_i B_i A_i``, ``p_i ∝ n_i``, then SVD redistribution."""
+
+    def combine(state, B, A, mask, scale, num_examples, valid, errors):
+        p = agg.data_weights(num_examples, valid)
+        keep = jnp.any(valid)
+        G = {k: jnp.where(keep, weighted_product(B[k], A[k], mask, scale, p), g) for k, g in state.G.items()}
+        return G, {"p": p}
+
+    return _dense_family("flexlora", r_max, split=split, svd_method=svd_method, combine=combine)
+
+
+def flora(r_max: int) -> Algorithm:
+    """FLoRA (Wang et al., 2024): stack the clients' factors, merge ``Σ p_i s_i B_i A_i`` into the base.
+
+    Clients start every round from a fresh LoRA (``B = 0``, ``A`` re-initialised)
+    on top of the base plus everything merged so far (``base_delta = G``).
+    """
+    r_max = _check_rmax(r_max)
+
+    def init(shapes, key=None):
+        _check_shapes(shapes, r_max)
+        return _empty_state(G={k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()})
+
+    def broadcast(state, mask, scale, key):
+        keys = _module_keys(key, state.G)
+        n = mask.shape[0]
+        B, A = {}, {}
+        for k, g in state.G.items():
+            a = lora_init_A(keys[k], r_max, g.shape[1], g.dtype)
+            B[k], A[k] = masked_factors(jnp.zeros((n, g.shape[0], r_max), g.dtype),
+                                        jnp.broadcast_to(a, (n,) + a.shape), mask)
+        return ClientStart(B, A, dict(state.G))
+
+    def aggregate(state, B, A, mask, scale, num_examples=None):
+        valid = _valid(B, A, mask)
+        agg.warn_excluded(valid)
+        p = agg.data_weights(_num_examples(num_examples, mask.shape[0]), valid)
+        G = {}
+        for k, g in state.G.items():
+            Bs, As = agg.flora_stack(B[k], A[k], mask, scale, p)  # [d_out, n·r], [n·r, d_in]
+            G[k] = g + Bs @ As
+        return state.replace(G=G, round=state.round + 1), {"p": p, "valid": valid}
+
+    return Algorithm("flora", init, broadcast, aggregate, lambda s: dict(s.G), lambda r: _check_ranks(r, r_max))
+
+
+# --------------------------------------------------------------------------- factor family
+
+
+def _factor_family(name: str, r_max: int, *, weights: Callable, homogeneous: bool, residual: bool,
+                   trainable=("A", "B")) -> Algorithm:
+    """Algorithms that average the factors ``B`` and ``A`` separately (scale-absorbed form)."""
+    r_max = _check_rmax(r_max)
+
+    def check(ranks):
+        arr = _check_ranks(ranks, r_max)
+        if homogeneous and np.unique(arr).size > 1:
+            raise ValueError(f"{name} needs the same rank on every client, got ranks {sorted(set(arr.tolist()))}")
+        return arr
+
+    def init(shapes, key=None):
+        _check_shapes(shapes, r_max)
+        keys = _module_keys(jax.random.PRNGKey(0) if key is None else key, shapes)
+        B = {k: jnp.zeros((d_out, r_max), jnp.float32) for k, (d_out, _) in shapes.items()}
+        A = {k: lora_init_A(keys[k], r_max, d_in) for k, (_, d_in) in shapes.items()}
+        G = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()} if residual else {}
+        return _empty_state(G=G, B=B, A=A)
+
+    def broadcast(state, mask, scale, key):
+        del key
+        root = jnp.sqrt(jnp.asarray(scale, jnp.float32))[:, None, None]  # [n, 1, 1]
+        B, A = {}, {}
+        for k in state.B:
+            B[k], A[k] = masked_factors(state.B[k][None] / root, state.A[k][None] / root, mask)
+        return ClientStart(B, A, dict(state.G) if residual else None)
+
+    def aggregate(state, B, A, mask, scale, num_examples=None):
+        valid = _valid(B, A, mask)
+        agg.warn_excluded(valid)
+        n = mask.shape[0]
+        root = jnp.sqrt(jnp.asarray(scale, jnp.float32))[:, None, None]
+        p = weights(B, A, mask, scale, _num_examples(num_examples, n), valid)
+        # Columns no valid client holds keep their previous value (zero-padding would erase them).
+        covered = jnp.einsum("n,nr->r", valid.astype(mask.dtype), mask) > 0  # [r_max]
+        newB, newA, G = {}, {}, dict(state.G)
+        for k in state.B:
+            b, a = agg.factor_average(B[k] * root, A[k] * root, mask, p)  # [d_out, r], [r, d_in]
+            b = jnp.where(covered[None, :], b, state.B[k])
+            a = jnp.where(covered[:, None], a, state.A[k])
+            newB[k], newA[k] = b, a
+            if residual:
+                # FedEx-LoRA: fold avg(s B A) − avg(√s B)·avg(√s A) into the base (exact aggregation).
+                G[k] = state.G[k] + weighted_product(B[k], A[k], mask, scale, p) - b @ a
+        any_valid = jnp.any(valid)
+        keep = lambda new, old: jax.tree.map(lambda x, y: jnp.where(any_valid, x, y), new, old)
+        state = state.replace(B=keep(newB, state.B), A=keep(newA, state.A), G=keep(G, state.G),
+                              round=state.round + 1)
+        return state, {"p": p, "valid": valid}
+
+    def global_delta(state):
+        return {k: state.B[k] @ state.A[k] + (state.G[k] if residual else 0.0) for k in state.B}
+
+    return Algorithm(name, init, broadcast, aggregate, global_delta, check, tuple(trainable))
+
+
+def _data_size_weights(B, A, mask, scale, num_examples, valid):
+    return agg.data_weights(num_examples, valid)
+
+
+def _hetlora_weights(B, A, mask, scale, num_examples, valid):
+    norms = [agg.hetlora_weights(B[k], A[k], mask, scale, valid) for k in B]
+    return agg.normalise(jnp.mean(jnp.stack(norms), axis=0), valid)
+
+
+def hetlora(r_max: int) -> Algorithm:
+    """HetLoRA (Cho et al., 2024): zero-pad to ``r_max``, average ``B`` and ``A`` separately.
+
+    Weights ``p_i ∝ ‖s_i B_i A_i‖_F`` (averaged over modules); a client of rank
+    ``r`` receives the first ``r`` columns (truncation by slicing). Rank columns
+    that no valid client of the round holds keep their previous value.
+    Self-pruning is not implemented.
+    """
+    return _factor_family("hetlora", r_max, weights=_hetlora_weights, homogeneous=False, residual=False)
+
+
+def fedit(r_max: int) -> Algorithm:
+    """FedIT (Zhang et al., 2024): FedAvg of ``A`` and ``B`` separately, data-size weights.
+
+    Homogeneous ranks only: ``check_ranks`` refuses mixed ranks.
+    """
+    return _factor_family("fedit", r_max, weights=_data_size_weights, homogeneous=True, residual=False)
+
+
+def ffa_lora(r_max: int) -> Algorithm:
+    """FFA-LoRA (Sun et al., 2024): FedIT with ``A`` frozen at its initialisation (only ``B`` trains)."""
+    return _factor_family("ffa_lora", r_max, weights=_data_size_weights, homogeneous=True, residual=False,
+                          trainable=("B",))
+
+
+def fedex_lora(r_max: int) -> Algorithm:
+    """FedEx-LoRA (Singhal et al., 2025): FedIT plus the residual
+    ``Σ p_i s_i B_i A_i − (Σ p_i √s_i B_i)(Σ p_i √s_i A_i)`` folded into the base, so the
+    global update is the exact average of the clients' products."""
+    return _factor_family("fedex_lora", r_max, weights=_data_size_weights, homogeneous=True, residual=True)
+
+
+ALGORITHMS = {
+    "fedhl": fedhl,
+    "flexlora": flexlora,
+    "flora": flora,
+    "hetlora": hetlora,
+    "fedit": fedit,
+    "ffa_lora": ffa_lora,
+    "fedex_lora": fedex_lora,
+}
+
+
+def make_algorithm(name: str, r_max: int, **kwargs) -> Algorithm:
+    """Builds an algorithm by name (``ALGORITHMS``), passing its options."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; expected one of {sorted(ALGORITHMS)}")
+    return ALGORITHMS[name](r_max, **kwargs)

@@ -1,0 +1,244 @@
+"""Eckart–Young truncation of the server's dense adapter into per-client factors.
+
+One SVD per module per round serves every client: a client of rank ``r`` gets
+the first ``r`` singular triplets, which for all clients is a mask over the same
+``r_max`` columns (Section 3 of arXiv 2505.18494). The cost on the server is one
+SVD plus slicing, whatever the number of clients.
+
+Shapes: ``G [d_out, d_in]``; ``k = min(d_out, d_in)``; ``n`` clients; ``r_max``
+padded rank.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+SPLITS = ("balanced", "left", "right")
+SVD_METHODS = ("exact", "randomized")
+
+
+class SVD(NamedTuple):
+    """Top-``r_max`` singular triplets of one module's dense adapter.
+
+    Attributes:
+      U: ``[d_out, r_max]`` left singular vectors.
+      S: ``[r_max]`` singular values, descending.
+      Vt: ``[r_max, d_in]`` right singular vectors (rows).
+      tail: ``[r_max + 1]``; ``tail[r] = ‖G − G_r‖²_F = Σ_{j>r} σ_j²`` (tail energy).
+    """
+
+    U: jax.Array
+    S: jax.Array
+    Vt: jax.Array
+    tail: jax.Array
+
+
+def _check_rmax(shape, r_max):
+    if len(shape) != 2:
+        raise ValueError(f"G must be a [d_out, d_in] matrix, got shape {tuple(shape)}")
+    k = min(shape)
+    if not 1 <= r_max <= k:
+        raise ValueError(
+            f"r_max={r_max} must be in [1, min(d_out, d_in)] = [1, {k}] for a module of shape {tuple(shape)}")
+
+
+def svd(G: jax.Array, r_max: int, *, method: str = "exact", key: jax.Array | None = None,
+        oversample: int = 10, n_iter: int = 2) -> SVD:
+    """Top-``r_max`` SVD of ``G`` and its tail energies.
+
+    Args:
+      G: ``[d_out, d_in]`` dense adapter.
+      r_max: number of triplets to keep (static).
+      method: ``"exact"`` (``jnp.linalg.svd``) or ``"randomized"`` (Halko et al. 2011,
+        range finder with ``oversample`` extra columns and ``n_iter`` power iterations).
+      key: PRNG key for the randomized sketch.
+      oversample: extra sketch columns (randomized only).
+      n_iter: power iterations (randomized only).
+
+    Returns:
+      ``SVD`` with ``U [d_out, r_max]``, ``S [r_max]``, ``Vt [r_max, d_in]``, ``tail [r_max+1]``.
+      With ``"exact"`` the tails come from all singular values; with ``"randomized"``
+      from ``‖G‖²_F − Σ_{j≤r} σ_j²`` (clipped at 0).
+    """
+    _check_rmax(G.shape, r_max)
+    if method == "exact":
+        U, S, Vt = jnp.linalg.svd(G, full_matrices=False)  # [d_out, k], [k], [k, d_in]
+        sq = S**2
+        # tail[r] = Σ_{j>=r} σ_j² (0-based), tail[k] = 0.
+        tail_all = jnp.concatenate([jnp.cumsum(sq[::-1])[::-1], jnp.zeros((1,), sq.dtype)])
+        return SVD(U[:, :r_max], S[:r_max], Vt[:r_max], tail_all[: r_max + 1])
+    if method == "randomized":
+        if key is None:
+            key = jax.random.PRNGKey(0)
+        d_out, d_in = G.shape
+        ell = min(r_max + oversample, min(d_out, d_in))
+        omega = jax.random.normal(key, (d_in, ell), G.dtype)  # [d_in, ℓ]
+        Q, _ = jnp.linalg.qr(G @ omega)  # [d_out, ℓ]
+        for _ in range(n_iter):
+            Z, _ = jnp.linalg.qr(G.T @ Q)  # [d_in, ℓ]
+            Q, _ = jnp.linalg.qr(G @ Z)  # [d_out, ℓ]
+        Ub, S, Vt = jnp.linalg.svd(Q.T @ G, full_matrices=False)  # [ℓ, ℓ], [ℓ], [ℓ, d_in]
+        U = Q @ Ub
+        S, U, Vt = S[:r_max], U[:, :r_max], Vt[:r_max]
+        total = jnp.sum(G * G)
+        head = jnp.concatenate([jnp.zeros((1,), S.dtype), jnp.cumsum(S**2)])  # [r_max+1]
+        return SVD(U, S, Vt, jnp.maximum(total - head, 0.0))
+    raise ValueError(f"unknown svd method {method!r}; expected one of {SVD_METHODS}")
+
+
+def lora_init_A(key: jax.Array, r_max: int, d_in: int, dtype=jnp.float32) -> jax.Array:
+    """The usual LoRA initialiser for ``A``: kaiming-uniform(a=√5), i.e. U(±1/√d_in).
+
+    Returns:
+      ``[r_max, d_in]``.
+    """
+    bound = 1.0 / jnp.sqrt(jnp.asarray(d_in, dtype))
+    return jax.random.uniform(key, (r_max, d_in), dtype, -bound, bound)
+
+
+def zero_directions(S: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """``[r_max]`` bool: singular directions treated as σ = 0.
+
+    A direction counts as zero when ``σ_j ≤ max(d_out, d_in) · eps · σ_1`` (the
+    tolerance of ``numpy.linalg.matrix_rank``); at ``G = 0`` every direction is zero.
+    """
+    tol = max(shape) * jnp.finfo(S.dtype).eps * S[0]
+    return S <= tol
+
+
+def truncate_from_svd(dec: SVD, mask: jax.Array, scale: jax.Array, *,
+                      key: jax.Array | None = None, split: str = "balanced"):
+    """Per-client factors from one shared SVD.
+
+    Args:
+      dec: the module's ``SVD``.
+      mask: ``[n, r_max]`` 0/1 rank masks.
+      scale: ``[n]`` LoRA scales ``s_i``.
+      key: PRNG key for the ``A`` rows of σ = 0 directions (seeded LoRA init, the
+        same rows for every client of the round).
+      split: how ``Σ`` is divided between the factors (each divided by ``s``):
+        ``"balanced"`` ``B = U√Σ/√s, A = √ΣVᵀ/√s`` (default);
+        ``"left"`` ``B = UΣ/s, A = Vᵀ``; ``"right"`` ``B = U, A = ΣVᵀ/s``.
+        In every split, σ = 0 directions get ``B[:, j] = 0`` and ``A[j]`` from the
+        LoRA initialiser, so they are trainable and ``s·B·A`` is unchanged.
+
+    Returns:
+      ``(B [n, d_out, r_max], A [n, r_max, d_in])`` with ``s_i B_i A_i = G_{r_i}``
+      and exact zeros in the columns/rows past each client's rank.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    U, S, Vt = dec.U, dec.S, dec.Vt
+    r_max = U.shape[1]
+    if mask.shape[-1] != r_max:
+        raise ValueError(f"mask has {mask.shape[-1]} rank columns but the SVD keeps r_max={r_max}")
+    scale = jnp.asarray(scale, U.dtype).reshape(-1, 1)  # [n, 1]
+    if split == "balanced":
+        b = jnp.sqrt(S)[None, :] / jnp.sqrt(scale)  # [n, r]
+        a = b
+    elif split == "left":
+        b = S[None, :] / scale
+        a = jnp.ones_like(b)
+    else:
+        b = jnp.ones_like(S)[None, :] * jnp.ones_like(scale)
+        a = S[None, :] / scale
+    zero = zero_directions(S, (U.shape[0], Vt.shape[1]))  # [r]
+    if key is None:
+        key = jax.random.PRNGKey(0)
+    a_init = lora_init_A(key, r_max, Vt.shape[1], Vt.dtype)  # [r, d_in]
+    on = mask > 0  # [n, r]
+    B = jnp.where((on & ~zero[None, :])[:, None, :], U[None] * b[:, None, :], 0.0)  # [n, d_out, r]
+    A = a[:, :, None] * Vt[None]  # [n, r, d_in]
+    A = jnp.where(zero[None, :, None], a_init[None], A)
+    A = jnp.where(on[:, :, None], A, 0.0)
+    return B, A
+
+
+def truncate(G: jax.Array, mask: jax.Array, scale: jax.Array, *, key: jax.Array | None = None,
+             split: str = "balanced", method: str = "exact"):
+    """Best rank-``r_i`` factors of ``G`` for every client, from one SVD.
+
+    Args:
+      G: ``[d_out, d_in]`` dense global adapter.
+      mask: ``[n, r_max]`` rank masks (``rank_mask``).
+      scale: ``[n]`` LoRA scales.
+      key: PRNG key for the initialiser of σ = 0 directions.
+      split: factor split, see ``truncate_from_svd``.
+      method: ``"exact"`` or ``"randomized"`` SVD.
+
+    Returns:
+      ``(B [n, d_out, r_max], A [n, r_max, d_in])`` with ``scale[i]·B[i]@A[i] == G_{rank_i}``.
+    """
+    dec = svd(G, mask.shape[-1], method=method, key=key)
+    return truncate_from_svd(dec, mask, scale, key=key, split=split)
+
+
+def truncation_error(G: jax.Array, ranks, *, r_max: int | None = None) -> jax.Array:
+    """``r̂_i = ‖G − G_{r_i}‖²_F`` for every client, from the singular values.
+
+    Args:
+      G: ``[d_out, d_in]``.
+      ranks: ``[n]`` integer ranks.
+      r_max: the largest rank to support (default ``min(d_out, d_in)``).
+
+    Returns:
+      ``[n]`` tail energies ``Σ_{j>r_i} σ_j²``.
+    """
+    r_max = min(G.shape) if r_max is None else r_max
+    return svd(G, r_max).tail[jnp.asarray(ranks)]
+
+
+def rank_approx(dec: SVD, mask: jax.Array) -> jax.Array:
+    """``G_{r_i}`` for every client: ``U diag(σ ⊙ m_i) Vᵀ``.
+
+    Returns:
+      ``[n, d_out, d_in]``.
+    """
+    return jnp.einsum("or,nr,ri->noi", dec.U, mask * dec.S[None, :], dec.Vt)
+
+
+def masked_factors(B: jax.Array, A: jax.Array, mask: jax.Array, p: jax.Array | None = None):
+    """Zeroes columns/rows past each client's rank, whatever they hold (NaN too).
+
+    Args:
+      B: ``[n, d_out, r_max]``; A: ``[n, r_max, d_in]``; mask: ``[n, r_max]``.
+      p: optional ``[n]`` weights; clients with ``p == 0`` (for example left out
+        for non-finite factors) are zeroed entirely, so ``0 · NaN`` never leaks.
+    """
+    on = mask > 0
+    if p is not None:
+        on = on & (p != 0)[:, None]
+    return jnp.where(on[:, None, :], B, 0.0), jnp.where(on[:, :, None], A, 0.0)
+
+
+def client_deltas(dec: SVD, B: jax.Array, A: jax.Array, mask: jax.Array, scale: jax.Array) -> jax.Array:
+    """Each client's whole update ``ΔW_i = s_i B_i A_i − G_{r_i}`` (Eq. 6), dense.
+
+    Materialises ``[n, d_out, d_in]``; the aggregators use ``weighted_delta`` instead.
+    """
+    Bm, Am = masked_factors(B, A, mask)
+    prod = jnp.einsum("n,nor,nri->noi", scale, Bm, Am)
+    return prod - rank_approx(dec, mask)
+
+
+def weighted_product(B: jax.Array, A: jax.Array, mask: jax.Array, scale: jax.Array, p: jax.Array) -> jax.Array:
+    """``Σ_i p_i s_i B_i A_i`` as one ``[d_out, n·r] @ [n·r, d_in]`` contraction.
+
+    Returns:
+      ``[d_out, d_in]``; no per-client dense matrix is materialised.
+    """
+    Bm, Am = masked_factors(B, A, mask, p)
+    return jnp.einsum("n,nor,nri->oi", p * scale, Bm, Am)
+
+
+def weighted_delta(dec: SVD, B, A, mask, scale, p) -> jax.Array:
+    """``Σ_i p_i ΔW_i = Σ_i p_i s_i B_i A_i − U diag(Σ_i p_i m_i σ) Vᵀ``.
+
+    Returns:
+      ``[d_out, d_in]``, linear in the number of clients, without ``[n, d_out, d_in]``.
+    """
+    coef = jnp.einsum("n,nr->r", p, mask) * dec.S  # [r_max]
+    return weighted_product(B, A, mask, scale, p) - (dec.U * coef[None, :]) @ dec.Vt
