@@ -1,0 +1,33 @@
+# The two set-up commands of the README: `make quickstart` (main job) and `make test`.
+PYTHON ?= python3.12
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv quickstart bias test test-all bench clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Main job on its default configuration.
+quickstart: venv
+	$(PY) bin/bias_experiment.py
+
+bias: venv
+	$(PY) bin/bias_experiment.py
+
+# Unit and integration suite (slow experiments excluded).
+test: venv
+	$(PY) -m pytest -m "not slow" -q
+
+# Everything, slow experiments included.
+test-all: venv
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

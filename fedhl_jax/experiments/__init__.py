@@ -1,0 +1,1 @@
+"""Self-contained experiments built on the pure server math."""
