@@ -1,0 +1,113 @@
+"""Federated instruction data: loading, prompts, labels, partitions, batches.
+
+Typical use::
+
+    from fedhl_jax.data import DataConfig, PartitionConfig, build_federated_dataset
+
+    fed = build_federated_dataset(
+        DataConfig("gsm8k"), tokenizer, PartitionConfig("dirichlet", num_clients=10, alpha=0.3),
+        seq_len=512,
+    )
+    print(fed.summary())
+    batcher = fed.batcher(local_steps=4, batch_size=8, seed=0)
+    tokens, loss_mask = batcher(round_idx, client_ids)  # [C, 4, 8, 512] each
+"""
+
+from fedhl_jax.data.batching import RoundBatcher, make_round_batch, sample_clients
+from fedhl_jax.data.federated import FederatedDataset, build_federated_dataset
+from fedhl_jax.data.labels import (
+    CODE_LANGUAGES,
+    LABEL_KINDS,
+    code_language,
+    dataset_labels,
+    dolly_derived_label,
+    gsm8k_answer_size,
+    gsm8k_num_steps,
+    gsm8k_steps_label,
+    label_counts,
+)
+from fedhl_jax.data.loading import (
+    DATA_DIR_ENV,
+    DATASET_NAMES,
+    HUB_DEFAULTS,
+    LOCAL_FILES,
+    DataConfig,
+    DataError,
+    default_data_dir,
+    load_instruction_dataset,
+    resolve_data_dir,
+    validate_json_file,
+)
+from fedhl_jax.data.partition import (
+    PARTITION_KINDS,
+    PartitionConfig,
+    PartitionSummary,
+    dirichlet_partition,
+    format_partition_summary,
+    iid_partition,
+    label_skew,
+    make_partition,
+    meta_partition,
+    partition_summary,
+    plot_partition_summary,
+    quantity_skew_partition,
+    rank_correlated_partition,
+    validate_partition,
+)
+from fedhl_jax.data.prompts import (
+    PROMPT_NO_INPUT,
+    PROMPT_WITH_INPUT,
+    TokenizedDataset,
+    build_prompt,
+    pad_prompts,
+    tokenize_dataset,
+)
+from fedhl_jax.data.toy_tokenizer import word_level_tokenizer
+
+__all__ = [
+    "CODE_LANGUAGES",
+    "DATASET_NAMES",
+    "DATA_DIR_ENV",
+    "DataConfig",
+    "DataError",
+    "FederatedDataset",
+    "HUB_DEFAULTS",
+    "LABEL_KINDS",
+    "LOCAL_FILES",
+    "PARTITION_KINDS",
+    "PROMPT_NO_INPUT",
+    "PROMPT_WITH_INPUT",
+    "PartitionConfig",
+    "PartitionSummary",
+    "RoundBatcher",
+    "TokenizedDataset",
+    "build_federated_dataset",
+    "build_prompt",
+    "code_language",
+    "dataset_labels",
+    "default_data_dir",
+    "dirichlet_partition",
+    "dolly_derived_label",
+    "format_partition_summary",
+    "gsm8k_answer_size",
+    "gsm8k_num_steps",
+    "gsm8k_steps_label",
+    "iid_partition",
+    "label_counts",
+    "label_skew",
+    "load_instruction_dataset",
+    "make_partition",
+    "make_round_batch",
+    "meta_partition",
+    "pad_prompts",
+    "partition_summary",
+    "plot_partition_summary",
+    "quantity_skew_partition",
+    "rank_correlated_partition",
+    "resolve_data_dir",
+    "sample_clients",
+    "tokenize_dataset",
+    "validate_json_file",
+    "validate_partition",
+    "word_level_tokenizer",
+]

@@ -1,0 +1,247 @@
+"""Loading, normalisation and bad-input errors of fedhl_jax.data.loading."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+
+from fedhl_jax.data import loading
+from fedhl_jax.data.loading import (
+    DATA_DIR_ENV,
+    DataConfig,
+    DataError,
+    default_data_dir,
+    load_instruction_dataset,
+    resolve_data_dir,
+    validate_json_file,
+)
+
+FIX = Path(__file__).parent / "fixtures" / "data"
+
+
+def _load(name: str, file: str, **kw) -> datasets.Dataset:
+    return load_instruction_dataset(DataConfig(name, path=str(FIX / file), **kw))
+
+
+def test_gsm8k_normalised():
+    ds = _load("gsm8k", "gsm8k_small.jsonl")
+    assert ds.column_names == ["instruction", "input", "output"]
+    assert len(ds) == 8
+    row = ds[0]
+    assert row["instruction"].startswith("Tom has 3 apples")
+    assert row["input"] == ""
+    assert row["output"].endswith("#### 7")
+
+
+def test_codealpaca_normalised():
+    ds = _load("codealpaca", "codealpaca_small.jsonl")
+    assert ds.column_names == ["instruction", "input", "output"]
+    assert len(ds) == 10
+    assert ds[3]["input"] == "a = 2, b = 3"
+    assert ds[0]["input"] == ""
+
+
+def test_dolly_keeps_category_and_maps_context():
+    ds = _load("dolly", "dolly_small.jsonl")
+    assert ds.column_names == ["instruction", "input", "output", "category"]
+    assert ds[1]["input"].startswith("The quick brown fox")
+    assert ds[1]["output"].startswith("A fox jumped")
+    assert ds[1]["category"] == "summarization"
+
+
+def test_dolly_without_category():
+    ds = _load("dolly", "dolly_nocat.jsonl")
+    assert ds.column_names == ["instruction", "input", "output"]
+    assert len(ds) == 8
+
+
+def test_json_array_file():
+    ds = _load("codealpaca", "codealpaca_array.json")
+    assert len(ds) == 3
+    assert ds[2]["output"].startswith("public class Hello")
+
+
+def test_max_examples():
+    assert len(_load("gsm8k", "gsm8k_small.jsonl", max_examples=3)) == 3
+
+
+def test_relative_path_against_data_dir_argument():
+    ds = load_instruction_dataset(DataConfig("gsm8k", path="gsm8k_small.jsonl", data_dir=str(FIX)))
+    assert len(ds) == 8
+
+
+def test_env_var_data_dir(monkeypatch):
+    monkeypatch.setenv(DATA_DIR_ENV, str(FIX))
+    assert resolve_data_dir() == FIX.resolve()
+    ds = load_instruction_dataset(DataConfig("dolly", path="dolly_small.jsonl"))
+    assert len(ds) == 8
+
+
+def test_argument_beats_env_var(monkeypatch, tmp_path):
+    monkeypatch.setenv(DATA_DIR_ENV, str(FIX))
+    assert resolve_data_dir(tmp_path) == tmp_path.resolve()
+
+
+def test_default_split_files(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    shutil.copy(FIX / "gsm8k_small.jsonl", tmp_path / "gsm8k" / "test.jsonl")
+    ds = load_instruction_dataset(DataConfig("gsm8k", split="test", data_dir=str(tmp_path)))
+    assert len(ds) == 8
+
+
+def test_multiple_files():
+    cfg = DataConfig(
+        "codealpaca", path=(str(FIX / "codealpaca_small.jsonl"), str(FIX / "codealpaca_array.json"))
+    )
+    assert len(load_instruction_dataset(cfg)) == 13
+
+
+def test_default_data_dir_is_repo_sibling():
+    repo = Path(loading.__file__).resolve().parents[2]
+    assert default_data_dir() == repo.parent / "shared" / "data"
+
+
+# ---------------------------------------------------------------- hub route
+
+
+def _fake_hub(monkeypatch, table: dict, calls: list):
+    def fake_load_dataset(path, name=None, split=None, cache_dir=None, **kw):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_dict(table)
+
+    monkeypatch.setattr(loading.datasets, "load_dataset", fake_load_dataset)
+
+
+def test_hub_route_uses_default_id_and_config(monkeypatch):
+    calls: list = []
+    _fake_hub(monkeypatch, {"question": ["q1", "q2"], "answer": ["a #### 1", "b #### 2"]}, calls)
+    ds = load_instruction_dataset(DataConfig("gsm8k", source="hub", split="test"))
+    assert calls == [("openai/gsm8k", "main", "test")]
+    assert ds.column_names == ["instruction", "input", "output"]
+    assert ds["instruction"][:] == ["q1", "q2"]
+
+
+def test_hub_route_dolly_category(monkeypatch):
+    calls: list = []
+    table = {
+        "instruction": ["i1", "i2"], "context": ["", "c"], "response": ["r1", "r2"],
+        "category": ["open_qa", "closed_qa"],
+    }
+    _fake_hub(monkeypatch, table, calls)
+    ds = load_instruction_dataset(DataConfig("dolly", source="hub"))
+    assert calls == [("databricks/databricks-dolly-15k", None, "train")]
+    assert ds["category"][:] == ["open_qa", "closed_qa"]
+    assert ds["input"][:] == ["", "c"]
+
+
+def test_hub_route_custom_id(monkeypatch):
+    calls: list = []
+    _fake_hub(monkeypatch, {"instruction": ["i"], "input": [""], "output": ["o"]}, calls)
+    load_instruction_dataset(DataConfig("codealpaca", source="hub", hub_id="me/my-code"))
+    assert calls == [("me/my-code", None, "train")]
+
+
+def test_hub_missing_column(monkeypatch):
+    _fake_hub(monkeypatch, {"question": ["q"]}, [])
+    with pytest.raises(DataError, match=r"openai/gsm8k.*missing required field.*'answer'"):
+        load_instruction_dataset(DataConfig("gsm8k", source="hub"))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_file_is_named(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(DataError, match="data file not found") as e:
+        load_instruction_dataset(DataConfig("gsm8k", path=str(missing)))
+    assert str(missing) in str(e.value)
+
+
+def test_missing_default_file_is_named(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_instruction_dataset(DataConfig("dolly", data_dir=str(tmp_path)))
+    assert "dolly_subset_151.jsonl" in str(e.value)
+
+
+def test_missing_data_dir(tmp_path):
+    with pytest.raises(DataError, match="does not exist") as e:
+        resolve_data_dir(tmp_path / "absent")
+    assert "absent" in str(e.value)
+
+
+def test_malformed_json_reports_file_and_line():
+    with pytest.raises(DataError, match=r"bad_json\.jsonl: line 3: malformed JSON"):
+        _load("codealpaca", "bad_json.jsonl")
+
+
+def test_missing_field_reports_field_file_and_line():
+    with pytest.raises(DataError, match=r"missing_field\.jsonl: line 2: missing required field 'output'"):
+        _load("codealpaca", "missing_field.jsonl")
+
+
+def test_wrong_type_reports_field_and_line():
+    msg = r"wrong_type\.jsonl: line 3: field 'answer' must be a string, got int"
+    with pytest.raises(DataError, match=msg):
+        _load("gsm8k", "wrong_type.jsonl")
+
+
+def test_schema_mismatch_names_field():
+    # A CodeAlpaca file read as GSM8K lacks "question".
+    msg = r"codealpaca_small\.jsonl: line 1: missing required field 'question'"
+    with pytest.raises(DataError, match=msg):
+        _load("gsm8k", "codealpaca_small.jsonl")
+
+
+def test_not_an_object():
+    with pytest.raises(DataError, match=r"not_object\.jsonl: line 2: expected a JSON object, got list"):
+        _load("gsm8k", "not_object.jsonl")
+
+
+def test_empty_file():
+    with pytest.raises(DataError, match=r"empty\.jsonl: empty dataset"):
+        _load("gsm8k", "empty.jsonl")
+
+
+def test_malformed_json_array(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]')
+    with pytest.raises(DataError, match=r"bad\.json: line 3: malformed JSON"):
+        validate_json_file(bad, ["instruction", "output"])
+
+
+def test_json_array_missing_field_reports_row(tmp_path):
+    bad = tmp_path / "rows.json"
+    bad.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "c"}]')
+    with pytest.raises(DataError, match=r"rows\.json: row 1: missing required field 'output'"):
+        validate_json_file(bad, ["instruction", "output"])
+
+
+def test_null_optional_field_becomes_empty(tmp_path):
+    f = tmp_path / "nulls.jsonl"
+    f.write_text('{"instruction": "a", "input": null, "output": "b"}\n{"instruction": "c", "output": "d"}\n')
+    ds = load_instruction_dataset(DataConfig("codealpaca", path=str(f)))
+    assert ds["input"][:] == ["", ""]
+
+
+def test_bad_optional_type(tmp_path):
+    f = tmp_path / "opt.jsonl"
+    f.write_text('{"instruction": "a", "input": 3, "output": "b"}\n')
+    with pytest.raises(DataError, match=r"opt\.jsonl: line 1: field 'input' must be a string or null"):
+        load_instruction_dataset(DataConfig("codealpaca", path=str(f)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"name": "alpaca"}, "unknown dataset name 'alpaca'"),
+        ({"name": "gsm8k", "source": "web"}, "unknown data source 'web'"),
+        ({"name": "gsm8k", "split": "validation"}, "unknown local split 'validation'"),
+        ({"name": "gsm8k", "max_examples": 0}, "max_examples must be >= 1"),
+    ],
+)
+def test_bad_config(kwargs, message):
+    with pytest.raises(DataError, match=message):
+        DataConfig(**kwargs)

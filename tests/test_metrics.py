@@ -1,0 +1,170 @@
+"""Metrics and evaluation drivers (fedhl_jax.evaluation)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedhl_jax.evaluation import (
+    exact_match,
+    extract_gsm8k_answer,
+    generation_eval,
+    gsm8k_exact_match,
+    heldout_loss,
+    normalize_number,
+    perplexity,
+    rouge_l,
+    rouge_l_scores,
+)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("#### 1,234", "1234"),
+        ("The answer is $5.00.", "5"),
+        ("-3", "-3"),
+        ("3.50", "3.5"),
+        ("no number", None),
+        ("", None),
+        ("#### 72\n", "72"),
+        ("She had 3 apples, bought 5 more and now has 8.", "8"),
+        ("First 12, then 30.\n#### 42\nextra 7", "42"),
+        ("The answer is 18. Then I added 4 more.", "18"),
+        ("the final answer is: $1,000,000.", "1000000"),
+        ("We compute 48/2 = <<48/2=24>>24 clips.", "24"),
+        ("#### -12.0", "-12"),
+        ("He owes x=-7 dollars", "-7"),
+        ("pages 3-4", "4"),
+        ("10 - 3", "3"),
+        ("It costs .75 dollars", "0.75"),
+        ("#### 0.50", "0.5"),
+        ("#### $2,000", "2000"),
+        ("#### ten", None),
+    ],
+)
+def test_extract_gsm8k_answer(text, expected):
+    assert extract_gsm8k_answer(text) == expected
+
+
+def test_hash_marker_beats_answer_is():
+    assert extract_gsm8k_answer("The answer is 7. #### 8") == "8"
+    assert extract_gsm8k_answer("#### 8 The answer is 7") == "8"
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [("1,234", "1234"), ("$5.00", "5"), ("72.0", "72"), ("5.", "5"), ("-0", "0"),
+     ("3.50", "3.5"), (" 12 ", "12"), ("abc", None), ("", None), ("0.125", "0.125")],
+)
+def test_normalize_number(raw, expected):
+    assert normalize_number(raw) == expected
+
+
+def test_exact_match():
+    ref = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
+    assert gsm8k_exact_match("So the total is 72 clips.", ref)
+    assert gsm8k_exact_match("The answer is $72.00.", ref)
+    assert gsm8k_exact_match("#### 72", "72")
+    assert not gsm8k_exact_match("The answer is 71", ref)
+    assert not gsm8k_exact_match("I do not know", ref)
+    assert not gsm8k_exact_match("72", "no number")
+    assert exact_match(["72", "1", "x"], [ref, "#### 1", "#### 3"]) == pytest.approx(2 / 3)
+    assert exact_match([], []) == 0.0
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        exact_match(["a", "b"], ["a"])
+
+
+def test_rouge_l_sanity():
+    assert rouge_l(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)
+    assert rouge_l(["dogs bark loudly"], ["the cat sat on the mat"]) == 0.0
+    partial = rouge_l(["the cat sat"], ["the cat sat on the mat"])
+    assert 0.0 < partial < 1.0
+    # LCS "the cat sat" = 3 tokens: P = 1, R = 3/6, F = 2PR/(P+R) = 2/3.
+    assert partial == pytest.approx(2 / 3)
+    scores = rouge_l_scores(["a b", "x"], ["a b", "y"])
+    assert scores == [pytest.approx(1.0), 0.0]
+    assert rouge_l(["cats running"], ["cat runs"]) == pytest.approx(1.0)  # stemming
+    assert rouge_l([], []) == 0.0
+
+
+def test_perplexity():
+    assert perplexity(0.0, 10) == 1.0
+    assert perplexity(10 * math.log(4.0), 10) == pytest.approx(4.0)
+    assert perplexity(1e6, 1) == math.inf
+    with pytest.raises(ValueError, match="n_tokens > 0"):
+        perplexity(1.0, 0)
+
+
+def test_heldout_loss_matches_direct_and_compiles_once():
+    rng = np.random.default_rng(0)
+    n, t = 11, 7
+    tokens = rng.integers(0, 50, size=(n, t)).astype(np.int32)
+    mask = (rng.random((n, t)) > 0.4).astype(np.float32)
+    traces = []
+
+    @jax.jit
+    def loss_sum_fn(tk, mk):
+        traces.append(tk.shape)
+        per_token = (tk % 7).astype(jnp.float32) * 0.1  # a stand-in "NLL"
+        return (per_token * mk).sum(), mk.sum()
+
+    out = heldout_loss(loss_sum_fn, tokens, mask, batch_size=4)  # 4 + 4 + 3 (padded)
+    direct_sum = float(((tokens % 7) * 0.1 * mask).sum())
+    direct_n = float(mask.sum())
+    assert out["n_tokens"] == direct_n
+    assert out["loss"] == pytest.approx(direct_sum / direct_n, rel=1e-6)
+    assert out["ppl"] == pytest.approx(math.exp(direct_sum / direct_n), rel=1e-6)
+    assert traces == [(4, t)]  # one shape, one compilation
+    # Batch size does not change the result.
+    out1 = heldout_loss(loss_sum_fn, tokens, mask, batch_size=n)
+    assert out1["loss"] == pytest.approx(out["loss"], rel=1e-6)
+
+
+def test_heldout_loss_errors():
+    fn = lambda tk, mk: (0.0, float(mk.sum()))  # noqa: E731
+    with pytest.raises(ValueError, match="no target tokens"):
+        heldout_loss(fn, np.zeros((2, 3), np.int32), np.zeros((2, 3), np.float32), 2)
+    with pytest.raises(ValueError, match="must be"):
+        heldout_loss(fn, np.zeros((2, 3), np.int32), np.zeros((2, 4), np.float32), 2)
+    with pytest.raises(ValueError, match="no held-out examples"):
+        heldout_loss(fn, np.zeros((0, 3), np.int32), np.zeros((0, 3), np.float32), 2)
+
+
+def test_generation_eval_exact_match_with_fixed_batches():
+    prompts = ["q1", "q2", "q3", "q4", "q5"]
+    refs = ["#### 1", "#### 2", "#### 3", "#### 4", "#### 5"]
+    answers = {"q1": "The answer is 1", "q2": "#### 2", "q3": "I think 4", "q4": "4.0", "q5": "none"}
+    seen = []
+
+    def generate(batch):
+        seen.append(len(batch))
+        return [answers[p] for p in batch]
+
+    out = generation_eval(generate, prompts, refs, "exact_match", batch_size=2)
+    assert seen == [2, 2, 2]  # last batch padded
+    assert out["n"] == 5 and len(out["predictions"]) == 5
+    assert out["scores"] == [1.0, 1.0, 0.0, 1.0, 0.0]
+    assert out["score"] == pytest.approx(0.6)
+
+
+def test_generation_eval_rouge_and_custom_and_arrays():
+    prompts = np.arange(6, dtype=np.int32).reshape(3, 2)  # [N, P] prompt ids
+    refs = ["the cat sat", "a dog ran", "birds fly high"]
+
+    def generate(batch):
+        assert batch.shape == (2, 2)
+        return [refs[int(row[0]) // 2] if row[0] != 2 else "nothing alike" for row in batch]
+
+    out = generation_eval(generate, prompts, refs, "rouge_l", batch_size=2)
+    assert out["scores"] == [pytest.approx(1.0), 0.0, pytest.approx(1.0)]
+    custom = generation_eval(lambda b: ["x"] * len(b), ["p"], ["x"], lambda p, r: float(p == r))
+    assert custom["score"] == 1.0
+    with pytest.raises(ValueError, match="unknown metric 'bleu'"):
+        generation_eval(lambda b: b, ["p"], ["x"], "bleu")
+    with pytest.raises(ValueError, match="returned 0 texts for 1 prompts"):
+        generation_eval(lambda b: [], ["p"], ["x"])
