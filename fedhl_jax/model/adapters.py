@@ -1,0 +1,133 @@
+"""LoRA targets, adapter initialisation and dense deltas for the Llama model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from fedhl_jax.lora import Adapter, lora_scale, rank_mask
+from fedhl_jax.model.config import LlamaConfig
+from fedhl_jax.model.llama import LORA_MODULES, locate_param, module_name, module_shapes
+
+
+def resolve_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
+    """Normalises LoRA targets to short module names in canonical order.
+
+    Args:
+      targets: ``"all-linear"``, one short name, or a sequence of short names
+        from ``q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj``.
+
+    Returns:
+      The de-duplicated short names, in the order above.
+
+    Raises:
+      ValueError: naming an unknown target.
+    """
+    if isinstance(targets, str):
+        targets = LORA_MODULES if targets == "all-linear" else (targets,)
+    targets = tuple(targets)
+    if not targets:
+        raise ValueError("no LoRA targets given")
+    for t in targets:
+        if t not in LORA_MODULES:
+            raise ValueError(f"unknown LoRA target {t!r}: valid targets are "
+                             f"{list(LORA_MODULES)} or 'all-linear'")
+    return tuple(m for m in LORA_MODULES if m in targets)
+
+
+def lora_targets(cfg: LlamaConfig, targets: str | Sequence[str] = ("q_proj", "v_proj")
+                 ) -> dict[str, tuple[int, int]]:
+    """Module names and ``(d_out, d_in)`` shapes that a LoRA on ``targets`` covers.
+
+    Args:
+      cfg: model config.
+      targets: see :func:`resolve_targets`.
+
+    Returns:
+      ``{"layers.{i}.self_attn.q_proj": (d_out, d_in), ...}`` ordered by layer,
+      then module.
+    """
+    shapes = module_shapes(cfg)
+    shorts = resolve_targets(targets)
+    return {module_name(layer, s): shapes[s] for layer in range(cfg.num_layers) for s in shorts}
+
+
+def init_adapter(cfg: LlamaConfig, targets: str | Sequence[str], r_max: int, key: jax.Array, *,
+                 rank=None, alpha: float = 16.0, rslora: bool = False,
+                 dtype=jnp.float32) -> Adapter:
+    """A fresh adapter: PEFT's init (``A ~ U(±1/sqrt(d_in))``, ``B = 0``).
+
+    ``rank`` may be a traced scalar, so ``jax.vmap(lambda k, r: init_adapter(...,
+    key=k, rank=r))(keys, ranks)`` builds a stacked adapter for many clients.
+
+    Args:
+      cfg: model config.
+      targets: LoRA targets (see :func:`resolve_targets`).
+      r_max: padded rank (static).
+      key: PRNG key.
+      rank: active rank ``<= r_max`` (default ``r_max``).
+      alpha: LoRA alpha; ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA).
+      rslora: rank-stabilised scaling.
+      dtype: dtype of the factors, mask and scale.
+
+    Returns:
+      :class:`Adapter` with ``B [d_out, r_max]``, ``A [r_max, d_in]``,
+      ``mask [r_max]``, ``scale []``.
+    """
+    shapes = lora_targets(cfg, targets)
+    rank = r_max if rank is None else rank
+    keys = jax.random.split(key, len(shapes))
+    a, b = {}, {}
+    for k, (name, (d_out, d_in)) in zip(keys, shapes.items()):
+        bound = 1.0 / d_in ** 0.5
+        a[name] = jax.random.uniform(k, (r_max, d_in), dtype, -bound, bound)
+        b[name] = jnp.zeros((d_out, r_max), dtype)
+    mask = rank_mask(jnp.reshape(jnp.asarray(rank), (1,)), r_max, dtype)[0]
+    scale = lora_scale(rank, alpha, rslora=rslora, dtype=dtype)
+    return Adapter(B=b, A=a, mask=mask, scale=jnp.asarray(scale, dtype).reshape(()))
+
+
+def adapter_delta(adapter: Adapter) -> dict[str, jax.Array]:
+    """Dense update of every module: ``{name: scale · B · diag(mask) · A}``.
+
+    Args:
+      adapter: a single adapter (``vmap`` it for a client axis).
+
+    Returns:
+      ``{name: [d_out, d_in]}`` float32.
+    """
+    gate = (adapter.mask * adapter.scale).astype(jnp.float32)  # [r]
+    return {name: (adapter.B[name].astype(jnp.float32) * gate) @ adapter.A[name].astype(jnp.float32)
+            for name in adapter.A}
+
+
+def merge_delta(params: dict, delta: dict[str, jax.Array]) -> dict:
+    """Returns new params with ``W + delta[name]`` for every named module.
+
+    The sum is formed in float32 and cast back to each weight's dtype; the input
+    ``params`` is not modified. Works under ``jax.jit``.
+
+    Args:
+      params: base parameters.
+      delta: ``{module_name: [d_out, d_in]}``.
+
+    Returns:
+      Merged parameters with the same structure and dtypes.
+
+    Raises:
+      KeyError / ValueError: naming an unknown module or a shape mismatch.
+    """
+    merged = jax.tree.map(lambda x: x, params)  # fresh containers, shared leaves
+    for name, d in delta.items():
+        try:
+            parent, leaf = locate_param(merged, name)
+            w = parent[leaf]
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise KeyError(f"delta names unknown module {name!r}") from None
+        if tuple(w.shape) != tuple(d.shape):
+            raise ValueError(f"delta for {name!r} has shape {tuple(d.shape)}, "
+                             f"weight has {tuple(w.shape)}")
+        parent[leaf] = (w.astype(jnp.float32) + jnp.asarray(d, jnp.float32)).astype(w.dtype)
+    return merged

@@ -1,0 +1,166 @@
+"""Loading Hugging Face Llama checkpoints (safetensors, no torch).
+
+A checkpoint folder holds ``config.json`` and either ``model.safetensors`` or a
+sharded ``model.safetensors.index.json`` plus its shards. Tensors are read with
+safetensors' numpy API and mapped to parameter paths through the regex table
+:data:`HF_KEY_MAP`; every key must map to exactly one expected parameter of the
+expected shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+from fedhl_jax.model.config import LlamaConfig, read_config_json
+from fedhl_jax.model.llama import param_shapes, unflatten_params
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+# HF state-dict key (regex) -> parameter path (``re`` replacement template).
+HF_KEY_MAP: tuple[tuple[str, str], ...] = (
+    (r"model\.embed_tokens\.weight", r"embed_tokens"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.input_layernorm"),
+    (r"model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", r"layers.\1.self_attn.\2_proj"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight",
+     r"layers.\1.post_attention_layernorm"),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.\1.mlp.\2_proj"),
+    (r"model\.norm\.weight", r"norm"),
+    (r"lm_head\.weight", r"lm_head"),
+)
+# Keys some older checkpoints carry that are not parameters.
+HF_IGNORED_KEYS: tuple[str, ...] = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+def hf_key_to_path(key: str) -> str | None:
+    """Maps an HF state-dict key to a parameter path, or ``None`` if it matches no rule."""
+    for pattern, template in HF_KEY_MAP:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, template, key)
+    return None
+
+
+def path_to_hf_key(path: str) -> str:
+    """Inverse of :func:`hf_key_to_path` (``"norm"`` → ``"model.norm.weight"``)."""
+    return "lm_head.weight" if path == "lm_head" else f"model.{path}.weight"
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
+    """Returns a local checkpoint folder: the path itself, or a Hub snapshot.
+
+    Args:
+      path_or_id: a local folder, or a Hugging Face Hub id ``"owner/name"``
+        (downloaded with ``huggingface_hub.snapshot_download``).
+
+    Returns:
+      Path of the folder.
+
+    Raises:
+      FileNotFoundError: a local-looking path that is not a folder.
+    """
+    s = os.fspath(path_or_id)
+    p = Path(s).expanduser()
+    if p.is_dir():
+        return str(p)
+    if p.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
+        raise FileNotFoundError(f"checkpoint folder {s} does not exist")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id=s, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+
+
+def checkpoint_files(folder: str | os.PathLike) -> list[str]:
+    """The safetensors files of a checkpoint folder (one file, or the index's shards).
+
+    Raises:
+      FileNotFoundError: naming the missing file.
+    """
+    folder = Path(folder)
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = [folder / SAFETENSORS_FILE]
+        if not files[0].is_file():
+            raise FileNotFoundError(f"no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} in {folder}")
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"missing safetensors shard {file} (listed in {index})")
+    return [str(f) for f in files]
+
+
+def open_safetensors(file: str):
+    """``safe_open(file, framework="np")``; unreadable or truncated files raise ``ValueError``."""
+    try:
+        return safe_open(file, framework="np")
+    except Exception as e:  # the rust error type is not part of the public API
+        raise ValueError(f"cannot read safetensors file {file} (truncated or corrupt?): {e}") from e
+
+
+def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
+                    ) -> tuple[LlamaConfig, dict]:
+    """Loads a Hugging Face ``LlamaForCausalLM`` checkpoint.
+
+    Args:
+      path_or_id: local folder or Hub id (see :func:`resolve_checkpoint`).
+      dtype: ``"float32"`` or ``"bfloat16"``: parameter and compute dtype.
+
+    Returns:
+      ``(cfg, params)`` with params as described in :mod:`fedhl_jax.model.llama`.
+
+    Raises:
+      FileNotFoundError: missing folder, config or safetensors file.
+      ValueError: unreadable/truncated file, unexpected or missing key, shape
+        mismatch with the config, or an unsupported architecture (each message
+        names the file, key, shape or value).
+    """
+    folder = resolve_checkpoint(path_or_id)
+    cfg = LlamaConfig.from_hf(read_config_json(folder), dtype=dtype)
+    expected = param_shapes(cfg)
+    np_dtype = _NP_DTYPES[cfg.dtype]
+    flat = {}
+    for file in checkpoint_files(folder):
+        with open_safetensors(file) as f:
+            for key in f.keys():
+                path = hf_key_to_path(key)
+                if path is None:
+                    if any(re.fullmatch(p, key) for p in HF_IGNORED_KEYS):
+                        continue
+                    raise ValueError(f"unexpected key {key!r} in {file}")
+                if path == "lm_head" and cfg.tie_word_embeddings:
+                    continue  # tied: the head is the embedding
+                if path not in expected:
+                    raise ValueError(f"unexpected key {key!r} in {file} (config has "
+                                     f"{cfg.num_layers} layers, tie_word_embeddings="
+                                     f"{cfg.tie_word_embeddings})")
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != expected[path]:
+                    raise ValueError(f"shape mismatch for {key!r} in {file}: checkpoint has "
+                                     f"{shape}, config expects {expected[path]}")
+                flat[path] = jnp.asarray(f.get_tensor(key).astype(np_dtype))
+    missing = [path_to_hf_key(p) for p in expected if p not in flat]
+    if missing:
+        raise ValueError(f"missing key(s) in checkpoint {folder}: {missing[:8]}"
+                         + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    return cfg, unflatten_params(cfg, flat)
+
+
+def load_tokenizer(path_or_id: str | os.PathLike):
+    """``transformers.AutoTokenizer`` for a checkpoint folder or Hub id."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_checkpoint(path_or_id))

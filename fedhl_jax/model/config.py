@@ -1,0 +1,230 @@
+"""Static model configuration for Llama-style decoders.
+
+:class:`LlamaConfig` is a frozen (hashable) dataclass, so it can be passed as a
+static argument to ``jax.jit``. It is built from a ``transformers.LlamaConfig``
+(both the transformers v4 ``rope_theta``/``rope_scaling`` fields and the v5
+``rope_parameters`` dict are understood) and can be turned back into a Hugging
+Face ``config.json`` dict for export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_ROPE_TYPES = ("default", "linear")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyper-parameters of a Llama-2-style decoder (static, hashable).
+
+    Attributes:
+      vocab_size: ``V``.
+      hidden_size: model width ``D``.
+      intermediate_size: SwiGLU width ``I``.
+      num_layers: number of decoder blocks ``L``.
+      num_heads: query heads ``H``.
+      num_kv_heads: key/value heads ``K`` (``H % K == 0``; ``K < H`` is GQA).
+      head_dim: per-head width ``hd``.
+      rms_norm_eps: RMSNorm epsilon.
+      rope_theta: RoPE base.
+      rope_scaling_factor: linear RoPE position scaling (1.0 = none).
+      max_position_embeddings: longest supported sequence.
+      tie_word_embeddings: whether the LM head reuses ``embed_tokens``.
+      dtype: parameter and compute dtype, ``"float32"`` or ``"bfloat16"``.
+        RMSNorm statistics, softmax and logits are always float32.
+      bos_token_id: beginning-of-sequence id (or ``None``).
+      eos_token_id: end-of-sequence id (or ``None``); the first one when the
+        Hugging Face config lists several.
+      pad_token_id: padding id (or ``None``).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float = 1.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def jnp_dtype(self):
+        """The ``jnp`` dtype named by :attr:`dtype`."""
+        return _DTYPES[self.dtype]
+
+    def replace(self, **changes) -> "LlamaConfig":
+        """Returns a copy with some fields changed (e.g. ``dtype="bfloat16"``)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ HF I/O
+    @classmethod
+    def from_hf(cls, hf_config: Any, *, dtype: str = "float32") -> "LlamaConfig":
+        """Builds a config from a ``transformers.LlamaConfig`` or a ``config.json`` dict.
+
+        Args:
+          hf_config: a ``transformers`` config object or the parsed ``config.json``.
+          dtype: parameter/compute dtype for this library (``"float32"`` or
+            ``"bfloat16"``); the checkpoint's own ``torch_dtype`` is ignored.
+
+        Returns:
+          The :class:`LlamaConfig`.
+
+        Raises:
+          ValueError: unsupported architecture, activation, biases or RoPE scaling,
+            naming the offending value.
+        """
+        d = dict(hf_config) if isinstance(hf_config, dict) else hf_config.to_dict()
+        model_type = d.get("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(f"unsupported model_type {model_type!r}: only 'llama' is supported")
+        for arch in d.get("architectures") or []:
+            if arch not in SUPPORTED_ARCHITECTURES:
+                raise ValueError(f"unsupported architecture {arch!r}: supported are "
+                                 f"{list(SUPPORTED_ARCHITECTURES)}")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r}: only 'silu' (SwiGLU) is supported")
+        for flag in ("attention_bias", "mlp_bias"):
+            if d.get(flag):
+                raise ValueError(f"unsupported {flag}=True: linear layers have no bias")
+        if d.get("pretraining_tp", 1) not in (1, None):
+            raise ValueError(f"unsupported pretraining_tp={d['pretraining_tp']}: must be 1")
+        rope_theta, factor = _rope_from_hf(d)
+        heads = int(d["num_attention_heads"])
+        head_dim = d.get("head_dim") or int(d["hidden_size"]) // heads
+        eos = d.get("eos_token_id")
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        return cls(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_layers=int(d["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling_factor=factor,
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            dtype=dtype,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=eos,
+            pad_token_id=d.get("pad_token_id"),
+        )
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, *, dtype: str = "float32") -> "LlamaConfig":
+        """Reads ``config.json`` from a local folder or a Hugging Face Hub id.
+
+        Args:
+          path_or_id: checkpoint folder, or a Hub id (downloaded with
+            ``huggingface_hub``).
+          dtype: see :meth:`from_hf`.
+
+        Returns:
+          The :class:`LlamaConfig`.
+        """
+        from fedhl_jax.model.checkpoint import resolve_checkpoint  # avoid an import cycle
+
+        folder = resolve_checkpoint(path_or_id)
+        return cls.from_hf(read_config_json(folder), dtype=dtype)
+
+    def to_hf_dict(self) -> dict:
+        """The equivalent Hugging Face ``config.json`` contents (a plain dict)."""
+        rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling_factor != 1.0:
+            rope = {"rope_theta": self.rope_theta, "rope_type": "linear",
+                    "factor": self.rope_scaling_factor}
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "dtype": self.dtype,
+        }
+
+    # ----------------------------------------------------------------- presets
+    @classmethod
+    def llama2_7b(cls, *, dtype: str = "bfloat16") -> "LlamaConfig":
+        """The Llama-2-7B shape (``meta-llama/Llama-2-7b-hf``), built in code."""
+        return cls(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                   num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5,
+                   rope_theta=10000.0, max_position_embeddings=4096,
+                   tie_word_embeddings=False, dtype=dtype, bos_token_id=1, eos_token_id=2)
+
+
+def _rope_from_hf(d: dict) -> tuple[float, float]:
+    """Returns ``(rope_theta, linear_factor)`` from a v4 or v5 config dict."""
+    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if params and not isinstance(params, dict):
+        raise ValueError(f"unsupported rope_parameters {params!r}")
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"unsupported per-layer-type rope_parameters {params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported RoPE scaling type {rope_type!r}: supported are "
+                         f"{list(SUPPORTED_ROPE_TYPES)}")
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    factor = float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"unsupported partial_rotary_factor={params['partial_rotary_factor']}")
+    return float(theta), factor
+
+
+def read_config_json(folder: str | os.PathLike) -> dict:
+    """Reads ``folder/config.json``.
+
+    Raises:
+      FileNotFoundError: naming the missing file.
+    """
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in checkpoint folder {folder}")
+    with open(path) as f:
+        return json.load(f)
