@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fedhl_jax.config import ConfigError, from_dict  # noqa: E402
 from fedhl_jax.experiments import linreg  # noqa: E402
 
 
@@ -53,17 +54,25 @@ def discussion(results) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=150)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--local-steps", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--config", type=Path, default=None, help="YAML with LinRegConfig fields (configs/synthetic.yaml)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds must be >= 1, got {args.rounds}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    data = {}
+    if args.config is not None:
+        from omegaconf import OmegaConf
 
-    base = linreg.LinRegConfig(rounds=args.rounds, seeds=tuple(args.seeds), local_steps=args.local_steps, lr=args.lr)
+        data = OmegaConf.to_container(OmegaConf.load(args.config))
+    if args.rounds is not None:
+        data["rounds"] = args.rounds
+    if args.seeds is not None:
+        data["seeds"] = args.seeds
+    try:
+        base = from_dict(linreg.LinRegConfig, data)
+    except ConfigError as e:
+        parser.error(str(e))
+    args.out.mkdir(parents=True, exist_ok=True)
     settings = [dataclasses.replace(base, target_rank=8), base]
     t0 = time.perf_counter()
     results = []

@@ -29,3 +29,34 @@ def np_truncate(G: np.ndarray, r: int) -> np.ndarray:
 def np_tail(G: np.ndarray, r: int) -> float:
     S = np.linalg.svd(np.asarray(G, np.float64), compute_uv=False)
     return float(np.sum(S[r:] ** 2))
+
+
+def write_arith_gsm8k(path: Path, n: int = 60, seed: int = 0) -> Path:
+    """A synthetic GSM8K-schema JSONL file (question / answer ending in '#### N')."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    names = ["Tom", "Ann", "Bo", "Kim", "Lee", "Max"]
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = (int(x) for x in rng.integers(1, 20, size=2))
+            who = names[i % len(names)]
+            q = f"{who} has {a} apples and buys {b} more. How many apples does {who} have?"
+            ans = f"{who} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"
+            f.write(json.dumps({"question": q, "answer": ans}) + "\n")
+    return path
+
+
+def tiny_overrides(tmp_path: Path, **extra) -> list[str]:
+    """Overrides for a run that needs nothing outside the test: random tiny Llama, synthetic data."""
+    data = write_arith_gsm8k(tmp_path / "arith.jsonl")
+    base = {
+        "model.name_or_path": "random", "model.random_hidden_size": 32, "model.random_intermediate_size": 48,
+        "model.random_num_layers": 2, "model.random_num_heads": 4, "model.random_num_kv_heads": 2,
+        "data.source": str(data), "data.seq_len": 48, "data.eval_examples": 8,
+        "fed.num_clients": 6, "fed.participation": 0.5, "fed.ranks": "[1,2,4]", "fed.rank_distribution": "list",
+        "fed.rounds": 4, "optim.local_steps": 2, "optim.batch_size": 2, "optim.lr": 0.01,
+        "eval.every": 2, "eval.batch_size": 4, "checkpoint.every": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

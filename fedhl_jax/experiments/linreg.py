@@ -158,7 +158,7 @@ def label(name: str, cfg: LinRegConfig) -> str:
 def summary_table(result: dict, checkpoints=(10, 50, None)) -> str:
     """Markdown table of the relative error (mean ± std over seeds) at a few rounds."""
     cfg = result["config"]
-    cols = [c or cfg.rounds for c in checkpoints]
+    cols = sorted({min(c or cfg.rounds, cfg.rounds) for c in checkpoints})
     lines = ["| method | " + " | ".join(f"round {c}" for c in cols) + " | seconds (all seeds) |",
              "|---" * (len(cols) + 2) + "|"]
     for name, curve in result["curves"].items():

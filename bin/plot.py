@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Draws the curves of several runs into one PNG.
+
+  python bin/plot.py runs/fedhl runs/flexlora --metric eval_loss --out curves.png [--label fedhl flexlora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl" if run.is_dir() else run
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (expected a run directory or a metrics.jsonl file)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="run directories (or metrics.jsonl files)")
+    p.add_argument("--metric", nargs="+", default=["train_loss", "eval_loss"], help="metrics to plot, one panel each")
+    p.add_argument("--label", nargs="*", help="legend labels (default: directory names)")
+    p.add_argument("--out", type=Path, required=True, help="output PNG")
+    args = p.parse_args(argv)
+    if args.label and len(args.label) != len(args.runs):
+        p.error(f"--label got {len(args.label)} labels for {len(args.runs)} runs")
+    try:
+        data = [read_metrics(r) for r in args.runs]
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = args.label or [r.name if r.is_dir() else r.parent.name for r in args.runs]
+    fig, axes = plt.subplots(1, len(args.metric), figsize=(5.5 * len(args.metric), 4), squeeze=False)
+    for ax, metric in zip(axes[0], args.metric):
+        for rows, label in zip(data, labels):
+            pts = [(r["round"] + 1, r[metric]) for r in rows if isinstance(r.get(metric), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+        ax.set_xlabel("round")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

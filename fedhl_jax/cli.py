@@ -1,0 +1,107 @@
+"""``bin/train.py``: run a federated simulation from a YAML config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fedhl_jax.config import ConfigError, load_config
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="bin/train.py",
+        description="Federated LoRA fine-tuning with heterogeneous ranks (FedHL and peers).",
+        epilog="Overrides are dotted key=value pairs, e.g. fed.algorithm=flexlora optim.lr=3e-4 fed.ranks=[2,8].")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in defaults)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (metrics, checkpoints, export)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    return p.parse_args(argv)
+
+
+def export_final(sim, state, out: Path, log) -> None:
+    """Writes the dense global adapter and a PEFT adapter truncated to ``export_rank`` (default r_max)."""
+    import jax
+    from safetensors.numpy import save_file
+
+    from fedhl_jax import model as M
+
+    final = out / "final"
+    final.mkdir(exist_ok=True)
+    delta = {k: np.asarray(v, np.float32) for k, v in jax.device_get(sim.global_delta(state)).items()}
+    save_file(delta, str(final / "global_adapter.safetensors"))
+    rank = sim.cfg.export_rank or sim.cfg.fed.r_max
+    name = sim.cfg.model.name_or_path
+    M.export_peft(final / "peft_adapter", delta, rank, sim.cfg.model.alpha,
+                  None if name in ("auto", "random") else name, rslora=sim.cfg.model.rslora)
+    log(f"exported the global adapter to {final}/ (dense, and PEFT rank {rank})")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    log = lambda msg: print(msg, flush=True)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from fedhl_jax.checkpointing import RunDir
+    from fedhl_jax.data.loading import DataError
+    from fedhl_jax.simulation import Simulation
+
+    try:
+        run = RunDir(args.out, cfg, resume=args.resume, log=log)
+        sim = Simulation(cfg, log=log)
+    except (ConfigError, DataError, PermissionError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    state = sim.init_state()
+    start = 0
+    if args.resume:
+        restored, start = run.restore(state)
+        if restored is not None:
+            state = restored
+            log(f"resuming after round {start} from {run.ckpt_path}")
+        run.truncate_metrics(start)
+    total = cfg.fed.rounds
+    if start >= total:
+        log(f"the run already finished {total} rounds")
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, unit="round", dynamic_ncols=True)
+    t_run = time.perf_counter()
+    for t in range(start, total):
+        out = sim.run_round(state, t)
+        state, metrics = out.state, out.metrics
+        if (t + 1) % cfg.eval.every == 0 or t + 1 == total:
+            t0 = time.perf_counter()
+            metrics.update(sim.evaluate(state))
+            metrics["eval_seconds"] = time.perf_counter() - t0
+        run.append_metrics(metrics)
+        if (t + 1) % cfg.checkpoint.every == 0 or t + 1 == total:
+            run.save(t + 1, state)
+        summary = {"loss": f"{metrics['train_loss']:.3f}"}
+        if "eval_loss" in metrics:
+            summary["eval"] = f"{metrics['eval_loss']:.3f}"
+        if bar is not None:
+            bar.set_postfix(summary)
+            bar.update(1)
+        else:
+            log(f"round {t + 1}/{total} " + " ".join(f"{k}={v}" for k, v in summary.items())
+                + f" ({metrics['seconds']:.1f} s)")
+    if bar is not None:
+        bar.close()
+    if start < total:
+        log(f"{total - start} rounds in {time.perf_counter() - t_run:.1f} s; metrics in {run.metrics_path}")
+    export_final(sim, state, Path(args.out), log)
+    return 0

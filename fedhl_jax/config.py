@@ -1,0 +1,341 @@
+"""Run configuration: frozen dataclasses, validated at start.
+
+YAML files and dotted ``key=value`` overrides are parsed by OmegaConf at the edge
+(``load_config``); the result is checked against these dataclasses, so an unknown
+key or a bad value fails before anything is loaded or compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from fedhl_jax.aggregation import EPS_MODES, WEIGHTINGS
+from fedhl_jax.algorithms import ALGORITHMS
+from fedhl_jax.truncation import SPLITS, SVD_METHODS
+
+RANK_DISTRIBUTIONS = ("list", "uniform", "heavy_tail_low", "heavy_tail_high", "homogeneous")
+PARTITIONS = ("iid", "dirichlet", "meta", "quantity_skew", "rank_correlated")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Base model and LoRA placement.
+
+    ``name_or_path="auto"`` takes ``../shared/models/stories260K-hf`` when present,
+    else a random-init tiny Llama (``random`` below). ``"random"`` always takes the
+    random model; anything else is a local folder or a Hugging Face Hub id.
+    """
+
+    name_or_path: str = "auto"
+    dtype: str = "float32"
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    alpha: float = 16.0
+    rslora: bool = False
+    # Random-init model (used by "random", and by "auto" when no checkpoint is present).
+    random_hidden_size: int = 64
+    random_intermediate_size: int = 172
+    random_num_layers: int = 5
+    random_num_heads: int = 8
+    random_num_kv_heads: int = 4
+    random_vocab_size: int = 512
+
+    def __post_init__(self):
+        _require(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        _require(len(self.targets) > 0, "model.targets must name at least one module")
+        _require(self.alpha > 0, f"model.alpha must be > 0, got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset, tokenisation and partition.
+
+    ``source="auto"`` reads the local file under ``data_dir`` (``$FEDHL_DATA_DIR``,
+    else ``../shared/data``) when it exists, else the Hub id of the dataset.
+    """
+
+    dataset: str = "gsm8k"
+    source: str = "auto"
+    data_dir: str | None = None
+    seq_len: int = 256
+    max_train_examples: int | None = None
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.3
+    label_kind: str | None = None
+    eval_examples: int = 128
+
+    def __post_init__(self):
+        _require(self.dataset in ("gsm8k", "codealpaca", "dolly"),
+                 f"data.dataset must be one of gsm8k, codealpaca, dolly; got {self.dataset!r}")
+        _require(self.seq_len >= 8, f"data.seq_len must be >= 8, got {self.seq_len}")
+        _require(self.partition in PARTITIONS, f"data.partition must be one of {PARTITIONS}, got {self.partition!r}")
+        _require(self.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
+        _require(self.max_train_examples is None or self.max_train_examples >= 1,
+                 f"data.max_train_examples must be >= 1, got {self.max_train_examples}")
+        _require(self.eval_examples >= 0, f"data.eval_examples must be >= 0, got {self.eval_examples}")
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """Federation: algorithm, clients, ranks, participation."""
+
+    algorithm: str = "fedhl"
+    num_clients: int = 10
+    participation: float = 1.0
+    rounds: int = 5
+    rank_distribution: str = "uniform"
+    ranks: tuple[int, ...] = (2, 4, 8, 16)
+    # FedHL options.
+    eps: float = 1e-2
+    eps_mode: str = "relative"
+    power: float = 2.0
+    weighting: str = "optimal"
+    per_module: bool = False
+    split: str = "balanced"
+    svd_method: str = "exact"
+    # Memory.
+    clients_per_chunk: int | None = None
+    remat: bool = False
+
+    def __post_init__(self):
+        _require(self.algorithm in ALGORITHMS, f"fed.algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
+        _require(self.num_clients >= 1, f"fed.num_clients must be >= 1, got {self.num_clients}")
+        _require(0 < self.participation <= 1, f"fed.participation must be in (0, 1], got {self.participation}")
+        _require(self.rounds >= 1, f"fed.rounds must be >= 1, got {self.rounds}")
+        _require(self.rank_distribution in RANK_DISTRIBUTIONS,
+                 f"fed.rank_distribution must be one of {RANK_DISTRIBUTIONS}, got {self.rank_distribution!r}")
+        _require(len(self.ranks) > 0, "fed.ranks must not be empty")
+        bad = [r for r in self.ranks if r < 1]
+        _require(not bad, f"fed.ranks must be >= 1, got rank {bad[0] if bad else ''} in {list(self.ranks)}")
+        _require(math.isfinite(self.eps) and self.eps > 0, f"fed.eps must be > 0, got {self.eps}")
+        _require(self.eps_mode in EPS_MODES, f"fed.eps_mode must be one of {EPS_MODES}, got {self.eps_mode!r}")
+        _require(self.power > 0, f"fed.power must be > 0, got {self.power}")
+        _require(self.weighting in WEIGHTINGS, f"fed.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        _require(self.split in SPLITS, f"fed.split must be one of {SPLITS}, got {self.split!r}")
+        _require(self.svd_method in SVD_METHODS, f"fed.svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
+        _require(self.clients_per_chunk is None or self.clients_per_chunk >= 1,
+                 f"fed.clients_per_chunk must be >= 1 (or null), got {self.clients_per_chunk}")
+
+    @property
+    def r_max(self) -> int:
+        return max(self.ranks)
+
+    @property
+    def clients_per_round(self) -> int:
+        return max(1, int(round(self.participation * self.num_clients)))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Client optimizer: ``local_steps`` steps of ``batch_size`` examples per round."""
+
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    lr_b: float | None = None
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    grad_clip: float | None = 1.0
+    local_steps: int = 5
+    batch_size: int = 4
+
+    def __post_init__(self):
+        _require(self.optimizer in OPTIMIZERS, f"optim.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(self.lr_b is None or self.lr_b > 0, f"optim.lr_b must be > 0, got {self.lr_b}")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip must be > 0, got {self.grad_clip}")
+        _require(self.local_steps >= 1, f"optim.local_steps must be >= 1, got {self.local_steps}")
+        _require(self.batch_size >= 1, f"optim.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation of the global model every ``every`` rounds (and after the last)."""
+
+    every: int = 1
+    batch_size: int = 16
+    per_rank: bool = False
+    generate_examples: int = 0
+    max_new_tokens: int = 48
+
+    def __post_init__(self):
+        _require(self.every >= 1, f"eval.every must be >= 1, got {self.every}")
+        _require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.generate_examples >= 0, f"eval.generate_examples must be >= 0, got {self.generate_examples}")
+        _require(self.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints of the server state every ``every`` rounds."""
+
+    every: int = 1
+    max_to_keep: int = 2
+
+    def __post_init__(self):
+        _require(self.every >= 1, f"checkpoint.every must be >= 1, got {self.every}")
+        _require(self.max_to_keep >= 1, f"checkpoint.max_to_keep must be >= 1, got {self.max_to_keep}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole run."""
+
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export_rank: int | None = None
+
+    def __post_init__(self):
+        _require(self.export_rank is None or self.export_rank >= 1, f"export_rank must be >= 1, got {self.export_rank}")
+        if self.fed.algorithm in ("fedit", "ffa_lora", "fedex_lora") and self.fed.rank_distribution != "homogeneous":
+            _require(len(set(self.fed.ranks)) == 1,
+                     f"fed.algorithm={self.fed.algorithm!r} needs homogeneous ranks; got fed.ranks={list(self.fed.ranks)} "
+                     f"with fed.rank_distribution={self.fed.rank_distribution!r}")
+
+
+# --------------------------------------------------------------------------- dict <-> dataclass
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            if typing.get_args(tp)[0] is str and isinstance(value, str):
+                return (value,)
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def from_dict(cls, data: dict | None, prefix: str = ""):
+    """Builds the frozen dataclass ``cls`` from a nested dict, naming any bad key or value."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"under '{prefix[:-1]}'" if prefix else "at the top level"
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys {where}: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, data[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(data[name], tp, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (tuples as lists) of a config, for YAML and comparisons."""
+
+    def conv(v):
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """Reads a YAML file (optional) and dotted ``key=value`` overrides into a ``TrainConfig``.
+
+    Raises:
+      ConfigError: unknown key (the valid ones are listed) or invalid value.
+      FileNotFoundError: the YAML file does not exist.
+    """
+    base = OmegaConf.create({})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        base = OmegaConf.load(path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except Exception as e:  # OmegaConf parse errors
+        raise ConfigError(f"cannot parse config: {e}") from e
+    return from_dict(TrainConfig, data)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Writes the resolved config as YAML."""
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``["key: old -> new", ...]`` for every differing leaf of two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<missing>"), new.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
