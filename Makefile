@@ -16,7 +16,7 @@ venv: $(VENV)/.installed
 
 # Main job on its default configuration.
 quickstart: venv
-	$(PY) bin/bias_experiment.py
+	$(PY) bin/train.py --config configs/quickstart.yaml --out runs/quickstart-$$(date +%Y%m%d-%H%M%S)
 
 bias: venv
 	$(PY) bin/bias_experiment.py

@@ -90,9 +90,17 @@ class RunDir:
             if diff:
                 raise ConfigError("cannot resume with a different config; differences (saved -> given):\n  "
                                   + "\n  ".join(diff))
-        else:
-            save_config(cfg, self.config_path)
+        self.cfg = cfg
         self.max_to_keep = cfg.checkpoint.max_to_keep
+        self.manager = None
+
+    def begin(self) -> None:
+        """Writes the resolved config (new runs) and opens the checkpoint manager.
+
+        Called once the run is known to start, so a run refused at set-up leaves nothing behind.
+        """
+        if not self.config_path.exists():
+            save_config(self.cfg, self.config_path)
         self.manager = self._open_manager()
 
     def _open_manager(self) -> ocp.CheckpointManager:

@@ -59,9 +59,22 @@ def main(argv=None) -> int:
     try:
         run = RunDir(args.out, cfg, resume=args.resume, log=log)
         sim = Simulation(cfg, log=log)
-    except (ConfigError, DataError, PermissionError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, OSError, ValueError) as e:  # OSError: files, permissions, network
         print(f"error: {e}", file=sys.stderr)
         return 2
+    run.begin()
+
+    table = sim.partition_summary.format()
+    (run.path / "partition.txt").write_text(table + "\n")
+    try:
+        from fedhl_jax.data.partition import plot_partition_summary
+
+        plot_partition_summary(sim.partitions, sim.labels, run.path / "partition.png",
+                               ranks=tuple(int(r) for r in sim.ranks), title=f"{cfg.data.dataset} / {cfg.data.partition}")
+    except Exception as e:  # a plot is a convenience; never fail a run on it
+        log(f"could not plot the partition: {e}")
+    log(f"partition ({cfg.data.partition}), also in {run.path / 'partition.txt'}:\n"
+        + ("\n".join(table.splitlines()[:12]) + ("\n..." if len(table.splitlines()) > 12 else "")))
 
     state = sim.init_state()
     start = 0

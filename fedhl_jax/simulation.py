@@ -161,17 +161,14 @@ class Simulation:
         if fed.num_clients > len(self.train):
             raise ConfigError(f"fed.num_clients={fed.num_clients} is more than the {len(self.train)} training examples "
                               f"of {dc.dataset} that fit data.seq_len={dc.seq_len}")
-        labels = None
         kind = _PARTITION_KIND[dc.partition]
-        if kind in ("dirichlet", "meta", "rank"):
-            labels = data_labels.dataset_labels(dc.dataset, train_records, dc.label_kind)[self.train.source_index]
+        self.labels = data_labels.dataset_labels(dc.dataset, train_records, dc.label_kind)[self.train.source_index]
         pcfg = data_partition.PartitionConfig(
             kind=kind, num_clients=fed.num_clients, seed=cfg.seed, alpha=dc.dirichlet_alpha,
             ranks=tuple(int(r) for r in self.ranks) if kind == "rank" else None, label_kind=dc.label_kind)
-        self.partitions = data_partition.make_partition(pcfg, len(self.train), labels)
-        if labels is not None:
-            log(data_partition.format_partition_summary(
-                data_partition.partition_summary(self.partitions, labels, tuple(int(r) for r in self.ranks))))
+        self.partitions = data_partition.make_partition(pcfg, len(self.train), self.labels)
+        self.partition_summary = data_partition.partition_summary(self.partitions, self.labels,
+                                                                  tuple(int(r) for r in self.ranks))
         self.num_examples = np.array([len(p) for p in self.partitions], np.float32)
         self.batcher = batching.RoundBatcher(self.train.tokens, self.train.loss_mask, self.partitions,
                                              local_steps=cfg.optim.local_steps, batch_size=cfg.optim.batch_size,
