@@ -3,7 +3,10 @@ PYTHON ?= python3.12
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv quickstart bias test test-all bench clean
+TORCH_PYTHON ?= python3.11
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv quickstart bias test test-all bench bench-full torch-venv clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +31,17 @@ test: venv
 # Everything, slow experiments included.
 test-all: venv
 	$(PY) -m pytest -q
+
+# Benchmarks (docs/performance.md). The PyTorch/PEFT baseline runs in its own venv (`make torch-venv`).
+bench: venv
+	$(PY) benchmarks/run.py --quick
+
+bench-full: venv
+	$(PY) benchmarks/run.py --full --markdown docs/performance.md --out docs/performance.json
+
+torch-venv:
+	$(TORCH_PYTHON) -m venv .venv-torch
+	.venv-torch/bin/python -m pip install --quiet "$(TORCH_SPEC)" peft transformers safetensors numpy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

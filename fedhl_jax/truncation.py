@@ -46,7 +46,7 @@ def _check_rmax(shape, r_max):
 
 
 def svd(G: jax.Array, r_max: int, *, method: str = "exact", key: jax.Array | None = None,
-        oversample: int = 10, n_iter: int = 2) -> SVD:
+        oversample: int = 20, n_iter: int = 3) -> SVD:
     """Top-``r_max`` SVD of ``G`` and its tail energies.
 
     Args:

@@ -1,0 +1,339 @@
+#!/usr/bin/env python3
+"""Benchmark suite: local-training throughput against per-client loops, MFU, compile time,
+server scaling, randomized SVD, and memory against the number of clients.
+
+  python benchmarks/run.py --quick        # < 5 minutes on 2 CPU cores
+  python benchmarks/run.py --full         # the sizes reported in docs/performance.md
+
+Results go to stdout and, with --out, to a JSON file; --markdown writes docs/performance.md.
+Every comparison is a ratio of two measurements taken in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fedhl_jax import model as M  # noqa: E402
+from fedhl_jax.local import make_clients_train, make_local_train, make_optimizer  # noqa: E402
+from fedhl_jax.lora import Adapter, lora_scale, rank_mask  # noqa: E402
+
+SHARED_MODEL = REPO.parent / "shared" / "models" / "stories260K-hf"
+TORCH_PYTHON = os.environ.get("FEDHL_TORCH_PYTHON", str(REPO / ".venv-torch" / "bin" / "python"))
+MEDIUM = dict(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
+              num_kv_heads=8, head_dim=64, max_position_embeddings=1024)
+
+
+def timed(fn, repeat=1):
+    """Best wall time of ``repeat`` calls of ``fn`` (results blocked)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def load_model(name):
+    if name == "stories260K":
+        if SHARED_MODEL.exists():
+            return M.load_pretrained(SHARED_MODEL)
+        cfg = M.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_layers=5, num_heads=8,
+                            num_kv_heads=4, head_dim=8, tie_word_embeddings=True)
+        return cfg, M.init_params(cfg, jax.random.PRNGKey(0))
+    cfg = M.LlamaConfig(**MEDIUM)
+    return cfg, M.init_params(cfg, jax.random.PRNGKey(0))
+
+
+def matmul_peak(n=2048, repeat=5):
+    """Measured float32 matmul FLOP/s of this machine under JAX (the MFU denominator)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    return 2 * n**3 / timed(lambda: f(a), repeat)
+
+
+# --------------------------------------------------------------------------- 1-3: local training
+
+
+def make_workload(cfg, clients, ranks, steps, batch, seq, r_max=16, seed=0):
+    ranks = np.resize(np.asarray(ranks), clients)
+    mask = rank_mask(ranks, r_max)
+    scale = lora_scale(ranks, 16.0)
+    keys = jax.random.split(jax.random.PRNGKey(seed), clients)
+    ad = jax.vmap(lambda k: M.init_adapter(cfg, ("q_proj", "v_proj"), r_max, k))(keys)
+    ad = Adapter({k: b * mask[:, None, :] for k, b in ad.B.items()}, {k: a * mask[:, :, None] for k, a in ad.A.items()},
+                 mask, scale)
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(clients, steps, batch, seq)), jnp.int32)
+    loss_mask = jnp.ones(tokens.shape, jnp.float32)
+    return ad, tokens, loss_mask
+
+
+def bench_local(name, clients, steps, batch, seq, ranks=(2, 4, 8, 16), repeat=2, chunk=None):
+    """Tokens/s of the vmapped engine and of a per-client loop over the same jitted local_train."""
+    cfg, params = load_model(name)
+    ad, tokens, loss_mask = make_workload(cfg, clients, ranks, steps, batch, seq)
+    loss = lambda p, a, t, m: M.loss_fn(cfg, p, a, t, m)
+    local = make_local_train(loss, make_optimizer("adamw", 1e-3))
+    engine = jax.jit(make_clients_train(local, clients_per_chunk=chunk))
+    t0 = time.perf_counter()
+    engine.lower(params, ad, tokens, loss_mask).compile()
+    compile_s = time.perf_counter() - t0
+    # FLOPs of the whole call from XLA's cost analysis of the unchunked program. XLA counts a loop
+    # body once (a lax.map chunk, and the lax.scan over the K local steps), so multiply by K.
+    cost = jax.jit(make_clients_train(local)).lower(params, ad, tokens, loss_mask).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = steps * float(cost.get("flops", float("nan"))) if cost else float("nan")
+    first = timed(lambda: engine(params, ad, tokens, loss_mask))  # includes jit dispatch + cache hit
+    vm = timed(lambda: engine(params, ad, tokens, loss_mask), repeat)
+    # The same with different ranks: must hit the compile cache.
+    ad2 = ad._replace(mask=ad.mask[::-1], scale=ad.scale[::-1])
+    engine(params, ad2, tokens, loss_mask)
+    one = jax.jit(local)
+    jax.block_until_ready(one(params, jax.tree.map(lambda x: x[0], ad), tokens[0], loss_mask[0]))
+
+    def loop():
+        outs = []
+        for i in range(clients):
+            outs.append(one(params, jax.tree.map(lambda x: x[i], ad), tokens[i], loss_mask[i]))
+            jax.tree.map(np.asarray, outs[-1][0].B)  # factors read back per client, as a server would
+        return outs[-1][1]
+
+    lp = timed(loop, max(1, repeat - 1))
+    toks = clients * steps * batch * seq
+    return {"model": name, "clients": clients, "local_steps": steps, "batch": batch, "seq": seq, "chunk": chunk,
+            "tokens": toks, "vmap_s": vm, "loop_s": lp, "vmap_tok_s": toks / vm, "loop_tok_s": toks / lp,
+            "compile_s": compile_s, "first_call_s": first, "compiles_after_rank_change": engine._cache_size(),
+            "xla_flops": flops, "params": int(sum(x.size for x in jax.tree.leaves(params)))}
+
+
+def bench_torch(name, clients, steps, batch, seq, ranks=(2, 4, 8, 16), threads=None):
+    """The PyTorch peers' way (Python loop of PEFT clients), in a separate Python with torch."""
+    if not Path(TORCH_PYTHON).exists():
+        return {"skipped": f"no torch interpreter at {TORCH_PYTHON} (set FEDHL_TORCH_PYTHON)"}
+    out = Path("/tmp") / f"fedhl_torch_{name}_{os.getpid()}.json"
+    cmd = [TORCH_PYTHON, str(REPO / "benchmarks" / "torch_peft_loop.py"), "--model", name,
+           "--clients", str(clients), "--ranks", ",".join(map(str, ranks)), "--local-steps", str(steps),
+           "--batch", str(batch), "--seq", str(seq), "--rounds", "1", "--threads", str(threads or os.cpu_count()),
+           "--json", str(out)]
+    if name == "stories260K":
+        cmd += ["--model-path", str(SHARED_MODEL)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if res.returncode != 0:
+        return {"skipped": f"torch benchmark failed: {res.stderr[-500:]}"}
+    return json.loads(out.read_text())
+
+
+# --------------------------------------------------------------------------- 4: server
+
+
+def bench_server(client_counts, d=1024, modules=4, r_max=16, repeat=3):
+    """Truncation (one SVD per module + slicing for n clients) and aggregation time against n."""
+    import fedhl_jax as F
+
+    rng = np.random.default_rng(0)
+    shapes = {f"m{i}": (d, d) for i in range(modules)}
+    alg = F.fedhl(r_max)
+    state = alg.init(shapes)
+    G = {k: jnp.asarray(rng.normal(size=s) * (0.97 ** np.arange(s[1])), jnp.float32) for k, s in shapes.items()}
+    state = state.replace(G=G)
+    decompose = jax.jit(lambda G: {k: F.svd(g, r_max) for k, g in G.items()})
+    bcast = jax.jit(alg.broadcast)
+    # Truncation as the engine runs it: the SVD and every client's slices in one compiled program.
+    truncate_all = jax.jit(lambda st, m, s, k: alg.broadcast(st.replace(dec={n: F.svd(g, r_max) for n, g in st.G.items()}), m, s, k))
+    agg = jax.jit(alg.aggregate)
+    rows = []
+    for n in client_counts:
+        ranks = np.resize([2, 4, 8, 16], n)
+        mask, scale = rank_mask(ranks, r_max), lora_scale(ranks, 16.0)
+        key = jax.random.PRNGKey(0)
+
+        def truncation():
+            return truncate_all(state, mask, scale, key)
+
+        jax.block_until_ready(truncation())
+        t_trunc = timed(truncation, repeat)
+        st = state.replace(dec=decompose(state.G))
+        t_svd = timed(lambda: decompose(state.G), repeat)
+        t_slice = timed(lambda: bcast(st, mask, scale, key), repeat)
+        start = bcast(st, mask, scale, key)
+        jax.block_until_ready(agg(st, start.B, start.A, mask, scale, jnp.ones(n)))
+        t_agg = timed(lambda: agg(st, start.B, start.A, mask, scale, jnp.ones(n)), repeat)
+        rows.append({"clients": n, "truncation_s": t_trunc, "svd_s": t_svd, "slicing_s": t_slice,
+                     "slice_bytes": int(4 * n * r_max * sum(a + b for a, b in shapes.values())),
+                     "aggregation_s": t_agg})
+        del start
+    return {"module_shape": [d, d], "modules": modules, "r_max": r_max, "rows": rows}
+
+
+def bench_rsvd(d=4096, r_max=64, repeat=1):
+    """Randomized against exact SVD at [d, d]: time and deviation of the truncation errors."""
+    import fedhl_jax as F
+
+    rng = np.random.default_rng(1)
+    k = d
+    U, _ = np.linalg.qr(rng.normal(size=(d, 256)))
+    V, _ = np.linalg.qr(rng.normal(size=(d, 256)))
+    # A LoRA-like spectrum: a decaying head plus a small full-rank noise floor.
+    G = jnp.asarray((U * (0.96 ** np.arange(256))) @ V.T + 1e-3 * rng.normal(size=(d, d)) / np.sqrt(d), jnp.float32)
+    exact = jax.jit(lambda g: F.svd(g, r_max))
+    rand = jax.jit(lambda g: F.svd(g, r_max, method="randomized", key=jax.random.PRNGKey(0)))
+    jax.block_until_ready(rand(G))
+    t_rand = timed(lambda: rand(G), max(repeat, 3))
+    t0 = time.perf_counter()
+    e = jax.block_until_ready(exact(G))
+    t_exact_first = time.perf_counter() - t0  # includes compile; the SVD dominates
+    t_exact = timed(lambda: exact(G), repeat)
+    r = jax.block_until_ready(rand(G))
+    ranks = np.array([1, 2, 4, 8, 16, 32, 64])
+    rel = np.abs(np.asarray(r.tail)[ranks] - np.asarray(e.tail)[ranks]) / np.asarray(e.tail)[ranks]
+    return {"shape": [d, d], "r_max": r_max, "exact_s": t_exact, "exact_first_s": t_exact_first,
+            "randomized_s": t_rand, "speedup": t_exact / t_rand, "max_rel_tail_error": float(rel.max()),
+            "ranks": ranks.tolist()}
+
+
+# --------------------------------------------------------------------------- 5: memory
+
+
+def bench_memory(client_counts, chunk, steps=2, batch=4, seq=128):
+    """Peak RSS of one local-training call, each in a fresh process."""
+    rows = []
+    for n in client_counts:
+        for c in (None, chunk):
+            # VmHWM (peak RSS of this process's address space): unlike ru_maxrss it is not
+            # inherited from the (large) parent across fork/exec.
+            code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {str(REPO)!r});"
+                    f"from benchmarks.run import bench_local;"
+                    f"r = bench_local('stories260K', {n}, {steps}, {batch}, {seq}, repeat=1, chunk={c});"
+                    f"import json, re; hwm = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1));"
+                    f"print(json.dumps({{'s': r['vmap_s'], 'rss': hwm}}))")
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
+                                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
+            if res.returncode != 0:
+                rows.append({"clients": n, "chunk": c, "error": res.stderr[-300:]})
+                continue
+            data = json.loads(res.stdout.strip().splitlines()[-1])
+            rows.append({"clients": n, "chunk": c, "peak_rss_mb": data["rss"] / 1024, "seconds": data["s"]})
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+def markdown(res) -> str:
+    L = [f"# Performance", "",
+         f"Machine: {res['machine']}; JAX {res['jax']} ({res['backend']}); {res['date']}; mode `{res['mode']}`.",
+         f"Regenerate: `make bench-full` (`python benchmarks/run.py --{res['mode']} --markdown docs/performance.md`) "
+         f"({res['seconds']:.0f} s).", "",
+         f"Measured float32 matmul peak (JAX, 2048×2048): **{res['peak_flops'] / 1e9:.1f} GFLOP/s**.", "",
+         "## 1-3. Local training: vmapped engine vs per-client loops", "",
+         "All sampled clients train K local AdamW steps on rank-masked LoRA (q, v; ranks 2/4/8/16, "
+         "r_max 16). *loop* runs the same jitted `local_train` one client at a time and reads the "
+         "factors back after each; *PEFT* is the PyTorch peers' way (a Python loop of PEFT LoRA models, "
+         "transformers `LlamaForCausalLM`, AdamW, factors read back), in a separate Python with torch.", "",
+         "| model | clients × K × b × T | engine (clients_per_chunk) | engine tok/s | loop tok/s | PEFT tok/s | engine / loop | engine / PEFT | compile (s) | compiles after rank change | MFU |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in res["local"]:
+        t = row.get("torch", {})
+        ttok = t.get("tokens_per_s")
+        mfu = row["xla_flops"] / row["vmap_s"] / res["peak_flops"]
+        L.append(f"| {row['model']} | {row['clients']}×{row['local_steps']}×{row['batch']}×{row['seq']} | "
+                 f"{row['chunk'] or 'all'} | "
+                 f"{row['vmap_tok_s']:,.0f} | {row['loop_tok_s']:,.0f} | "
+                 f"{f'{ttok:,.0f}' if ttok else 'n/a'} | {row['vmap_tok_s'] / row['loop_tok_s']:.2f}× | "
+                 f"{f'{row['vmap_tok_s'] / ttok:.2f}×' if ttok else 'n/a'} | {row['compile_s']:.1f} | "
+                 f"{row['compiles_after_rank_change']} | {mfu:.1%} |")
+    L += ["", "MFU = FLOPs of the call (XLA's `cost_analysis` of the unchunked program, × K because XLA counts "
+          "the body of the K-step `lax.scan` once) / its time / the matmul peak measured in the same run.",
+          "*compiles after rank change*: the jit cache size after calling again with other ranks (1 = no recompilation).", "",
+          "## 4. Server: truncation and aggregation against the number of clients", ""]
+    s = res["server"]
+    L += [f"{s['modules']} modules of shape {s['module_shape']}, r_max {s['r_max']}; truncation = one SVD per "
+          "module + every client's slices; aggregation = FedHL's weighted sum.", "",
+          "| clients | truncation (s) | of which SVD (s) | of which slicing (s) | slices written (MB) | aggregation (s) |",
+          "|---|---|---|---|---|---|"]
+    for row in s["rows"]:
+        L.append(f"| {row['clients']} | {row['truncation_s']:.3f} | {row['svd_s']:.3f} | {row['slicing_s']:.3f} | "
+                 f"{row['slice_bytes'] / 2**20:,.0f} | {row['aggregation_s']:.3f} |")
+    first, last = s["rows"][0], s["rows"][-1]
+    L += ["", f"Truncation at {last['clients']} clients / at {first['clients']}: "
+          f"**{last['truncation_s'] / first['truncation_s']:.2f}×**; aggregation: "
+          f"{last['aggregation_s'] / first['aggregation_s']:.1f}× for {last['clients'] // first['clients']}× the clients.", ""]
+    r = res["rsvd"]
+    L += ["## Randomized SVD", "",
+          f"At {r['shape'][0]}×{r['shape'][1]}, r_max {r['r_max']}: exact {r['exact_s']:.2f} s, randomized "
+          f"{r['randomized_s']:.3f} s (**{r['speedup']:.1f}×**); largest relative deviation of the truncation errors "
+          f"over ranks {r['ranks']}: **{r['max_rel_tail_error']:.2e}**.", "",
+          "## 5. Peak memory against the number of clients", "",
+          "One local-training call of stories260K (K=2, b=4, T=128), each in a fresh process.", "",
+          "| clients | clients_per_chunk | peak RSS (MB) | seconds |", "|---|---|---|---|"]
+    for row in res["memory"]:
+        if "error" in row:
+            L.append(f"| {row['clients']} | {row['chunk']} | error | |")
+        else:
+            L.append(f"| {row['clients']} | {row['chunk'] or 'all (one vmap)'} | {row['peak_rss_mb']:,.0f} | {row['seconds']:.2f} |")
+    notes = Path(__file__).with_name("performance_notes.md")
+    L += ["", res.get("notes") or (notes.read_text() if notes.exists() else "")]
+    return "\n".join(L)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small sizes, < 5 minutes (default)")
+    mode.add_argument("--full", action="store_true", help="the reported sizes")
+    p.add_argument("--out", type=Path, help="JSON results")
+    p.add_argument("--markdown", type=Path, help="write the report (e.g. docs/performance.md)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/PEFT baseline")
+    args = p.parse_args(argv)
+    full = args.full
+    t0 = time.perf_counter()
+    res = {"mode": "full" if full else "quick", "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+           f"{platform.processor() or platform.platform()}", "jax": jax.__version__,
+           "backend": jax.default_backend(), "date": date.today().isoformat()}
+    res["peak_flops"] = matmul_peak()
+    print(f"matmul peak {res['peak_flops'] / 1e9:.1f} GFLOP/s", flush=True)
+    local_cases = ([("stories260K", 100, 5, 4, 128), ("medium", 10, 2, 4, 128)] if full
+                   else [("stories260K", 20, 2, 4, 64), ("medium", 4, 1, 2, 64)])
+    res["local"] = []
+    for case in local_cases:
+        torch_row = {"skipped": "--no-torch"} if args.no_torch else bench_torch(*case)
+        for chunk in (None, 2):  # one vmap over all clients, and chunks of 2 vmapped clients
+            row = bench_local(*case, chunk=chunk)
+            row["torch"] = torch_row
+            res["local"].append(row)
+            print(json.dumps(row), flush=True)
+    res["server"] = bench_server([10, 100, 1000] if full else [10, 100, 1000], d=1024 if full else 512,
+                                 modules=4 if full else 2)
+    print(json.dumps(res["server"]), flush=True)
+    res["rsvd"] = bench_rsvd(4096 if full else 2048, 64)
+    print(json.dumps(res["rsvd"]), flush=True)
+    res["memory"] = bench_memory([10, 100, 300] if full else [10, 50], chunk=10 if full else 5,
+                                 seq=128 if full else 64)
+    print(json.dumps(res["memory"]), flush=True)
+    res["seconds"] = time.perf_counter() - t0
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=1))
+    if args.markdown:
+        args.markdown.write_text(markdown(res))
+    print(f"done in {res['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
