@@ -13,16 +13,17 @@ and the tree-level algorithms in ``fedhl_jax.algorithms``.
 
 from fedhl_jax.aggregation import (factor_average, fedhl_aggregate, fedhl_weights, flexlora_aggregate,
                                    flora_stack)
-from fedhl_jax.algorithms import (ALGORITHMS, Algorithm, ClientStart, ServerState, fedex_lora, fedhl,
+from fedhl_jax.algorithms import (ALGORITHMS, Algorithm, ClientPlan, ClientStart, ServerState, fedex_lora, fedhl,
                                   fedit, ffa_lora, flexlora, flora, hetlora, make_algorithm)
 from fedhl_jax.lora import Adapter, check_ranks, lora_scale, rank_mask, ranks_from_mask
-from fedhl_jax.truncation import (SVD, client_deltas, rank_approx, svd, truncate, truncate_from_svd,
-                                  truncation_error, weighted_delta)
+from fedhl_jax.truncation import (SVD, TruncationPlan, client_deltas, factors_from_plan, rank_approx, svd,
+                                  truncate, truncate_from_svd, truncation_error, truncation_plan, weighted_delta)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALGORITHMS", "Adapter", "Algorithm", "ClientStart", "SVD", "ServerState", "check_ranks",
+    "ALGORITHMS", "Adapter", "Algorithm", "ClientPlan", "ClientStart", "TruncationPlan", "factors_from_plan",
+    "truncation_plan", "SVD", "ServerState", "check_ranks",
     "client_deltas", "factor_average", "fedex_lora", "fedhl", "fedhl_aggregate", "fedhl_weights",
     "fedit", "ffa_lora", "flexlora", "flexlora_aggregate", "flora", "flora_stack", "hetlora",
     "lora_scale", "make_algorithm", "rank_approx", "rank_mask", "ranks_from_mask", "svd", "truncate",

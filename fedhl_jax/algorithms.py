@@ -4,8 +4,11 @@ Each factory closes over its hyperparameters and returns an ``Algorithm``, a
 NamedTuple of pure, jit-able functions over a ``ServerState`` pytree:
 
 * ``init(shapes, key) -> state`` with ``shapes = {module: (d_out, d_in)}``;
-* ``broadcast(state, mask, scale, key) -> ClientStart``: what each of the ``n``
-  sampled clients starts from (``mask [n, r_max]``, ``scale [n]``);
+* ``plan(state, mask, scale, key) -> ClientPlan``: the server's per-round work for the ``n``
+  sampled clients (``mask [n, r_max]``, ``scale [n]``): arrays shared by all clients plus
+  ``O(r_max)`` numbers per client; ``materialize(shared, per_client_i, mask_i) -> (B_i, A_i)``
+  builds one client's starting factors from them (client-side work, run inside the vmapped
+  client step); ``broadcast(state, mask, scale, key) -> ClientStart`` does both for every client;
 * ``aggregate(state, B, A, mask, scale, num_examples) -> (state, info)`` with the
   clients' trained factors ``B = {module: [n, d_out, r_max]}``,
   ``A = {module: [n, r_max, d_in]}`` and ``num_examples [n]``;
@@ -24,7 +27,7 @@ slice means the same update for every client whatever its own ``s = α/r``.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +36,8 @@ from flax import struct
 
 from fedhl_jax import aggregation as agg
 from fedhl_jax.lora import check_ranks as _check_ranks
-from fedhl_jax.truncation import (SPLITS, SVD_METHODS, lora_init_A, masked_factors, svd,
-                                  truncate_from_svd, weighted_delta, weighted_product)
+from fedhl_jax.truncation import (SPLITS, SVD_METHODS, factors_from_plan, lora_init_A, svd, truncation_plan,
+                                  weighted_delta, weighted_product)
 
 
 @struct.dataclass
@@ -73,16 +76,37 @@ class ClientStart(NamedTuple):
     base_delta: dict | None
 
 
+class ClientPlan(NamedTuple):
+    """The server's broadcast of a round, before any per-client factor is built.
+
+    Attributes:
+      shared: pytree without a client axis (e.g. the SVD's ``U`` and ``Vᵀ``).
+      per_client: pytree with a leading client axis ``n`` (``O(r_max)`` per client).
+      base_delta: ``{module: [d_out, d_in]}`` shared base update, or ``None``.
+    """
+
+    shared: Any
+    per_client: Any
+    base_delta: dict | None
+
+
 class Algorithm(NamedTuple):
     """A federated LoRA algorithm (see the module docstring)."""
 
     name: str
     init: Callable
-    broadcast: Callable
+    plan: Callable
+    materialize: Callable
     aggregate: Callable
     global_delta: Callable
     check_ranks: Callable
     trainable: tuple = ("A", "B")
+
+    def broadcast(self, state, mask, scale, key) -> ClientStart:
+        """Every sampled client's starting factors: ``plan`` then ``materialize`` for each client."""
+        plan = self.plan(state, mask, scale, key)
+        B, A = jax.vmap(self.materialize, in_axes=(None, 0, 0))(plan.shared, plan.per_client, mask)
+        return ClientStart(B, A, plan.base_delta)
 
 
 def _check_shapes(shapes: dict, r_max: int) -> None:
@@ -137,12 +161,17 @@ def _dense_family(name: str, r_max: int, *, split: str, svd_method: str, combine
         G = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
         return _empty_state(G=G, dec=decompose(G, jax.random.PRNGKey(0) if key is None else key))
 
-    def broadcast(state, mask, scale, key):
+    def plan(state, mask, scale, key):
         keys = _module_keys(key, state.G)
+        plans = {k: truncation_plan(state.dec[k], scale, key=keys[k], split=split) for k in state.G}
+        shared = {k: (p.U, p.Vt, p.a_init, p.zero) for k, p in plans.items()}
+        return ClientPlan(shared, {k: (p.b, p.a) for k, p in plans.items()}, None)
+
+    def materialize(shared, per_client, mask):
         B, A = {}, {}
-        for k in state.G:
-            B[k], A[k] = truncate_from_svd(state.dec[k], mask, scale, key=keys[k], split=split)
-        return ClientStart(B, A, None)
+        for k, (U, Vt, a_init, zero) in shared.items():
+            B[k], A[k] = factors_from_plan(U, Vt, a_init, zero, *per_client[k], mask)
+        return B, A
 
     def aggregate(state, B, A, mask, scale, num_examples=None):
         valid = _valid(B, A, mask)
@@ -154,7 +183,7 @@ def _dense_family(name: str, r_max: int, *, split: str, svd_method: str, combine
         key = jax.random.fold_in(jax.random.PRNGKey(17), state.round)
         return state.replace(G=G, dec=decompose(G, key), round=state.round + 1), info
 
-    return Algorithm(name, init, broadcast, aggregate, lambda s: dict(s.G), lambda r: _check_ranks(r, r_max))
+    return Algorithm(name, init, plan, materialize, aggregate, lambda s: dict(s.G), lambda r: _check_ranks(r, r_max))
 
 
 def fedhl(r_max: int, *, eps: float = 1e-2, eps_mode: str = "relative", power: float = 2.0,
@@ -221,15 +250,17 @@ def flora(r_max: int) -> Algorithm:
         _check_shapes(shapes, r_max)
         return _empty_state(G={k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()})
 
-    def broadcast(state, mask, scale, key):
+    def plan(state, mask, scale, key):
         keys = _module_keys(key, state.G)
-        n = mask.shape[0]
-        B, A = {}, {}
-        for k, g in state.G.items():
-            a = lora_init_A(keys[k], r_max, g.shape[1], g.dtype)
-            B[k], A[k] = masked_factors(jnp.zeros((n, g.shape[0], r_max), g.dtype),
-                                        jnp.broadcast_to(a, (n,) + a.shape), mask)
-        return ClientStart(B, A, dict(state.G))
+        shared = {k: (jnp.zeros((g.shape[0], r_max), g.dtype), lora_init_A(keys[k], r_max, g.shape[1], g.dtype))
+                  for k, g in state.G.items()}
+        return ClientPlan(shared, {}, dict(state.G))
+
+    def materialize(shared, per_client, mask):
+        on = mask > 0
+        B = {k: b for k, (b, _) in shared.items()}  # a fresh LoRA: B = 0
+        A = {k: jnp.where(on[:, None], a, 0.0) for k, (_, a) in shared.items()}
+        return B, A
 
     def aggregate(state, B, A, mask, scale, num_examples=None):
         valid = _valid(B, A, mask)
@@ -241,7 +272,8 @@ def flora(r_max: int) -> Algorithm:
             G[k] = g + Bs @ As
         return state.replace(G=G, round=state.round + 1), {"p": p, "valid": valid}
 
-    return Algorithm("flora", init, broadcast, aggregate, lambda s: dict(s.G), lambda r: _check_ranks(r, r_max))
+    return Algorithm("flora", init, plan, materialize, aggregate, lambda s: dict(s.G),
+                     lambda r: _check_ranks(r, r_max))
 
 
 # --------------------------------------------------------------------------- factor family
@@ -266,13 +298,16 @@ def _factor_family(name: str, r_max: int, *, weights: Callable, homogeneous: boo
         G = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()} if residual else {}
         return _empty_state(G=G, B=B, A=A)
 
-    def broadcast(state, mask, scale, key):
-        del key
-        root = jnp.sqrt(jnp.asarray(scale, jnp.float32))[:, None, None]  # [n, 1, 1]
-        B, A = {}, {}
-        for k in state.B:
-            B[k], A[k] = masked_factors(state.B[k][None] / root, state.A[k][None] / root, mask)
-        return ClientStart(B, A, dict(state.G) if residual else None)
+    def plan(state, mask, scale, key):
+        del mask, key
+        shared = {k: (state.B[k], state.A[k]) for k in state.B}
+        return ClientPlan(shared, jnp.sqrt(jnp.asarray(scale, jnp.float32)), dict(state.G) if residual else None)
+
+    def materialize(shared, root, mask):
+        on = mask > 0
+        B = {k: jnp.where(on[None, :], b / root, 0.0) for k, (b, _) in shared.items()}
+        A = {k: jnp.where(on[:, None], a / root, 0.0) for k, (_, a) in shared.items()}
+        return B, A
 
     def aggregate(state, B, A, mask, scale, num_examples=None):
         valid = _valid(B, A, mask)
@@ -300,7 +335,7 @@ def _factor_family(name: str, r_max: int, *, weights: Callable, homogeneous: boo
     def global_delta(state):
         return {k: state.B[k] @ state.A[k] + (state.G[k] if residual else 0.0) for k in state.B}
 
-    return Algorithm(name, init, broadcast, aggregate, global_delta, check, tuple(trainable))
+    return Algorithm(name, init, plan, materialize, aggregate, global_delta, check, tuple(trainable))
 
 
 def _data_size_weights(B, A, mask, scale, num_examples, valid):

@@ -90,18 +90,23 @@ def make_local_train(loss: Callable, optimizer: optax.GradientTransformation, *,
     return local_train
 
 
-def make_clients_train(local_train: Callable, *, clients_per_chunk: int | None = None):
-    """All sampled clients at once: ``(params, adapters [n], tokens [n, K, b, T], mask) -> (adapters, losses [n, K])``.
+def make_clients_train(local_train: Callable, *, clients_per_chunk: int | None = None, n_shared: int = 1):
+    """All sampled clients at once.
 
-    With ``clients_per_chunk=None`` every client trains in one ``jax.vmap``;
-    otherwise ``jax.lax.map`` runs chunks of that many vmapped clients in
-    sequence (a client count that is not a multiple is fine).
+    ``clients_train(*shared, *per_client)`` calls ``local_train`` for every client, with the first
+    ``n_shared`` arguments (the frozen base parameters, ...) passed to every client as they are and
+    the others split along their leading client axis. With the default ``n_shared=1``:
+    ``(params, adapters [n], tokens [n, K, b, T], loss_mask) -> (adapters, losses [n, K])``.
+
+    With ``clients_per_chunk=None`` every client trains in one ``jax.vmap``; otherwise
+    ``jax.lax.map`` runs chunks of that many vmapped clients in sequence (a client count that is
+    not a multiple is fine).
     """
 
-    def clients_train(params, adapters: Adapter, tokens, loss_mask):
+    def clients_train(*args):
+        shared, per_client = args[:n_shared], args[n_shared:]
         if clients_per_chunk is None:
-            return jax.vmap(local_train, in_axes=(None, 0, 0, 0))(params, adapters, tokens, loss_mask)
-        return jax.lax.map(lambda xs: local_train(params, *xs), (adapters, tokens, loss_mask),
-                           batch_size=clients_per_chunk)
+            return jax.vmap(local_train, in_axes=(None,) * n_shared + (0,) * len(per_client))(*args)
+        return jax.lax.map(lambda xs: local_train(*shared, *xs), per_client, batch_size=clients_per_chunk)
 
     return clients_train

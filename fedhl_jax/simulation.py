@@ -194,14 +194,20 @@ class Simulation:
                                    grad_clip=o.grad_clip, trainable=alg.trainable)
         loss = lambda params, adapter, tokens, mask: M.loss_fn(model_cfg, params, adapter, tokens, mask)
         local_train = make_local_train(loss, optimizer, remat=cfg.fed.remat)
-        clients_train = make_clients_train(local_train, clients_per_chunk=cfg.fed.clients_per_chunk)
+
+        def client_step(params, shared, per_client, mask, scale, tokens, loss_mask):
+            # The client builds its starting factors from the broadcast (its slice of the SVD), then trains.
+            B, A = alg.materialize(shared, per_client, mask)
+            return local_train(params, Adapter(B, A, mask, scale), tokens, loss_mask)
+
+        clients_train = make_clients_train(client_step, clients_per_chunk=cfg.fed.clients_per_chunk, n_shared=2)
 
         def round_step(state, params, mask, scale, num_examples, tokens, loss_mask, key):
-            start = alg.broadcast(state, mask, scale, key)
-            if start.base_delta is not None:
-                params = M.merge_delta(params, start.base_delta)
-            adapters = Adapter(start.B, start.A, mask, scale)
-            trained, losses = clients_train(params, adapters, tokens, loss_mask)  # losses [n, K]
+            plan = alg.plan(state, mask, scale, key)  # server: O(r_max) per client on top of shared arrays
+            if plan.base_delta is not None:
+                params = M.merge_delta(params, plan.base_delta)
+            trained, losses = clients_train(params, plan.shared, plan.per_client, mask, scale, tokens,
+                                            loss_mask)  # losses [n, K]
             state, info = alg.aggregate(state, trained.B, trained.A, mask, scale, num_examples)
             return state, info, losses
 
@@ -294,11 +300,12 @@ class Simulation:
             out.update(self.generation_metrics(delta))
         return out
 
-    def generation_metrics(self, delta) -> dict:
+    def generation_metrics(self, delta, n: int | None = None) -> dict:
+        """Exact match (GSM8K) or ROUGE-L (others) of greedy answers to the first ``n`` held-out prompts."""
         from fedhl_jax import evaluation
 
         ec = self.cfg.eval
-        n = min(ec.generate_examples, len(self.eval))
+        n = min(ec.generate_examples if n is None else n, len(self.eval))
         params = M.merge_delta(self.params, delta)
         eos = self.tokenizer.eos_token_id
 

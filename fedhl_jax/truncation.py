@@ -109,52 +109,100 @@ def zero_directions(S: jax.Array, shape: tuple[int, int]) -> jax.Array:
     return S <= tol
 
 
-def truncate_from_svd(dec: SVD, mask: jax.Array, scale: jax.Array, *,
-                      key: jax.Array | None = None, split: str = "balanced"):
-    """Per-client factors from one shared SVD.
+class TruncationPlan(NamedTuple):
+    """What the server computes per round for one module: shared arrays plus ``O(r_max)`` per client.
+
+    A client's factors are ``B_i = U · diag(b_i)`` and ``A_i = diag(a_i) · Vᵀ`` on its active
+    columns, with the σ = 0 rows of ``A_i`` taken from ``a_init`` (``factors_from_plan``).
+    Building them is the client's work; the server's is one SVD plus these coefficients.
+
+    Attributes:
+      U: ``[d_out, r_max]``; Vt: ``[r_max, d_in]`` (shared).
+      a_init: ``[r_max, d_in]`` LoRA initialiser rows for σ = 0 directions (shared).
+      zero: ``[r_max]`` bool, the σ = 0 directions (shared).
+      b: ``[n, r_max]`` column scales of ``B``; a: ``[n, r_max]`` row scales of ``A``.
+    """
+
+    U: jax.Array
+    Vt: jax.Array
+    a_init: jax.Array
+    zero: jax.Array
+    b: jax.Array
+    a: jax.Array
+
+
+def truncation_plan(dec: SVD, scale: jax.Array, *, key: jax.Array | None = None,
+                    split: str = "balanced") -> TruncationPlan:
+    """Per-client coefficients of the truncation, from one shared SVD.
 
     Args:
       dec: the module's ``SVD``.
-      mask: ``[n, r_max]`` 0/1 rank masks.
       scale: ``[n]`` LoRA scales ``s_i``.
       key: PRNG key for the ``A`` rows of σ = 0 directions (seeded LoRA init, the
         same rows for every client of the round).
       split: how ``Σ`` is divided between the factors (each divided by ``s``):
         ``"balanced"`` ``B = U√Σ/√s, A = √ΣVᵀ/√s`` (default);
         ``"left"`` ``B = UΣ/s, A = Vᵀ``; ``"right"`` ``B = U, A = ΣVᵀ/s``.
-        In every split, σ = 0 directions get ``B[:, j] = 0`` and ``A[j]`` from the
-        LoRA initialiser, so they are trainable and ``s·B·A`` is unchanged.
 
     Returns:
-      ``(B [n, d_out, r_max], A [n, r_max, d_in])`` with ``s_i B_i A_i = G_{r_i}``
-      and exact zeros in the columns/rows past each client's rank.
+      ``TruncationPlan`` with ``b, a [n, r_max]``.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     U, S, Vt = dec.U, dec.S, dec.Vt
     r_max = U.shape[1]
-    if mask.shape[-1] != r_max:
-        raise ValueError(f"mask has {mask.shape[-1]} rank columns but the SVD keeps r_max={r_max}")
     scale = jnp.asarray(scale, U.dtype).reshape(-1, 1)  # [n, 1]
+    ones = jnp.ones_like(S)[None, :] * jnp.ones_like(scale)  # [n, r]
     if split == "balanced":
-        b = jnp.sqrt(S)[None, :] / jnp.sqrt(scale)  # [n, r]
-        a = b
+        b = a = jnp.sqrt(S)[None, :] / jnp.sqrt(scale)
     elif split == "left":
-        b = S[None, :] / scale
-        a = jnp.ones_like(b)
+        b, a = S[None, :] / scale, ones
     else:
-        b = jnp.ones_like(S)[None, :] * jnp.ones_like(scale)
-        a = S[None, :] / scale
+        b, a = ones, S[None, :] / scale
     zero = zero_directions(S, (U.shape[0], Vt.shape[1]))  # [r]
-    if key is None:
-        key = jax.random.PRNGKey(0)
-    a_init = lora_init_A(key, r_max, Vt.shape[1], Vt.dtype)  # [r, d_in]
-    on = mask > 0  # [n, r]
-    B = jnp.where((on & ~zero[None, :])[:, None, :], U[None] * b[:, None, :], 0.0)  # [n, d_out, r]
-    A = a[:, :, None] * Vt[None]  # [n, r, d_in]
-    A = jnp.where(zero[None, :, None], a_init[None], A)
-    A = jnp.where(on[:, :, None], A, 0.0)
-    return B, A
+    key = jax.random.PRNGKey(0) if key is None else key
+    return TruncationPlan(U, Vt, lora_init_A(key, r_max, Vt.shape[1], Vt.dtype), zero, b, a)
+
+
+def factors_from_plan(U, Vt, a_init, zero, b_i, a_i, mask_i):
+    """One client's factors from the shared arrays and its own coefficients.
+
+    In every split, σ = 0 directions get ``B[:, j] = 0`` and ``A[j]`` from the LoRA
+    initialiser, so they are trainable and ``s·B·A`` is unchanged; columns past the
+    client's rank are exactly zero.
+
+    Args:
+      U: ``[d_out, r]``; Vt: ``[r, d_in]``; a_init: ``[r, d_in]``; zero: ``[r]``.
+      b_i, a_i, mask_i: ``[r]``.
+
+    Returns:
+      ``(B_i [d_out, r], A_i [r, d_in])``.
+    """
+    on = mask_i > 0
+    B = jnp.where((on & ~zero)[None, :], U * b_i[None, :], 0.0)
+    A = jnp.where(zero[:, None], a_init, a_i[:, None] * Vt)
+    return B, jnp.where(on[:, None], A, 0.0)
+
+
+def truncate_from_svd(dec: SVD, mask: jax.Array, scale: jax.Array, *,
+                      key: jax.Array | None = None, split: str = "balanced"):
+    """Per-client factors from one shared SVD (``truncation_plan`` + ``factors_from_plan`` for all clients).
+
+    Args:
+      dec: the module's ``SVD``.
+      mask: ``[n, r_max]`` 0/1 rank masks.
+      scale: ``[n]`` LoRA scales ``s_i``.
+      key, split: see ``truncation_plan``.
+
+    Returns:
+      ``(B [n, d_out, r_max], A [n, r_max, d_in])`` with ``s_i B_i A_i = G_{r_i}``
+      and exact zeros in the columns/rows past each client's rank.
+    """
+    if mask.shape[-1] != dec.U.shape[1]:
+        raise ValueError(f"mask has {mask.shape[-1]} rank columns but the SVD keeps r_max={dec.U.shape[1]}")
+    plan = truncation_plan(dec, scale, key=key, split=split)
+    build = jax.vmap(factors_from_plan, in_axes=(None, None, None, None, 0, 0, 0))
+    return build(plan.U, plan.Vt, plan.a_init, plan.zero, plan.b, plan.a, mask)
 
 
 def truncate(G: jax.Array, mask: jax.Array, scale: jax.Array, *, key: jax.Array | None = None,

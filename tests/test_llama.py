@@ -82,6 +82,7 @@ def test_lora_targets():
     every = lora_targets(CFG, "all-linear")
     assert len(every) == 2 * len(LORA_MODULES)
     assert every["layers.1.mlp.gate_proj"] == (48, 32)
+    assert lora_targets(CFG, ["all-linear"]) == every  # as a YAML list writes it
     assert lora_targets(CFG, ["v_proj", "q_proj", "v_proj"]) == t  # canonical order, de-duplicated
     with pytest.raises(ValueError, match="'qkv_proj'"):
         lora_targets(CFG, ("q_proj", "qkv_proj"))

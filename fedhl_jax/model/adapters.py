@@ -26,8 +26,10 @@ def resolve_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
       ValueError: naming an unknown target.
     """
     if isinstance(targets, str):
-        targets = LORA_MODULES if targets == "all-linear" else (targets,)
+        targets = (targets,)
     targets = tuple(targets)
+    if "all-linear" in targets:  # also as a list entry, as configs write it
+        targets = LORA_MODULES
     if not targets:
         raise ValueError("no LoRA targets given")
     for t in targets:

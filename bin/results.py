@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Runs the comparison suite of configs/results.yaml and writes docs/results.md with its plots.
+
+  python bin/results.py --quick      # one seed, few rounds, Fed-GSM8K main table + sections
+  python bin/results.py              # the full suite (3 seeds, every dataset)
+
+Finished (cell, seed) runs are cached in docs/results_<mode>.jsonl, so an interrupted suite resumes.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from fedhl_jax.experiments import results as R  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--config", type=Path, default=REPO / "configs" / "results.yaml")
+    p.add_argument("--out", type=Path, default=REPO / "docs")
+    p.add_argument("--only", help="run only the cells whose id contains this text (e.g. main:dataset=gsm8k)")
+    args = p.parse_args(argv)
+    spec = OmegaConf.to_container(OmegaConf.load(args.config))
+    mode = "quick" if args.quick else "full"
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = args.out / f"results_{mode}.jsonl"
+    t0 = time.perf_counter()
+    results = R.run_suite(spec, cache, quick=args.quick, only=args.only)
+    seconds = sum(r["seconds"] for c in results.values() for r in c["runs"].values())
+    md = R.render(spec, results, args.out, quick=args.quick, seconds=seconds)
+    (args.out / "results.md").write_text(md)
+    print(f"wrote {args.out / 'results.md'} ({time.perf_counter() - t0:.0f} s this call)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,281 @@
+"""The comparison suite behind ``docs/results.md`` (``bin/results.py``).
+
+Cells are defined in ``configs/results.yaml``: a base ``TrainConfig`` plus dotted overrides per
+dataset, rank-heterogeneity level, method, partition and ablation. Each (cell, seed) runs in this
+process through ``Simulation`` and its outcome is appended to a JSONL cache, so an interrupted
+suite continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+from omegaconf import OmegaConf
+
+from fedhl_jax.config import TrainConfig, from_dict
+from fedhl_jax.simulation import Simulation
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    conf = OmegaConf.merge(OmegaConf.create(base),
+                           OmegaConf.from_dotlist([f"{k}={json.dumps(v)}" for k, v in overrides.items()]))
+    return OmegaConf.to_container(conf)
+
+
+def cells(spec: dict, quick: bool) -> list[dict]:
+    """Expands the suite into cells ``{"section", "id", "labels", "overrides"}``."""
+    out = []
+    qk = spec.get("quick", {})
+    datasets = spec["datasets"] if not quick else {k: v for k, v in spec["datasets"].items() if k == "gsm8k"}
+    methods = spec["methods"]
+    rounds = {"fed.rounds": qk["rounds"]} if quick else {}
+
+    def add(section, labels, *parts):
+        ov = {}
+        for p in parts:
+            ov.update(p)
+        ov.update(rounds)  # quick mode: few rounds everywhere
+        cid = section + ":" + "/".join(f"{k}={v}" for k, v in labels.items())
+        out.append({"section": section, "id": cid, "labels": labels, "overrides": ov})
+
+    for ds, ds_ov in datasets.items():
+        for level, lv_ov in spec["heterogeneity"].items():
+            for m, m_ov in methods.items():
+                if m.startswith("fedit"):
+                    continue
+                add("main", {"dataset": ds, "ranks": level, "method": m}, ds_ov, lv_ov, m_ov)
+        for m, m_ov in methods.items():
+            if m.startswith("fedit"):
+                add("main", {"dataset": ds, "ranks": "homogeneous", "method": m}, ds_ov, m_ov)
+    uniform = spec["heterogeneity"]["uniform"]
+    for part, p_ov in spec["partitions"].items():
+        for m in spec["partition_methods"]:
+            add("partition", {"partition": part, "method": m}, uniform, p_ov, methods[m])
+    for m in spec["cross_device_methods"]:
+        add("cross_device", {"method": m}, uniform, methods[m], spec["cross_device"])
+    ablations = spec["ablations"] if not quick else {k: spec["ablations"][k] for k in qk.get("ablations", [])}
+    for name, a_ov in ablations.items():
+        add("ablation", {"variant": name, "method": "fedhl"}, uniform, methods["fedhl"], a_ov)
+    for m in (spec.get("all_linear_methods", []) if not quick else []):
+        add("ablation", {"variant": "all_linear", "method": m}, uniform, methods[m], spec["ablations"]["all_linear"])
+    return out
+
+
+def run_cell(base: dict, overrides: dict, seed: int, log: Callable = lambda *_: None) -> dict:
+    """Trains one (cell, seed) and returns its curves and final metrics."""
+    data = _merge(base, dict(overrides, seed=seed))
+    gen = data.get("eval", {}).get("generate_examples", 0)
+    data.setdefault("eval", {})["generate_examples"] = 0  # generation only once, at the end
+    cfg = from_dict(TrainConfig, data)
+    t0 = time.perf_counter()
+    sim = Simulation(cfg, log=log)
+    state = sim.init_state()
+    rec = {"eval_loss": [], "train_loss": [], "p": [], "ranks": [], "trunc_error": [], "bytes": 0}
+    for t in range(cfg.fed.rounds):
+        out = sim.run_round(state, t)
+        state, m = out.state, out.metrics
+        rec["train_loss"].append(m["train_loss"])
+        rec["p"].append(np.asarray(m["p"]).tolist())
+        rec["ranks"].append(np.asarray(m["ranks"]).tolist())
+        if "trunc_error" in m:
+            rec["trunc_error"].append(np.asarray(m["trunc_error"]).tolist())
+        rec["bytes"] += m["bytes_down"] + m["bytes_up"]
+        rec["eval_loss"].append(sim.evaluate(state)["eval_loss"])
+    if gen:
+        g = sim.generation_metrics(sim.global_delta(state), n=gen)
+        rec.update({k: v for k, v in g.items() if k != "eval_sample"})
+    rec["final_eval_loss"] = rec["eval_loss"][-1]
+    rec["seconds"] = time.perf_counter() - t0
+    jax.clear_caches()
+    return rec
+
+
+def run_suite(spec: dict, cache: Path, *, quick: bool, only: str | None = None, log: Callable = print) -> dict:
+    """Runs every (cell, seed) not yet in ``cache`` (only cells whose id contains ``only``, if given).
+
+    Returns:
+      ``{cell_id: {"cell", "runs": {seed: rec}}}`` for every cell with at least one finished run.
+    """
+    seeds = spec.get("quick", {}).get("seeds", [0]) if quick else spec["seeds"]
+    done = {}
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[(row["id"], row["seed"])] = row["rec"]
+    todo = [(c, s) for c in cells(spec, quick) for s in seeds]
+    results = {}
+    t0 = time.perf_counter()
+    for i, (cell, seed) in enumerate(todo):
+        key = (cell["id"], seed)
+        if key not in done and only is not None and only not in cell["id"]:
+            continue
+        if key not in done:
+            rec = run_cell(spec["base"], cell["overrides"], seed)
+            done[key] = rec
+            with open(cache, "a") as f:
+                f.write(json.dumps({"id": cell["id"], "seed": seed, "rec": rec}) + "\n")
+            log(f"[{i + 1}/{len(todo)}] {cell['id']} seed {seed}: eval loss {rec['final_eval_loss']:.4f} "
+                f"({rec['seconds']:.1f} s; {time.perf_counter() - t0:.0f} s so far)", flush=True)
+        results.setdefault(cell["id"], {"cell": cell, "runs": {}})["runs"][seed] = done[key]
+    return results
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _stats(results, cid, key="final_eval_loss"):
+    runs = results.get(cid, {}).get("runs", {})
+    vals = [r[key] for r in runs.values() if r.get(key) is not None]
+    if not vals:
+        return None
+    return float(np.mean(vals)), float(np.std(vals)), len(vals)
+
+
+def _fmt(st, digits=3):
+    if st is None:
+        return "–"
+    m, s, n = st
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
+
+
+def _beyond_spread(a, b) -> bool:
+    """The two means differ by more than the sum of their seed standard deviations."""
+    return a is not None and b is not None and a[2] > 1 and b[2] > 1 and abs(a[0] - b[0]) > a[1] + b[1]
+
+
+def _style(ax, title: str, ylabel: str | None = None) -> None:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("round")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: float) -> str:
+    """Writes the plots and returns the Markdown of ``docs/results.md``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {}
+    for cid, r in results.items():
+        by[(r["cell"]["section"], tuple(sorted(r["cell"]["labels"].items())))] = cid
+
+    def cid_of(section, **labels):
+        return by.get((section, tuple(sorted(labels.items()))))
+
+    datasets = [d for d in spec["datasets"] if any(cid_of("main", dataset=d, ranks="uniform", method="fedhl") == c
+                                                   for c in results)]
+    levels = list(spec["heterogeneity"])
+    methods = [m for m in spec["methods"] if not m.startswith("fedit")]
+    seeds = spec.get("quick", {}).get("seeds") if quick else spec["seeds"]
+    total = len(cells(spec, quick))
+    complete = sum(len(r["runs"]) == len(seeds) for r in results.values())
+    L = ["# Results", "",
+         f"Mode: **{'quick (one seed, few rounds): indicative only' if quick else 'full'}**; seeds {seeds}; "
+         f"{complete} of {total} cells have all their runs ({seconds / 60:.0f} min of compute; `–`: not run yet). "
+         f"Regenerate: `python bin/results.py{' --quick' if quick else ''}` (cells from `configs/results.yaml`; "
+         "finished runs are cached and reused).", "",
+         "Base model: stories260K-hf (real pretrained weights, TinyStories) with LoRA on q and v; 10 clients, all "
+         "participating; Dirichlet(0.3) label skew (Dolly: IID, its 151-row subset is small: 98 rows fit seq 512); "
+         "AdamW, local steps and rounds as in `configs/results.yaml`. Metric: held-out loss of the global model on "
+         "response tokens (lower is better); `*` marks a method whose mean differs from FedHL's by more than the sum "
+         "of the two seed standard deviations.", ""]
+    L += ["## Main table: held-out loss (methods × datasets × rank heterogeneity)", ""]
+    head = "| method | " + " | ".join(f"{d} / {lv}" for d in datasets for lv in levels) + " |"
+    L += [head, "|---" * (len(datasets) * len(levels) + 1) + "|"]
+    for m in methods:
+        cells_ = []
+        for d in datasets:
+            for lv in levels:
+                st = _stats(results, cid_of("main", dataset=d, ranks=lv, method=m))
+                ref = _stats(results, cid_of("main", dataset=d, ranks=lv, method="fedhl"))
+                cells_.append(_fmt(st) + (" *" if m != "fedhl" and _beyond_spread(st, ref) else ""))
+        L.append(f"| {m} | " + " | ".join(cells_) + " |")
+    for m in [m for m in spec["methods"] if m.startswith("fedit")]:
+        cells_ = []
+        for d in datasets:
+            st = _stats(results, cid_of("main", dataset=d, ranks="homogeneous", method=m))
+            cells_ += [_fmt(st)] + [""] * (len(levels) - 1)
+        L.append(f"| {m} (all clients at rank {m.split('_r')[-1]}) | " + " | ".join(cells_) + " |")
+    # generation metrics
+    L += ["", "Generation metrics of the same runs (uniform ranks): GSM8K exact match and ROUGE-L on the first "
+          f"{spec['base']['eval'].get('generate_examples', 0)} held-out prompts (near zero at this model size).", "",
+          "| method | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|"]
+    for m in list(spec["methods"]):
+        row = []
+        for d in datasets:
+            cid = cid_of("main", dataset=d, ranks="uniform" if not m.startswith("fedit") else "homogeneous", method=m)
+            key = "eval_exact_match" if d == "gsm8k" else "eval_rouge_l"
+            row.append(_fmt(_stats(results, cid, key)))
+        L.append(f"| {m} | " + " | ".join(row) + " |")
+    # partitions, cross-device, ablations
+    L += ["", "## Partitions (Fed-GSM8K, uniform ranks)", "", "| partition | " + " | ".join(spec["partition_methods"]) + " |",
+          "|---" * (len(spec["partition_methods"]) + 1) + "|"]
+    for part in spec["partitions"]:
+        L.append(f"| {part} | " + " | ".join(_fmt(_stats(results, cid_of("partition", partition=part, method=m)))
+                                          for m in spec["partition_methods"]) + " |")
+    L += ["", "## Cross-device (100 clients, 10% per round, Fed-GSM8K, uniform ranks)", "",
+          "| method | held-out loss | bytes per round (MB) |", "|---|---|---|"]
+    for m in spec["cross_device_methods"]:
+        cid = cid_of("cross_device", method=m)
+        runs = results.get(cid, {}).get("runs", {})
+        mb = np.mean([r["bytes"] / len(r["eval_loss"]) for r in runs.values()]) / 2**20 if runs else float("nan")
+        L.append(f"| {m} | {_fmt(_stats(results, cid))} | {mb:.2f} |")
+    L += ["", "## FedHL ablations (Fed-GSM8K, uniform ranks)", "", "| variant | held-out loss |", "|---|---|",
+          f"| default (optimal weights, ε = 1e-2 relative, power 2) | "
+          f"{_fmt(_stats(results, cid_of('main', dataset='gsm8k', ranks='uniform', method='fedhl')))} |"]
+    for name in spec["ablations"]:
+        st = _stats(results, cid_of("ablation", variant=name, method="fedhl"))
+        if st is not None:
+            L.append(f"| {name} | {_fmt(st)} |")
+    for m in spec.get("all_linear_methods", []):
+        L.append(f"| {m}, all_linear | {_fmt(_stats(results, cid_of('ablation', variant='all_linear', method=m)))} |")
+
+    # plots
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(5.2 * max(len(datasets), 1), 3.8), squeeze=False)
+    for ax, d in zip(axes[0], datasets):
+        for m in list(spec["methods"]):
+            cid = cid_of("main", dataset=d, ranks="uniform" if not m.startswith("fedit") else "homogeneous", method=m)
+            runs = results.get(cid, {}).get("runs", {})
+            if runs:
+                curve = np.mean([r["eval_loss"] for r in runs.values()], axis=0)
+                ax.plot(np.arange(1, len(curve) + 1), curve, marker="o", ms=3, label=m)
+        _style(ax, f"{d}, uniform ranks {{2,4,8,16}}", "held-out loss")
+    fig.tight_layout()
+    fig.savefig(out_dir / "results_convergence.png", dpi=110)
+    plt.close(fig)
+    cid = cid_of("main", dataset="gsm8k", ranks="uniform", method="fedhl")
+    if cid in results:
+        run = results[cid]["runs"][min(results[cid]["runs"])]
+        fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8))
+        ranks = np.asarray(run["ranks"])
+        for r in sorted(set(ranks.ravel().tolist())):
+            sel = ranks == r
+            p = np.asarray(run["p"])
+            axes[0].plot(np.arange(1, len(p) + 1), [p[t][sel[t]].mean() for t in range(len(p))], marker="o", ms=3,
+                         label=f"rank {r}")
+            if run["trunc_error"]:
+                e = np.asarray(run["trunc_error"])
+                axes[1].plot(np.arange(1, len(e) + 1), [e[t][sel[t]].mean() for t in range(len(e))], marker="o",
+                             ms=3, label=f"rank {r}")
+        axes[0].set_yscale("log")
+        axes[1].set_yscale("symlog", linthresh=1e-6)
+        _style(axes[0], "FedHL weight p_i per client (mean by rank)")
+        _style(axes[1], "truncation error r̂_i (summed over modules)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "results_weights.png", dpi=110)
+        plt.close(fig)
+    L += ["", "## Plots", "", "![convergence](results_convergence.png)", "", "![weights](results_weights.png)", ""]
+    return "\n".join(L)

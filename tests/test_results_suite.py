@@ -1,0 +1,37 @@
+"""The results suite: every cell of configs/results.yaml is a valid config; the report renders."""
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from fedhl_jax.config import TrainConfig, from_dict
+from fedhl_jax.experiments import results as R
+from tests.conftest import REPO
+
+SPEC = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "results.yaml"))
+
+
+def test_every_cell_is_a_valid_config():
+    full, quick = R.cells(SPEC, quick=False), R.cells(SPEC, quick=True)
+    assert len({c["id"] for c in full}) == len(full) and len(quick) < len(full)
+    for cell in full + quick:
+        cfg = from_dict(TrainConfig, R._merge(SPEC["base"], cell["overrides"]))
+        if cell["labels"].get("method", "").startswith("fedit"):
+            assert len(set(cfg.fed.ranks)) == 1
+    assert all(R._merge(SPEC["base"], c["overrides"])["fed"]["rounds"] == SPEC["quick"]["rounds"] for c in quick)
+
+
+def test_report_renders_from_fake_runs(tmp_path):
+    cells = R.cells(SPEC, quick=True)
+    rng = np.random.default_rng(0)
+    results = {}
+    for c in cells:
+        runs = {}
+        for seed in (0, 1):
+            loss = list(5 - np.cumsum(rng.uniform(0.1, 0.3, size=3)))
+            runs[seed] = {"eval_loss": loss, "final_eval_loss": loss[-1], "p": [[0.5, 0.5]] * 3,
+                          "ranks": [[2, 16]] * 3, "trunc_error": [[1.0, 0.0]] * 3, "bytes": 3000,
+                          "eval_exact_match": 0.0, "seconds": 1.0}
+        results[c["id"]] = {"cell": c, "runs": runs}
+    md = R.render(SPEC, results, tmp_path, quick=True, seconds=60)
+    assert "| fedhl |" in md and "± " in md
+    assert (tmp_path / "results_convergence.png").exists() and (tmp_path / "results_weights.png").exists()
