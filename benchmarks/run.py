@@ -191,7 +191,6 @@ def bench_rsvd(d=4096, r_max=64, repeat=1):
     import fedhl_jax as F
 
     rng = np.random.default_rng(1)
-    k = d
     U, _ = np.linalg.qr(rng.normal(size=(d, 256)))
     V, _ = np.linalg.qr(rng.normal(size=(d, 256)))
     # A LoRA-like spectrum: a decaying head plus a small full-rank noise floor.
@@ -241,12 +240,12 @@ def bench_memory(client_counts, chunk, steps=2, batch=4, seq=128):
 
 
 def markdown(res) -> str:
-    L = [f"# Performance", "",
+    L = ["# Performance", "",
          f"Machine: {res['machine']}; JAX {res['jax']} ({res['backend']}); {res['date']}; mode `{res['mode']}`.",
          f"Regenerate: `make bench-full` (`python benchmarks/run.py --{res['mode']} --markdown docs/performance.md`) "
          f"({res['seconds']:.0f} s).", "",
          f"Measured float32 matmul peak (JAX, 2048×2048): **{res['peak_flops'] / 1e9:.1f} GFLOP/s**.", "",
-         *([f"Sections rerun later on the same machine (`--only ... --update`): "
+         *(["Sections rerun later on the same machine (`--only ... --update`): "
             + "; ".join(f"{', '.join(r['sections'])} ({r['date']})" for r in res["reruns"]), ""]
            if res.get("reruns") else []),
          "## 1-3. Local training: vmapped engine vs per-client loops", "",

@@ -8,7 +8,6 @@ Finished (cell, seed) runs are cached in docs/results_<mode>.jsonl, so an interr
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
