@@ -35,3 +35,19 @@ def test_report_renders_from_fake_runs(tmp_path):
     md = R.render(SPEC, results, tmp_path, quick=True, seconds=60)
     assert "| fedhl |" in md and "± " in md
     assert (tmp_path / "results_convergence.png").exists() and (tmp_path / "results_weights.png").exists()
+
+
+def test_cache_is_reused_only_for_the_same_config(tmp_path):
+    import json
+
+    cell = R.cells(SPEC, quick=True)[0]
+    rec = {"eval_loss": [5.0], "final_eval_loss": 5.0, "seconds": 1.0}
+    cache = tmp_path / "cache.jsonl"
+    cache.write_text(json.dumps({"id": cell["id"], "seed": 0, "rec": rec}) + "\n"          # no digest: reused
+                     + json.dumps({"id": cell["id"], "seed": 0, "config": "stale", "rec": rec}) + "\n"
+                     + '{"torn')
+    res = R.run_suite(SPEC, cache, quick=True, only="no cell has this id", log=lambda *a, **k: None)
+    assert list(res) == []  # the later row (stale config) replaced the first: nothing reusable
+    cache.write_text(json.dumps({"id": cell["id"], "seed": 0, "rec": rec}) + "\n")
+    res = R.run_suite(SPEC, cache, quick=True, only="no cell has this id", log=lambda *a, **k: None)
+    assert res[cell["id"]]["runs"][0]["final_eval_loss"] == 5.0

@@ -102,15 +102,26 @@ def run_suite(spec: dict, cache: Path, *, quick: bool, only: str | None = None, 
       ``{cell_id: {"cell", "runs": {seed: rec}}}`` for every cell with at least one finished run.
     """
     seeds = spec.get("quick", {}).get("seeds", [0]) if quick else spec["seeds"]
-    done = {}
+    import hashlib
+
+    def digest(cell, seed):  # a changed config reruns its cells instead of reusing stale results
+        merged = _merge(spec["base"], dict(cell["overrides"], seed=seed))
+        return hashlib.sha1(json.dumps(merged, sort_keys=True).encode()).hexdigest()[:12]
+
+    stored = {}
     if cache.exists():
         for line in cache.read_text().splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                continue
-            done[(row["id"], row["seed"])] = row["rec"]
+                continue  # a torn last line from an interrupted run
+            stored[(row["id"], row["seed"])] = row
     todo = [(c, s) for c in cells(spec, quick) for s in seeds]
+    done = {}
+    for cell, seed in todo:
+        row = stored.get((cell["id"], seed))
+        if row is not None and row.get("config", digest(cell, seed)) == digest(cell, seed):
+            done[(cell["id"], seed)] = row["rec"]
     results = {}
     t0 = time.perf_counter()
     for i, (cell, seed) in enumerate(todo):
@@ -121,7 +132,7 @@ def run_suite(spec: dict, cache: Path, *, quick: bool, only: str | None = None, 
             rec = run_cell(spec["base"], cell["overrides"], seed)
             done[key] = rec
             with open(cache, "a") as f:
-                f.write(json.dumps({"id": cell["id"], "seed": seed, "rec": rec}) + "\n")
+                f.write(json.dumps({"id": cell["id"], "seed": seed, "config": digest(cell, seed), "rec": rec}) + "\n")
             log(f"[{i + 1}/{len(todo)}] {cell['id']} seed {seed}: eval loss {rec['final_eval_loss']:.4f} "
                 f"({rec['seconds']:.1f} s; {time.perf_counter() - t0:.0f} s so far)", flush=True)
         results.setdefault(cell["id"], {"cell": cell, "runs": {}})["runs"][seed] = done[key]
