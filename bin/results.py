@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Runs the comparison suite of configs/results.yaml and writes docs/results.md with its plots.
+"""Runs the comparison suite of configs/results.yaml and writes docs/results.md (docs/results_quick.md
+with --quick) with its plots.
 
   python bin/results.py --quick      # one seed, few rounds, Fed-GSM8K main table + sections
   python bin/results.py              # the full suite (3 seeds, every dataset)
@@ -35,8 +36,9 @@ def main(argv=None) -> int:
     results = R.run_suite(spec, cache, quick=args.quick, only=args.only)
     seconds = sum(r["seconds"] for c in results.values() for r in c["runs"].values())
     md = R.render(spec, results, args.out, quick=args.quick, seconds=seconds)
-    (args.out / "results.md").write_text(md)
-    print(f"wrote {args.out / 'results.md'} ({time.perf_counter() - t0:.0f} s this call)")
+    page = args.out / ("results_quick.md" if args.quick else "results.md")
+    page.write_text(md)
+    print(f"wrote {page} ({time.perf_counter() - t0:.0f} s this call)")
     return 0
 
 

@@ -265,7 +265,8 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
                 ax.plot(np.arange(1, len(curve) + 1), curve, marker="o", ms=3, label=m)
         _style(ax, f"{d}, uniform ranks {{2,4,8,16}}", "held-out loss")
     fig.tight_layout()
-    fig.savefig(out_dir / "results_convergence.png", dpi=110)
+    suffix = "_quick" if quick else ""
+    fig.savefig(out_dir / f"results_convergence{suffix}.png", dpi=110)
     plt.close(fig)
     cid = cid_of("main", dataset="gsm8k", ranks="uniform", method="fedhl")
     if cid in results:
@@ -286,7 +287,8 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
         _style(axes[0], "FedHL weight p_i per client (mean by rank)")
         _style(axes[1], "truncation error r̂_i (summed over modules)")
         fig.tight_layout()
-        fig.savefig(out_dir / "results_weights.png", dpi=110)
+        fig.savefig(out_dir / f"results_weights{suffix}.png", dpi=110)
         plt.close(fig)
-    L += ["", "## Plots", "", "![convergence](results_convergence.png)", "", "![weights](results_weights.png)", ""]
+    L += ["", "## Plots", "", f"![convergence](results_convergence{suffix}.png)", "",
+          f"![weights](results_weights{suffix}.png)", ""]
     return "\n".join(L)
