@@ -137,7 +137,8 @@ def data_weights(num_examples: jax.Array, valid: jax.Array) -> jax.Array:
     return normalise(jnp.asarray(num_examples, jnp.float32), valid)
 
 
-def _num_examples_or_ones(num_examples, n):
+def num_examples_or_ones(num_examples, n: int) -> jax.Array:
+    """``[n]`` float32 data sizes, or ones when none are given."""
     return jnp.ones((n,), jnp.float32) if num_examples is None else jnp.asarray(num_examples, jnp.float32)
 
 
@@ -188,7 +189,7 @@ def flexlora_aggregate(G: jax.Array, B: jax.Array, A: jax.Array, mask: jax.Array
     check_client_shapes(G.shape, B, A, mask, scale)
     valid = finite_clients(B, A, mask)
     warn_excluded(valid)
-    p = data_weights(_num_examples_or_ones(num_examples, mask.shape[0]), valid)
+    p = data_weights(num_examples_or_ones(num_examples, mask.shape[0]), valid)
     return jnp.where(jnp.any(valid), weighted_product(B, A, mask, scale, p), G)
 
 

@@ -129,10 +129,6 @@ def _valid(B: dict, A: dict, mask: jax.Array) -> jax.Array:
     return jnp.all(jnp.stack(ok), axis=0)
 
 
-def _num_examples(num_examples, n):
-    return jnp.ones((n,), jnp.float32) if num_examples is None else jnp.asarray(num_examples, jnp.float32)
-
-
 def _module_keys(key, names):
     return {name: jax.random.fold_in(key, i) for i, name in enumerate(names)}
 
@@ -178,7 +174,7 @@ def _dense_family(name: str, r_max: int, *, split: str, svd_method: str, combine
         agg.warn_excluded(valid)
         ranks = jnp.sum(mask > 0, axis=1)
         errors = {k: state.dec[k].tail[ranks] for k in state.G}  # r̂_i per module
-        G, info = combine(state, B, A, mask, scale, _num_examples(num_examples, mask.shape[0]), valid, errors)
+        G, info = combine(state, B, A, mask, scale, agg.num_examples_or_ones(num_examples, mask.shape[0]), valid, errors)
         info = dict(info, valid=valid, errors=sum(errors.values()))
         key = jax.random.fold_in(jax.random.PRNGKey(17), state.round)
         return state.replace(G=G, dec=decompose(G, key), round=state.round + 1), info
@@ -265,7 +261,7 @@ def flora(r_max: int) -> Algorithm:
     def aggregate(state, B, A, mask, scale, num_examples=None):
         valid = _valid(B, A, mask)
         agg.warn_excluded(valid)
-        p = agg.data_weights(_num_examples(num_examples, mask.shape[0]), valid)
+        p = agg.data_weights(agg.num_examples_or_ones(num_examples, mask.shape[0]), valid)
         G = {}
         for k, g in state.G.items():
             Bs, As = agg.flora_stack(B[k], A[k], mask, scale, p)  # [d_out, n·r], [n·r, d_in]
@@ -314,7 +310,7 @@ def _factor_family(name: str, r_max: int, *, weights: Callable, homogeneous: boo
         agg.warn_excluded(valid)
         n = mask.shape[0]
         root = jnp.sqrt(jnp.asarray(scale, jnp.float32))[:, None, None]
-        p = weights(B, A, mask, scale, _num_examples(num_examples, n), valid)
+        p = weights(B, A, mask, scale, agg.num_examples_or_ones(num_examples, n), valid)
         # Columns no valid client holds keep their previous value (zero-padding would erase them).
         covered = jnp.einsum("n,nr->r", valid.astype(mask.dtype), mask) > 0  # [r_max]
         newB, newA, G = {}, {}, dict(state.G)

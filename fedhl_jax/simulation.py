@@ -64,7 +64,7 @@ def client_ranks(fed, seed: int) -> np.ndarray:
 # --------------------------------------------------------------------------- model and data
 
 
-def load_model(cfg: TrainConfig, log: Callable, texts_for_fallback: list[str]):
+def load_model(cfg: TrainConfig, texts_for_fallback: list[str]):
     """``(model_cfg, params, tokenizer, description)`` following ``model.name_or_path``."""
     mc = cfg.model
     name = mc.name_or_path
@@ -144,7 +144,7 @@ class Simulation:
             raise ConfigError(f"fed.num_clients={fed.num_clients} is more than the {len(train_records)} training "
                               f"examples of {dc.dataset}")
         texts = [" ".join(r.values()) for r in train_records.select(range(min(len(train_records), 2000)))]
-        self.model_cfg, self.params, self.tokenizer, desc = load_model(cfg, log, texts)
+        self.model_cfg, self.params, self.tokenizer, desc = load_model(cfg, texts)
         log(f"model: {desc}")
         self.shapes = M.lora_targets(self.model_cfg, cfg.model.targets)
         self.ranks = client_ranks(fed, cfg.seed)
