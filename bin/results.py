@@ -27,7 +27,14 @@ def main(argv=None) -> int:
     p.add_argument("--config", type=Path, default=REPO / "configs" / "results.yaml")
     p.add_argument("--out", type=Path, default=REPO / "docs")
     p.add_argument("--only", help="run only the cells whose id contains this text (e.g. main:dataset=gsm8k)")
+    p.add_argument("--compile-cache", default=str(Path.home() / ".cache" / "fedhl_jax" / "xla"),
+                   help="XLA persistent compilation cache shared by the cells ('' turns it off)")
     args = p.parse_args(argv)
+    if args.compile_cache:  # cells of one method differ only in data: their round step compiles once
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     spec = OmegaConf.to_container(OmegaConf.load(args.config))
     mode = "quick" if args.quick else "full"
     args.out.mkdir(parents=True, exist_ok=True)

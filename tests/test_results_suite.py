@@ -51,3 +51,19 @@ def test_cache_is_reused_only_for_the_same_config(tmp_path):
     cache.write_text(json.dumps({"id": cell["id"], "seed": 0, "rec": rec}) + "\n")
     res = R.run_suite(SPEC, cache, quick=True, only="no cell has this id", log=lambda *a, **k: None)
     assert res[cell["id"]]["runs"][0]["final_eval_loss"] == 5.0
+
+
+def test_cells_with_identical_configs_share_one_run(tmp_path):
+    import json
+
+    full = R.cells(SPEC, quick=False)
+    part = next(c for c in full if c["id"] == "partition:partition=dirichlet_0.3/method=fedhl")
+    main = next(c for c in full if c["id"] == "main:dataset=gsm8k/ranks=uniform/method=fedhl")
+    assert R._merge(SPEC["base"], part["overrides"]) == R._merge(SPEC["base"], main["overrides"])
+    other = next(c for c in full if c["id"] == "partition:partition=iid/method=fedhl")
+    rec = {"eval_loss": [4.0], "final_eval_loss": 4.0, "seconds": 1.0}
+    cache = tmp_path / "cache.jsonl"
+    cache.write_text(json.dumps({"id": main["id"], "seed": 0, "rec": rec}) + "\n")
+    res = R.run_suite(SPEC, cache, quick=False, only="no cell has this id", log=lambda *a, **k: None)
+    assert res[part["id"]]["runs"][0] is res[main["id"]]["runs"][0]
+    assert other["id"] not in res  # a different config is not reused

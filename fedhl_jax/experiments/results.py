@@ -98,6 +98,9 @@ def run_cell(base: dict, overrides: dict, seed: int, log: Callable = lambda *_: 
 def run_suite(spec: dict, cache: Path, *, quick: bool, only: str | None = None, log: Callable = print) -> dict:
     """Runs every (cell, seed) not yet in ``cache`` (only cells whose id contains ``only``, if given).
 
+    Cells whose merged configs are identical (e.g. the Dirichlet row of the partition section and the
+    main table's Fed-GSM8K uniform cell) share one run: the cache is keyed by a digest of the config.
+
     Returns:
       ``{cell_id: {"cell", "runs": {seed: rec}}}`` for every cell with at least one finished run.
     """
@@ -108,34 +111,38 @@ def run_suite(spec: dict, cache: Path, *, quick: bool, only: str | None = None, 
         merged = _merge(spec["base"], dict(cell["overrides"], seed=seed))
         return hashlib.sha1(json.dumps(merged, sort_keys=True).encode()).hexdigest()[:12]
 
-    stored = {}
+    todo = [(c, s) for c in cells(spec, quick) for s in seeds]
+    digests = {(c["id"], s): digest(c, s) for c, s in todo}
+    by_config, legacy = {}, {}  # config digest -> rec; (id, seed) -> digest of rows without one
     if cache.exists():
         for line in cache.read_text().splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn last line from an interrupted run
-            stored[(row["id"], row["seed"])] = row
-    todo = [(c, s) for c in cells(spec, quick) for s in seeds]
-    done = {}
-    for cell, seed in todo:
-        row = stored.get((cell["id"], seed))
-        if row is not None and row.get("config", digest(cell, seed)) == digest(cell, seed):
-            done[(cell["id"], seed)] = row["rec"]
+            key = (row["id"], row["seed"])
+            if "config" not in row:  # written before digests were stored: taken as its cell's current config
+                if key in digests:
+                    legacy[key] = digests[key]
+                    by_config[digests[key]] = row["rec"]
+                continue
+            by_config[row["config"]] = row["rec"]
+            if key in legacy and legacy[key] != row["config"]:
+                by_config.pop(legacy.pop(key), None)  # a later row of the same cell supersedes the old one
     results = {}
     t0 = time.perf_counter()
     for i, (cell, seed) in enumerate(todo):
-        key = (cell["id"], seed)
-        if key not in done and only is not None and only not in cell["id"]:
+        d = digests[(cell["id"], seed)]
+        if d not in by_config and only is not None and only not in cell["id"]:
             continue
-        if key not in done:
+        if d not in by_config:
             rec = run_cell(spec["base"], cell["overrides"], seed)
-            done[key] = rec
+            by_config[d] = rec
             with open(cache, "a") as f:
-                f.write(json.dumps({"id": cell["id"], "seed": seed, "config": digest(cell, seed), "rec": rec}) + "\n")
+                f.write(json.dumps({"id": cell["id"], "seed": seed, "config": d, "rec": rec}) + "\n")
             log(f"[{i + 1}/{len(todo)}] {cell['id']} seed {seed}: eval loss {rec['final_eval_loss']:.4f} "
                 f"({rec['seconds']:.1f} s; {time.perf_counter() - t0:.0f} s so far)", flush=True)
-        results.setdefault(cell["id"], {"cell": cell, "runs": {}})["runs"][seed] = done[key]
+        results.setdefault(cell["id"], {"cell": cell, "runs": {}})["runs"][seed] = by_config[d]
     return results
 
 
