@@ -41,10 +41,11 @@ def main(argv=None) -> int:
     cache = args.out / f"results_{mode}.jsonl"
     t0 = time.perf_counter()
     results = R.run_suite(spec, cache, quick=args.quick, only=args.only)
-    seconds = sum(r["seconds"] for c in results.values() for r in c["runs"].values())
+    unique = {id(r): r for c in results.values() for r in c["runs"].values()}  # shared runs counted once
+    seconds = sum(r["seconds"] for r in unique.values())
     md = R.render(spec, results, args.out, quick=args.quick, seconds=seconds)
     page = args.out / ("results_quick.md" if args.quick else "results.md")
-    page.write_text(md)
+    page.write_text(R.keep_discussion(page.read_text() if page.exists() else None, md))
     print(f"wrote {page} ({time.perf_counter() - t0:.0f} s this call)")
     return 0
 

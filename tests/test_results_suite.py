@@ -67,3 +67,19 @@ def test_cells_with_identical_configs_share_one_run(tmp_path):
     res = R.run_suite(SPEC, cache, quick=False, only="no cell has this id", log=lambda *a, **k: None)
     assert res[part["id"]]["runs"][0] is res[main["id"]]["runs"][0]
     assert other["id"] not in res  # a different config is not reused
+
+
+def test_regenerating_the_page_keeps_the_written_discussion():
+    new = f"# Results\n| t | 1 |\n\n{R.DISCUSSION_BEGIN}\n{R.DISCUSSION_END}\n\n## Plots\n"
+    assert R.keep_discussion(None, new) == new
+    old = new.replace("| 1 |", "| 0 |").replace(R.DISCUSSION_END, "FedHL wins by 0.1.\n" + R.DISCUSSION_END)
+    kept = R.keep_discussion(old, new)
+    assert "| t | 1 |" in kept and "FedHL wins by 0.1." in kept and kept.count(R.DISCUSSION_BEGIN) == 1
+
+
+def test_config_digest_sees_resolved_defaults_and_seed():
+    cell = R.cells(SPEC, quick=False)[0]
+    d = R.config_digest(SPEC["base"], cell["overrides"], 0)
+    assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"fed.split": "balanced"}), 0) == d  # the default
+    assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"fed.split": "left"}), 0) != d
+    assert R.config_digest(SPEC["base"], cell["overrides"], 1) != d

@@ -61,8 +61,9 @@ def cells(spec: dict, quick: bool) -> list[dict]:
     ablations = spec["ablations"] if not quick else {k: spec["ablations"][k] for k in qk.get("ablations", [])}
     for name, a_ov in ablations.items():
         add("ablation", {"variant": name, "method": "fedhl"}, uniform, methods["fedhl"], a_ov)
-    for m in (spec.get("all_linear_methods", []) if not quick else []):
-        add("ablation", {"variant": "all_linear", "method": m}, uniform, methods[m], spec["ablations"]["all_linear"])
+    for name, ms in (spec.get("ablation_methods", {}) if not quick else {}).items():
+        for m in ms:  # controls: the same variant for another method
+            add("ablation", {"variant": name, "method": m}, uniform, methods[m], spec["ablations"][name])
     return out
 
 
@@ -95,6 +96,20 @@ def run_cell(base: dict, overrides: dict, seed: int, log: Callable = lambda *_: 
     return rec
 
 
+def config_digest(base: dict, overrides: dict, seed: int) -> str:
+    """A digest of the cell's fully resolved ``TrainConfig`` (code defaults included).
+
+    A changed config, or a changed default, reruns the cell instead of reusing a stale result. Changes
+    to the numerics of the code itself are not seen: delete the cache after those.
+    """
+    import dataclasses
+    import hashlib
+
+    cfg = from_dict(TrainConfig, _merge(base, dict(overrides, seed=seed)))
+    blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
 def run_suite(spec: dict, cache: Path, *, quick: bool, only: str | None = None, log: Callable = print) -> dict:
     """Runs every (cell, seed) not yet in ``cache`` (only cells whose id contains ``only``, if given).
 
@@ -105,14 +120,8 @@ def run_suite(spec: dict, cache: Path, *, quick: bool, only: str | None = None, 
       ``{cell_id: {"cell", "runs": {seed: rec}}}`` for every cell with at least one finished run.
     """
     seeds = spec.get("quick", {}).get("seeds", [0]) if quick else spec["seeds"]
-    import hashlib
-
-    def digest(cell, seed):  # a changed config reruns its cells instead of reusing stale results
-        merged = _merge(spec["base"], dict(cell["overrides"], seed=seed))
-        return hashlib.sha1(json.dumps(merged, sort_keys=True).encode()).hexdigest()[:12]
-
     todo = [(c, s) for c in cells(spec, quick) for s in seeds]
-    digests = {(c["id"], s): digest(c, s) for c, s in todo}
+    digests = {(c["id"], s): config_digest(spec["base"], c["overrides"], s) for c, s in todo}
     by_config, legacy = {}, {}  # config digest -> rec; (id, seed) -> digest of rows without one
     if cache.exists():
         for line in cache.read_text().splitlines():
@@ -149,6 +158,22 @@ def run_suite(spec: dict, cache: Path, *, quick: bool, only: str | None = None, 
 # --------------------------------------------------------------------------- report
 
 
+DISCUSSION_BEGIN, DISCUSSION_END = "<!-- discussion: kept when the page is regenerated -->", "<!-- /discussion -->"
+
+
+def keep_discussion(old_page: str | None, new_page: str) -> str:
+    """Carries the hand-written discussion block of ``old_page`` over into the regenerated ``new_page``.
+
+    The block is everything between ``DISCUSSION_BEGIN`` and ``DISCUSSION_END``; the tables around it
+    are regenerated. A page without the block gets an empty one before its plots.
+    """
+    block = f"{DISCUSSION_BEGIN}\n{DISCUSSION_END}"
+    if old_page and DISCUSSION_BEGIN in old_page and DISCUSSION_END in old_page:
+        i, j = old_page.index(DISCUSSION_BEGIN), old_page.index(DISCUSSION_END) + len(DISCUSSION_END)
+        block = old_page[i:j]
+    return new_page.replace(f"{DISCUSSION_BEGIN}\n{DISCUSSION_END}", block)
+
+
 def _stats(results, cid, key="final_eval_loss"):
     runs = results.get(cid, {}).get("runs", {})
     vals = [r[key] for r in runs.values() if r.get(key) is not None]
@@ -162,6 +187,22 @@ def _fmt(st, digits=3):
         return "–"
     m, s, n = st
     return f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
+
+
+def _paired(results, cid, ref, key="final_eval_loss"):
+    """Per-seed differences ``cid − ref`` over the seeds both cells have run, or None."""
+    a, b = results.get(cid, {}).get("runs", {}), results.get(ref, {}).get("runs", {})
+    d = [a[s][key] - b[s][key] for s in sorted(set(a) & set(b))]
+    return np.asarray(d) if d else None
+
+
+def _fmt_paired(d, digits=3):
+    if d is None:
+        return "–"
+    if len(d) == 1:
+        return f"{d[0]:+.{digits}f}"
+    m, s = float(d.mean()), float(d.std())
+    return f"{m:+.{digits}f} ± {s:.{digits}f}" + (" *" if abs(m) > s else "")
 
 
 def _beyond_spread(a, b) -> bool:
@@ -205,8 +246,10 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
          f"Regenerate: `python bin/results.py{' --quick' if quick else ''}` (cells from `configs/results.yaml`; "
          "finished runs are cached and reused).", "",
          "Base model: stories260K-hf (real pretrained weights, TinyStories) with LoRA on q and v; 10 clients, all "
-         "participating; Dirichlet(0.3) label skew (Dolly: IID, its 151-row subset is small: 98 rows fit seq 512); "
-         "AdamW, local steps and rounds as in `configs/results.yaml`. Metric: held-out loss of the global model on "
+         "participating; Dirichlet(0.3) label skew; AdamW, 3 local steps of batch 4, 8 rounds. Fed-Dolly is the "
+         "151-row subset in `../shared` (IID; about 90 training and 23 held-out rows fit seq 512, so batch 2 and "
+         "4 rounds): small, so its cells are indicative; the same config runs on the full 15k-row set. All in "
+         "`configs/results.yaml`. Metric: held-out loss of the global model on "
          "response tokens (lower is better); `*` marks a method whose mean differs from FedHL's by more than the sum "
          "of the two seed standard deviations.", ""]
     L += ["## Main table: held-out loss (methods × datasets × rank heterogeneity)", ""]
@@ -226,39 +269,87 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
             st = _stats(results, cid_of("main", dataset=d, ranks="homogeneous", method=m))
             cells_ += [_fmt(st)] + [""] * (len(levels) - 1)
         L.append(f"| {m} (all clients at rank {m.split('_r')[-1]}) | " + " | ".join(cells_) + " |")
+    # paired differences: every method of a seed sees the same split, so the split's variance cancels
+    L += ["", "Paired differences against FedHL (same seed, hence the same data split and held-out set): mean ± "
+          "standard deviation over seeds of (method − FedHL); negative is better than FedHL; `*`: |mean| exceeds "
+          "the standard deviation. FedIT rows are paired with FedHL under uniform ranks.", "",
+          head, "|---" * (len(datasets) * len(levels) + 1) + "|"]
+    for m in [m for m in spec["methods"] if m != "fedhl"]:
+        cells_ = []
+        for d in datasets:
+            for lv in levels:
+                if m.startswith("fedit"):
+                    pair = (cid_of("main", dataset=d, ranks="homogeneous", method=m),
+                            cid_of("main", dataset=d, ranks="uniform", method="fedhl")) if lv == "uniform" else None
+                else:
+                    pair = (cid_of("main", dataset=d, ranks=lv, method=m),
+                            cid_of("main", dataset=d, ranks=lv, method="fedhl"))
+                cells_.append(_fmt_paired(_paired(results, *pair)) if pair else "")
+        L.append(f"| {m} | " + " | ".join(cells_) + " |")
     # generation metrics
-    L += ["", "Generation metrics of the same runs (uniform ranks): GSM8K exact match and ROUGE-L on the first "
-          f"{spec['base']['eval'].get('generate_examples', 0)} held-out prompts (near zero at this model size).", "",
-          "| method | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|"]
+    L += ["", "Generation metrics of the same runs (uniform ranks; FedIT: its homogeneous rank): GSM8K exact match "
+          "and ROUGE-L on the first "
+          f"{spec['base']['eval'].get('generate_examples', 0)} held-out prompts (near zero at this model size), and "
+          "the bytes each round communicates (down + up, all clients, float32).", "",
+          "| method | " + " | ".join(f"{d} ({'exact match' if d == 'gsm8k' else 'ROUGE-L'})" for d in datasets)
+          + " | MB per round (Fed-GSM8K) |", "|---" * (len(datasets) + 2) + "|"]
     for m in list(spec["methods"]):
         row = []
         for d in datasets:
             cid = cid_of("main", dataset=d, ranks="uniform" if not m.startswith("fedit") else "homogeneous", method=m)
             key = "eval_exact_match" if d == "gsm8k" else "eval_rouge_l"
             row.append(_fmt(_stats(results, cid, key)))
+        cid = cid_of("main", dataset="gsm8k", ranks="uniform" if not m.startswith("fedit") else "homogeneous", method=m)
+        runs = results.get(cid, {}).get("runs", {})
+        row.append(f"{np.mean([r['bytes'] / len(r['eval_loss']) for r in runs.values()]) / 2**20:.2f}" if runs else "–")
         L.append(f"| {m} | " + " | ".join(row) + " |")
     # partitions, cross-device, ablations
-    L += ["", "## Partitions (Fed-GSM8K, uniform ranks)", "", "| partition | " + " | ".join(spec["partition_methods"]) + " |",
-          "|---" * (len(spec["partition_methods"]) + 1) + "|"]
+    pm = spec["partition_methods"]
+    L += ["", "## Partitions (Fed-GSM8K, uniform ranks)", "",
+          "The Dirichlet row is the main table's cell (identical config, one run). rank_correlated: the low-rank "
+          "clients hold labels no other client has.", "",
+          "| partition | " + " | ".join(pm) + " | " + " | ".join(f"{m} − {pm[0]} (paired)" for m in pm[1:]) + " |",
+          "|---" * (2 * len(pm)) + "|"]
     for part in spec["partitions"]:
-        L.append(f"| {part} | " + " | ".join(_fmt(_stats(results, cid_of("partition", partition=part, method=m)))
-                                          for m in spec["partition_methods"]) + " |")
+        ids = [cid_of("partition", partition=part, method=m) for m in pm]
+        L.append(f"| {part} | " + " | ".join(_fmt(_stats(results, c)) for c in ids) + " | "
+                 + " | ".join(_fmt_paired(_paired(results, c, ids[0])) for c in ids[1:]) + " |")
     L += ["", "## Cross-device (100 clients, 10% per round, Fed-GSM8K, uniform ranks)", "",
-          "| method | held-out loss | bytes per round (MB) |", "|---|---|---|"]
+          "| method | held-out loss | paired difference against FedHL | bytes per round (MB, down + up) |",
+          "|---|---|---|---|"]
+    xd_ref = cid_of("cross_device", method="fedhl")
     for m in spec["cross_device_methods"]:
         cid = cid_of("cross_device", method=m)
         runs = results.get(cid, {}).get("runs", {})
-        mb = np.mean([r["bytes"] / len(r["eval_loss"]) for r in runs.values()]) / 2**20 if runs else float("nan")
-        L.append(f"| {m} | {_fmt(_stats(results, cid))} | {mb:.2f} |")
-    L += ["", "## FedHL ablations (Fed-GSM8K, uniform ranks)", "", "| variant | held-out loss |", "|---|---|",
-          f"| default (optimal weights, ε = 1e-2 relative, power 2) | "
-          f"{_fmt(_stats(results, cid_of('main', dataset='gsm8k', ranks='uniform', method='fedhl')))} |"]
-    for name in spec["ablations"]:
-        st = _stats(results, cid_of("ablation", variant=name, method="fedhl"))
-        if st is not None:
-            L.append(f"| {name} | {_fmt(st)} |")
-    for m in spec.get("all_linear_methods", []):
-        L.append(f"| {m}, all_linear | {_fmt(_stats(results, cid_of('ablation', variant='all_linear', method=m)))} |")
+        mb = f"{np.mean([r['bytes'] / len(r['eval_loss']) for r in runs.values()]) / 2**20:.2f}" if runs else "–"
+        diff = _fmt_paired(_paired(results, cid, xd_ref)) if m != "fedhl" else ""
+        L.append(f"| {m} | {_fmt(_stats(results, cid))} | {diff} | {mb} |")
+    default_cid = cid_of("main", dataset="gsm8k", ranks="uniform", method="fedhl")
+    L += ["", "## FedHL ablations (Fed-GSM8K, uniform ranks)", "",
+          "Paired differences as above: (variant − default) per seed; `*`: |mean| exceeds the standard deviation.",
+          "The last column pairs the FedHL variant with FlexLoRA under the same variant where FlexLoRA has it (a "
+          "control row below), else with FlexLoRA's default (its weights are data-size weights).",
+          "", "| variant | overrides | held-out loss | paired difference | minus FlexLoRA (paired) |",
+          "|---|---|---|---|---|"]
+    flex = cid_of("main", dataset="gsm8k", ranks="uniform", method="flexlora")
+    L.append(f"| default | optimal weights, ε = 1e-2 relative, power 2, balanced split | "
+             f"{_fmt(_stats(results, default_cid))} | | {_fmt_paired(_paired(results, default_cid, flex))} |")
+
+    def ablation_row(label, cid, overrides, ref=default_cid, vs_flex=None):
+        ov = ", ".join(f"{k}={v}" for k, v in overrides.items())
+        last = _fmt_paired(_paired(results, cid, vs_flex)) if vs_flex else ""
+        return (f"| {label} | {ov} | {_fmt(_stats(results, cid))} | {_fmt_paired(_paired(results, cid, ref))} "
+                f"| {last} |")
+
+    for name, ov in spec["ablations"].items():
+        ctrl = cid_of("ablation", variant=name, method="flexlora")
+        L.append(ablation_row(name, cid_of("ablation", variant=name, method="fedhl"), ov,
+                              vs_flex=ctrl if ctrl in results else flex))
+    for name, ms in spec.get("ablation_methods", {}).items():
+        for m in ms:
+            L.append(ablation_row(f"{m}, {name} (paired with {m}'s default)",
+                                  cid_of("ablation", variant=name, method=m), spec["ablations"][name],
+                                  cid_of("main", dataset="gsm8k", ranks="uniform", method=m)))
 
     # plots
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -296,6 +387,29 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
         fig.tight_layout()
         fig.savefig(out_dir / f"results_weights{suffix}.png", dpi=110)
         plt.close(fig)
+    # the ε sweep: FedHL's held-out loss against ε (relative mode), with uniform weights as a reference
+    sweep = [(float(ov["fed.eps"]), cid_of("ablation", variant=n, method="fedhl"))
+             for n, ov in spec["ablations"].items() if set(ov) == {"fed.eps"}]
+    sweep.append((from_dict(TrainConfig, _merge(spec["base"], {})).fed.eps, default_cid))
+    sweep = sorted((e, _stats(results, c)) for e, c in sweep if _stats(results, c) is not None)
+    has_sweep = len(sweep) > 1
+    if has_sweep:
+        fig, ax = plt.subplots(figsize=(5.2, 3.8))
+        ax.errorbar([e for e, _ in sweep], [st[0] for _, st in sweep], yerr=[st[1] for _, st in sweep],
+                    marker="o", ms=4, capsize=3, label="FedHL, optimal weights")
+        for name, style in (("weights_uniform", "--"), ("weights_data_size", ":")):
+            st = _stats(results, cid_of("ablation", variant=name, method="fedhl"))
+            if st is not None:
+                ax.axhline(st[0], ls=style, color="gray", label=name.replace("_", " "))
+        ax.set_xscale("log")
+        _style(ax, "ε sweep (relative to mean r̂²), Fed-GSM8K", "held-out loss")
+        ax.set_xlabel("ε")
+        fig.tight_layout()
+        fig.savefig(out_dir / f"results_eps{suffix}.png", dpi=110)
+        plt.close(fig)
+    L += ["", DISCUSSION_BEGIN, DISCUSSION_END]
     L += ["", "## Plots", "", f"![convergence](results_convergence{suffix}.png)", "",
           f"![weights](results_weights{suffix}.png)", ""]
+    if has_sweep:
+        L += [f"![eps sweep](results_eps{suffix}.png)", ""]
     return "\n".join(L)
