@@ -240,13 +240,16 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
     seeds = spec.get("quick", {}).get("seeds") if quick else spec["seeds"]
     total = len(cells(spec, quick))
     complete = sum(len(r["runs"]) == len(seeds) for r in results.values())
+    base_opt = spec["base"]["optim"]
+    rounds = spec["quick"]["rounds"] if quick else spec["base"]["fed"]["rounds"]
     L = ["# Results", "",
          f"Mode: **{'quick (one seed, few rounds): indicative only' if quick else 'full'}**; seeds {seeds}; "
          f"{complete} of {total} cells have all their runs ({seconds / 60:.0f} min of compute; `–`: not run yet). "
          f"Regenerate: `python bin/results.py{' --quick' if quick else ''}` (cells from `configs/results.yaml`; "
          "finished runs are cached and reused).", "",
          "Base model: stories260K-hf (real pretrained weights, TinyStories) with LoRA on q and v; 10 clients, all "
-         "participating; Dirichlet(0.3) label skew; AdamW, 3 local steps of batch 4, 8 rounds. Fed-Dolly is the "
+         f"participating; Dirichlet(0.3) label skew; AdamW, {base_opt['local_steps']} local steps of batch "
+         f"{base_opt['batch_size']}, {rounds} rounds. Fed-Dolly is the "
          "151-row subset in `../shared` (IID; about 90 training and 23 held-out rows fit seq 512, so batch 2 and "
          "4 rounds): small, so its cells are indicative; the same config runs on the full 15k-row set. All in "
          "`configs/results.yaml`. Metric: held-out loss of the global model on "
