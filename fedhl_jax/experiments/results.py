@@ -8,6 +8,8 @@ suite continues where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -102,9 +104,6 @@ def config_digest(base: dict, overrides: dict, seed: int) -> str:
     A changed config, or a changed default, reruns the cell instead of reusing a stale result. Changes
     to the numerics of the code itself are not seen: delete the cache after those.
     """
-    import dataclasses
-    import hashlib
-
     cfg = from_dict(TrainConfig, _merge(base, dict(overrides, seed=seed)))
     blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
@@ -205,6 +204,12 @@ def _fmt_paired(d, digits=3):
     return f"{m:+.{digits}f} ± {s:.{digits}f}" + (" *" if abs(m) > s else "")
 
 
+def _mb_per_round(results, cid) -> str:
+    """Mean bytes communicated per round (down + up, all clients) of a cell's runs, in MB."""
+    runs = results.get(cid, {}).get("runs", {}).values()
+    return f"{np.mean([r['bytes'] / len(r['eval_loss']) for r in runs]) / 2**20:.2f}" if runs else "–"
+
+
 def _beyond_spread(a, b) -> bool:
     """The two means differ by more than the sum of their seed standard deviations."""
     return a is not None and b is not None and a[2] > 1 and b[2] > 1 and abs(a[0] - b[0]) > a[1] + b[1]
@@ -302,9 +307,8 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
             cid = cid_of("main", dataset=d, ranks="uniform" if not m.startswith("fedit") else "homogeneous", method=m)
             key = "eval_exact_match" if d == "gsm8k" else "eval_rouge_l"
             row.append(_fmt(_stats(results, cid, key)))
-        cid = cid_of("main", dataset="gsm8k", ranks="uniform" if not m.startswith("fedit") else "homogeneous", method=m)
-        runs = results.get(cid, {}).get("runs", {})
-        row.append(f"{np.mean([r['bytes'] / len(r['eval_loss']) for r in runs.values()]) / 2**20:.2f}" if runs else "–")
+        row.append(_mb_per_round(results, cid_of("main", dataset="gsm8k", method=m,
+                                                 ranks="uniform" if not m.startswith("fedit") else "homogeneous")))
         L.append(f"| {m} | " + " | ".join(row) + " |")
     # partitions, cross-device, ablations
     pm = spec["partition_methods"]
@@ -323,10 +327,8 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
     xd_ref = cid_of("cross_device", method="fedhl")
     for m in spec["cross_device_methods"]:
         cid = cid_of("cross_device", method=m)
-        runs = results.get(cid, {}).get("runs", {})
-        mb = f"{np.mean([r['bytes'] / len(r['eval_loss']) for r in runs.values()]) / 2**20:.2f}" if runs else "–"
         diff = _fmt_paired(_paired(results, cid, xd_ref)) if m != "fedhl" else ""
-        L.append(f"| {m} | {_fmt(_stats(results, cid))} | {diff} | {mb} |")
+        L.append(f"| {m} | {_fmt(_stats(results, cid))} | {diff} | {_mb_per_round(results, cid)} |")
     default_cid = cid_of("main", dataset="gsm8k", ranks="uniform", method="fedhl")
     L += ["", "## FedHL ablations (Fed-GSM8K, uniform ranks)", "",
           "Paired differences as above: (variant − default) per seed; `*`: |mean| exceeds the standard deviation.",
@@ -394,7 +396,7 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
     sweep = [(float(ov["fed.eps"]), cid_of("ablation", variant=n, method="fedhl"))
              for n, ov in spec["ablations"].items() if set(ov) == {"fed.eps"}]
     sweep.append((from_dict(TrainConfig, _merge(spec["base"], {})).fed.eps, default_cid))
-    sweep = sorted((e, _stats(results, c)) for e, c in sweep if _stats(results, c) is not None)
+    sweep = sorted((e, st) for e, st in ((e, _stats(results, c)) for e, c in sweep) if st is not None)
     has_sweep = len(sweep) > 1
     if has_sweep:
         fig, ax = plt.subplots(figsize=(5.2, 3.8))
