@@ -5,7 +5,7 @@ The stable core contract (one LoRA module, leading client axis):
 * ``rank_mask(ranks, r_max) -> [n, r_max]``
 * ``truncate(G, mask, scale, ...) -> (B [n, d_out, r_max], A [n, r_max, d_in])``
 * ``truncation_error(G, ranks) -> [n]``
-* ``fedhl_aggregate(G, B, A, mask, scale, *, eps, ...) -> (G_next, p)``
+* ``fedhl_aggregate(G, B, A, mask, scale, *, eps=1e-2, eps_mode="relative", ...) -> (G_next, p)``
 * ``flexlora_aggregate(G, B, A, mask, scale, *, num_examples) -> G_next``
 
 and the tree-level algorithms in ``fedhl_jax.algorithms``.
@@ -13,8 +13,9 @@ and the tree-level algorithms in ``fedhl_jax.algorithms``.
 
 from fedhl_jax.aggregation import (factor_average, fedhl_aggregate, fedhl_weights, flexlora_aggregate,
                                    flora_stack)
-from fedhl_jax.algorithms import (ALGORITHMS, Algorithm, ClientPlan, ClientStart, ServerState, fedex_lora, fedhl,
-                                  fedit, ffa_lora, flexlora, flora, hetlora, make_algorithm)
+from fedhl_jax.algorithms import (ALGORITHMS, Algorithm, ClientPlan, ClientStart, FedHLOptions, NoOptions,
+                                  ServerState, SVDOptions, fedex_lora, fedhl, fedit, ffa_lora, flexlora, flora, hetlora,
+                                  make_algorithm)
 from fedhl_jax.lora import Adapter, check_ranks, lora_scale, rank_mask, ranks_from_mask
 from fedhl_jax.truncation import (SVD, TruncationPlan, client_deltas, factors_from_plan, rank_approx, svd,
                                   truncate, truncate_from_svd, truncation_error, truncation_plan, weighted_delta)
@@ -22,7 +23,7 @@ from fedhl_jax.truncation import (SVD, TruncationPlan, client_deltas, factors_fr
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALGORITHMS", "Adapter", "Algorithm", "ClientPlan", "ClientStart", "TruncationPlan", "factors_from_plan",
+    "ALGORITHMS", "Adapter", "Algorithm", "ClientPlan", "ClientStart", "FedHLOptions", "NoOptions", "SVDOptions", "TruncationPlan", "factors_from_plan",
     "truncation_plan", "SVD", "ServerState", "check_ranks",
     "client_deltas", "factor_average", "fedex_lora", "fedhl", "fedhl_aggregate", "fedhl_weights",
     "fedit", "ffa_lora", "flexlora", "flexlora_aggregate", "flora", "flora_stack", "hetlora",

@@ -20,6 +20,10 @@ from fedhl_jax.truncation import SVD, masked_factors, svd, weighted_delta, weigh
 
 WEIGHTINGS = ("optimal", "uniform", "data_size", "optimal_data_size")
 EPS_MODES = ("absolute", "relative")
+#: The one default of FedHL's ε and its mode, shared by ``fedhl_weights``, ``fedhl_aggregate``,
+#: ``algorithms.FedHLOptions`` and the configs: ``ε_eff = 1e-2 · mean(r̂^power)`` (docs/algorithms.md).
+DEFAULT_EPS = 1e-2
+DEFAULT_EPS_MODE = "relative"
 
 
 def check_eps(eps) -> float:
@@ -79,7 +83,7 @@ def normalise(w: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
 
 
-def fedhl_weights(errors: jax.Array, *, eps: float, eps_mode: str = "absolute", power: float = 2.0,
+def fedhl_weights(errors: jax.Array, *, eps: float = DEFAULT_EPS, eps_mode: str = DEFAULT_EPS_MODE, power: float = 2.0,
                   weighting: str = "optimal", num_examples: jax.Array | None = None,
                   valid: jax.Array | None = None) -> jax.Array:
     """FedHL's drift-minimising weights ``p_i ∝ 1/(r̂_i^power + ε)`` (Eq. 12 of the paper).
@@ -97,7 +101,7 @@ def fedhl_weights(errors: jax.Array, *, eps: float, eps_mode: str = "absolute", 
     Args:
       errors: ``[n]`` truncation errors ``r̂_i``.
       eps: ε > 0.
-      eps_mode: ``"absolute"`` or ``"relative"``.
+      eps_mode: ``"relative"`` (default, ``DEFAULT_EPS_MODE``) or ``"absolute"``.
       power: exponent applied to ``r̂_i``.
       weighting: ``"optimal"`` (default), ``"uniform"``, ``"data_size"`` (∝ n_i)
         or ``"optimal_data_size"`` (∝ n_i/(r̂_i^power + ε)).
@@ -143,8 +147,8 @@ def num_examples_or_ones(num_examples, n: int) -> jax.Array:
 
 
 def fedhl_aggregate(G: jax.Array, B: jax.Array, A: jax.Array, mask: jax.Array, scale: jax.Array, *,
-                    eps: float, num_examples: jax.Array | None = None, weighting: str = "optimal",
-                    eps_mode: str = "absolute", power: float = 2.0, dec: SVD | None = None):
+                    eps: float = DEFAULT_EPS, num_examples: jax.Array | None = None, weighting: str = "optimal",
+                    eps_mode: str = DEFAULT_EPS_MODE, power: float = 2.0, dec: SVD | None = None):
     """FedHL on one module: ``G ← G + Σ p_i ΔW_i`` with ``ΔW_i = s_i B_i A_i − G_{r_i}`` (Eqs. 6, 12).
 
     The update is added to the full-rank ``G``, not to a truncated copy, so the

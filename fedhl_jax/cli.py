@@ -43,6 +43,33 @@ def export_final(sim, state, out: Path, log) -> None:
     log(f"exported the global adapter to {final}/ (dense, and PEFT rank {rank})")
 
 
+class Progress:
+    """Round callback: a progress bar (or one log line per round)."""
+
+    def __init__(self, total: int, start: int, bar: bool, log):
+        self.total, self.log, self.bar = total, log, None
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="round", dynamic_ncols=True)
+
+    def __call__(self, record) -> None:
+        m = record.metrics
+        summary = {"loss": f"{m['train_loss']:.3f}"}
+        if "eval_loss" in m:
+            summary["eval"] = f"{m['eval_loss']:.3f}"
+        if self.bar is not None:
+            self.bar.set_postfix(summary)
+            self.bar.update(1)
+        else:
+            self.log(f"round {record.t + 1}/{self.total} " + " ".join(f"{k}={v}" for k, v in summary.items())
+                     + f" ({m['seconds']:.1f} s)")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     log = lambda msg: print(msg, flush=True)
@@ -63,18 +90,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run.begin()
-
-    table = sim.partition_summary.format()
-    (run.path / "partition.txt").write_text(table + "\n")
-    try:
-        from fedhl_jax.data.partition import plot_partition_summary
-
-        plot_partition_summary(sim.partitions, sim.labels, run.path / "partition.png",
-                               ranks=tuple(int(r) for r in sim.ranks), title=f"{cfg.data.dataset} / {cfg.data.partition}")
-    except Exception as e:  # a plot is a convenience; never fail a run on it
-        log(f"could not plot the partition: {e}")
-    log(f"partition ({cfg.data.partition}), also in {run.path / 'partition.txt'}:\n"
-        + ("\n".join(table.splitlines()[:12]) + ("\n..." if len(table.splitlines()) > 12 else "")))
+    write_partition(sim, run.path, log)
 
     state = sim.init_state()
     start = 0
@@ -87,34 +103,42 @@ def main(argv=None) -> int:
     total = cfg.fed.rounds
     if start >= total:
         log(f"the run already finished {total} rounds")
-    bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=start, unit="round", dynamic_ncols=True)
-    t_run = time.perf_counter()
-    for t in range(start, total):
-        out = sim.run_round(state, t)
-        state, metrics = out.state, out.metrics
-        if (t + 1) % cfg.eval.every == 0 or t + 1 == total:
+    def evaluate(record):
+        if (record.t + 1) % cfg.eval.every == 0 or record.t + 1 == total:
             t0 = time.perf_counter()
-            metrics.update(sim.evaluate(state))
-            metrics["eval_seconds"] = time.perf_counter() - t0
-        run.append_metrics(metrics)
-        if (t + 1) % cfg.checkpoint.every == 0 or t + 1 == total:
-            run.save(t + 1, state)
-        summary = {"loss": f"{metrics['train_loss']:.3f}"}
-        if "eval_loss" in metrics:
-            summary["eval"] = f"{metrics['eval_loss']:.3f}"
-        if bar is not None:
-            bar.set_postfix(summary)
-            bar.update(1)
-        else:
-            log(f"round {t + 1}/{total} " + " ".join(f"{k}={v}" for k, v in summary.items())
-                + f" ({metrics['seconds']:.1f} s)")
-    if bar is not None:
-        bar.close()
+            record.metrics.update(sim.evaluate(record.state, record.t))
+            record.metrics["eval_seconds"] = time.perf_counter() - t0
+
+    def save(record):
+        run.append_metrics(record.metrics)
+        if (record.t + 1) % cfg.checkpoint.every == 0 or record.t + 1 == total:
+            run.save(record.t + 1, record.state)
+
+    progress = Progress(total, start, not args.no_progress, log)
+    t_run = time.perf_counter()
+    try:
+        state = sim.run(state, range(start, total), [evaluate, save, progress])
+    finally:
+        progress.close()
     if start < total:
         log(f"{total - start} rounds in {time.perf_counter() - t_run:.1f} s; metrics in {run.metrics_path}")
     export_final(sim, state, Path(args.out), log)
     return 0
+
+
+def write_partition(sim, path: Path, log) -> None:
+    """The partition summary (``partition.txt``, ``partition.png``) of a run, also logged."""
+    cfg = sim.cfg
+    table = sim.data.summary().format()
+    (path / "partition.txt").write_text(table + "\n")
+    try:
+        from fedhl_jax.data.partition import plot_partition_summary
+
+        plot_partition_summary(sim.data.partitions, sim.data.labels, path / "partition.png",
+                               ranks=tuple(int(r) for r in sim.ranks), title=f"{cfg.data.dataset} / {cfg.data.partition}")
+    except Exception as e:  # a plot is a convenience; never fail a run on it
+        log(f"could not plot the partition: {e}")
+    lines = table.splitlines()
+    log(f"partition ({cfg.data.partition}), also in {path / 'partition.txt'}:\n"
+        + "\n".join(lines[:12]) + ("\n..." if len(lines) > 12 else ""))

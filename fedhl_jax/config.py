@@ -17,17 +17,16 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from fedhl_jax.aggregation import EPS_MODES, WEIGHTINGS
-from fedhl_jax.algorithms import ALGORITHMS
-from fedhl_jax.truncation import SPLITS, SVD_METHODS
+from fedhl_jax.algorithms import ALGORITHMS, Algorithm, make_algorithm
+from fedhl_jax.data.federated import DataConfig
+from fedhl_jax.data.partition import PARTITION_KINDS as PARTITIONS
+from fedhl_jax.errors import ConfigError
 
 RANK_DISTRIBUTIONS = ("list", "uniform", "heavy_tail_low", "heavy_tail_high", "homogeneous")
-PARTITIONS = ("iid", "dirichlet", "meta", "quantity_skew", "rank_correlated")
 OPTIMIZERS = ("adamw", "sgd")
-
-
-class ConfigError(ValueError):
-    """A configuration key or value is invalid."""
+# Keys that moved; an old config naming one gets an error that says the new key.
+MOVED_KEYS = {f"fed.{k}": f"fed.options.{k}" for k in
+              ("eps", "eps_mode", "power", "weighting", "per_module", "split", "svd_method")}
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -64,37 +63,14 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Dataset, tokenisation and partition.
-
-    ``source="auto"`` reads the local file under ``data_dir`` (``$FEDHL_DATA_DIR``,
-    else ``../shared/data``) when it exists, else the Hub id of the dataset.
-    """
-
-    dataset: str = "gsm8k"
-    source: str = "auto"
-    data_dir: str | None = None
-    seq_len: int = 256
-    max_train_examples: int | None = None
-    partition: str = "iid"
-    dirichlet_alpha: float = 0.3
-    label_kind: str | None = None
-    eval_examples: int = 128
-
-    def __post_init__(self):
-        _require(self.dataset in ("gsm8k", "codealpaca", "dolly"),
-                 f"data.dataset must be one of gsm8k, codealpaca, dolly; got {self.dataset!r}")
-        _require(self.seq_len >= 8, f"data.seq_len must be >= 8, got {self.seq_len}")
-        _require(self.partition in PARTITIONS, f"data.partition must be one of {PARTITIONS}, got {self.partition!r}")
-        _require(self.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
-        _require(self.max_train_examples is None or self.max_train_examples >= 1,
-                 f"data.max_train_examples must be >= 1, got {self.max_train_examples}")
-        _require(self.eval_examples >= 0, f"data.eval_examples must be >= 0, got {self.eval_examples}")
-
-
-@dataclass(frozen=True)
 class FedConfig:
-    """Federation: algorithm, clients, ranks, participation."""
+    """Federation: algorithm (and its own options), clients, ranks, participation.
+
+    ``options`` holds the algorithm's options (``fed.options.eps`` for FedHL, ...; see the
+    algorithm's options dataclass in ``fedhl_jax.algorithms``). It is validated when the config
+    is built: an option the algorithm does not have is an error naming the key and the algorithm.
+    After validation it holds every option, defaults filled in.
+    """
 
     algorithm: str = "fedhl"
     num_clients: int = 10
@@ -102,14 +78,7 @@ class FedConfig:
     rounds: int = 5
     rank_distribution: str = "uniform"
     ranks: tuple[int, ...] = (2, 4, 8, 16)
-    # FedHL options.
-    eps: float = 1e-2
-    eps_mode: str = "relative"
-    power: float = 2.0
-    weighting: str = "optimal"
-    per_module: bool = False
-    split: str = "balanced"
-    svd_method: str = "exact"
+    options: dict = field(default_factory=dict)
     # Memory.
     clients_per_chunk: int | None = None
     remat: bool = False
@@ -124,14 +93,27 @@ class FedConfig:
         _require(len(self.ranks) > 0, "fed.ranks must not be empty")
         bad = [r for r in self.ranks if r < 1]
         _require(not bad, f"fed.ranks must be >= 1, got rank {bad[0] if bad else ''} in {list(self.ranks)}")
-        _require(math.isfinite(self.eps) and self.eps > 0, f"fed.eps must be > 0, got {self.eps}")
-        _require(self.eps_mode in EPS_MODES, f"fed.eps_mode must be one of {EPS_MODES}, got {self.eps_mode!r}")
-        _require(self.power > 0, f"fed.power must be > 0, got {self.power}")
-        _require(self.weighting in WEIGHTINGS, f"fed.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        _require(self.split in SPLITS, f"fed.split must be one of {SPLITS}, got {self.split!r}")
-        _require(self.svd_method in SVD_METHODS, f"fed.svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
         _require(self.clients_per_chunk is None or self.clients_per_chunk >= 1,
                  f"fed.clients_per_chunk must be >= 1 (or null), got {self.clients_per_chunk}")
+        _require(isinstance(self.options, dict), f"fed.options must be a mapping, got {self.options!r}")
+        alg = self.build_algorithm()
+        object.__setattr__(self, "options", dataclasses.asdict(alg.options))
+        if alg.homogeneous and self.rank_distribution != "homogeneous":
+            _require(len(set(self.ranks)) == 1,
+                     f"fed.algorithm={self.algorithm!r} needs homogeneous ranks; got fed.ranks={list(self.ranks)} "
+                     f"with fed.rank_distribution={self.rank_distribution!r}")
+
+    def build_algorithm(self) -> Algorithm:
+        """The algorithm with its options (raises ``ConfigError`` naming a bad option)."""
+        default = make_algorithm(self.algorithm, self.r_max)
+        valid = [f.name for f in dataclasses.fields(default.options)]
+        for key in self.options:
+            _require(key in valid, f"fed.options.{key} is not an option of fed.algorithm={self.algorithm!r}; "
+                                   f"its options: {', '.join(valid) or 'none'}")
+        try:
+            return make_algorithm(self.algorithm, self.r_max, dict(self.options))
+        except ValueError as e:
+            raise ConfigError(f"fed.options: {e}") from None
 
     @property
     def r_max(self) -> int:
@@ -209,10 +191,6 @@ class TrainConfig:
 
     def __post_init__(self):
         _require(self.export_rank is None or self.export_rank >= 1, f"export_rank must be >= 1, got {self.export_rank}")
-        if self.fed.algorithm in ("fedit", "ffa_lora", "fedex_lora") and self.fed.rank_distribution != "homogeneous":
-            _require(len(set(self.fed.ranks)) == 1,
-                     f"fed.algorithm={self.fed.algorithm!r} needs homogeneous ranks; got fed.ranks={list(self.fed.ranks)} "
-                     f"with fed.rank_distribution={self.fed.rank_distribution!r}")
 
 
 # --------------------------------------------------------------------------- dict <-> dataclass
@@ -240,6 +218,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a list, got {value!r}")
         (item,) = typing.get_args(tp)[:1]
         return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -266,6 +248,10 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if f"{prefix}{key}" in MOVED_KEYS:
+            raise ConfigError(f"config key '{prefix}{key}' moved to '{MOVED_KEYS[prefix + key]}' "
+                              f"(options belong to the algorithm that has them)")
     unknown = sorted(set(data) - set(names))
     if unknown:
         where = f"under '{prefix[:-1]}'" if prefix else "at the top level"

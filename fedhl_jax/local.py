@@ -58,39 +58,41 @@ def _mask_updates(updates: dict, mask: jax.Array) -> dict:
 
 
 def make_local_train(loss: Callable, optimizer: optax.GradientTransformation, *, remat: bool = False):
-    """Builds ``local_train(params, adapter, tokens, loss_mask) -> (adapter, losses)``.
+    """Builds ``local_train(params, adapter, *batch) -> (adapter, losses)``.
 
     Args:
-      loss: ``loss(params, adapter, tokens [b, T], loss_mask [b, T]) -> []`` (pure).
+      loss: ``loss(params, adapter, *batch_k) -> []`` (pure), with ``batch_k`` one step's slice of
+        the batch (for a language model ``tokens [b, T], loss_mask [b, T]``).
       optimizer: the client optimizer (``make_optimizer``).
       remat: rematerialise the forward pass in the backward pass (less memory).
 
     Returns:
-      ``local_train`` with ``tokens``/``loss_mask`` ``[K, b, T]`` (one batch per
-      step), returning the trained adapter (same mask and scale) and ``losses [K]``
-      (the loss before each step).
+      ``local_train`` whose ``batch`` arrays have a leading step axis ``K`` (one slice per step,
+      e.g. ``tokens``/``loss_mask`` ``[K, b, T]``), returning the trained adapter (same mask and
+      scale) and ``losses [K]`` (the loss before each step).
     """
     loss = jax.checkpoint(loss) if remat else loss
 
-    def local_train(params, adapter: Adapter, tokens, loss_mask):
-        def objective(train, batch):
-            return loss(params, Adapter(train["B"], train["A"], adapter.mask, adapter.scale), *batch)
+    def local_train(params, adapter: Adapter, *batch):
+        def objective(train, step_batch):
+            return loss(params, Adapter(train["B"], train["A"], adapter.mask, adapter.scale), *step_batch)
 
-        def step(carry, batch):
+        def step(carry, step_batch):
             train, opt_state = carry
-            value, grads = jax.value_and_grad(objective)(train, batch)
+            value, grads = jax.value_and_grad(objective)(train, step_batch)
             updates, opt_state = optimizer.update(grads, opt_state, train)
             train = optax.apply_updates(train, _mask_updates(updates, adapter.mask))
             return (train, opt_state), value
 
         train = {"A": adapter.A, "B": adapter.B}
-        (train, _), losses = jax.lax.scan(step, (train, optimizer.init(train)), (tokens, loss_mask))
+        (train, _), losses = jax.lax.scan(step, (train, optimizer.init(train)), tuple(batch))
         return Adapter(train["B"], train["A"], adapter.mask, adapter.scale), losses
 
     return local_train
 
 
-def make_clients_train(local_train: Callable, *, clients_per_chunk: int | None = None, n_shared: int = 1):
+def make_clients_train(local_train: Callable, *, clients_per_chunk: int | None = None, n_shared: int = 1,
+                       spmd_axis_name: str | None = None):
     """All sampled clients at once.
 
     ``clients_train(*shared, *per_client)`` calls ``local_train`` for every client, with the first
@@ -98,15 +100,39 @@ def make_clients_train(local_train: Callable, *, clients_per_chunk: int | None =
     the others split along their leading client axis. With the default ``n_shared=1``:
     ``(params, adapters [n], tokens [n, K, b, T], loss_mask) -> (adapters, losses [n, K])``.
 
-    With ``clients_per_chunk=None`` every client trains in one ``jax.vmap``; otherwise
-    ``jax.lax.map`` runs chunks of that many vmapped clients in sequence (a client count that is
-    not a multiple is fine).
+    With ``clients_per_chunk=None`` every client trains in one ``jax.vmap``; otherwise chunks of
+    that many vmapped clients run in sequence (``jax.lax.map``; a client count that is not a
+    multiple is fine).
+
+    Args:
+      local_train: one client's training (``make_local_train``).
+      clients_per_chunk: vmapped clients at a time (memory bound), or None for all.
+      n_shared: how many leading arguments every client shares.
+      spmd_axis_name: mesh axis the vmapped client axis is partitioned over (``jax.vmap``'s
+        ``spmd_axis_name``, as drjax does); with chunks, the chunk's client axis is the one
+        partitioned, so ``clients_per_chunk`` should be a multiple of that axis' size.
     """
+
+    def vmapped(*args):
+        return jax.vmap(local_train, in_axes=(None,) * n_shared + (0,) * (len(args) - n_shared),
+                        spmd_axis_name=spmd_axis_name)(*args)
 
     def clients_train(*args):
         shared, per_client = args[:n_shared], args[n_shared:]
         if clients_per_chunk is None:
-            return jax.vmap(local_train, in_axes=(None,) * n_shared + (0,) * len(per_client))(*args)
-        return jax.lax.map(lambda xs: local_train(*shared, *xs), per_client, batch_size=clients_per_chunk)
+            return vmapped(*args)
+        if spmd_axis_name is None:
+            return jax.lax.map(lambda xs: local_train(*shared, *xs), per_client, batch_size=clients_per_chunk)
+        # lax.map's own batching has no spmd axis: chunks of [c] clients, each vmapped over the mesh axis.
+        n = jax.tree.leaves(per_client)[0].shape[0]
+        c = min(clients_per_chunk, n)
+        full = (n // c) * c
+        head = jax.tree.map(lambda x: x[:full].reshape((n // c, c) + x.shape[1:]), per_client)
+        out = jax.lax.map(lambda xs: vmapped(*shared, *xs), head)
+        out = jax.tree.map(lambda x: x.reshape((full,) + x.shape[2:]), out)
+        if full == n:
+            return out
+        tail = vmapped(*shared, *jax.tree.map(lambda x: x[full:], per_client))
+        return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
 
     return clients_train

@@ -1,38 +1,28 @@
-"""The simulation engine: model + data + algorithm → jitted rounds.
+"""A run's set-up: model + data + algorithm → the round engine (host-side driver).
 
-One round (one compiled call, whatever clients are sampled and whatever their
-ranks): broadcast (the algorithm's truncation) → ``K`` local steps for every
-sampled client in one ``jax.vmap`` (or chunks of it) → aggregate.
+``Simulation`` loads and validates everything a run needs before any compile, then exposes the
+engine's pieces: the compiled ``round_fn``, the ``schedule`` of clients and batches, the
+``evaluator`` and ``run(state, rounds, callbacks)``. The round itself lives in ``engine.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fedhl_jax import engine
 from fedhl_jax import model as M
-from fedhl_jax.algorithms import Algorithm, make_algorithm
 from fedhl_jax.config import ConfigError, TrainConfig
-from fedhl_jax.data import batching, labels as data_labels, loading, partition as data_partition, prompts
-from fedhl_jax.local import make_clients_train, make_local_train, make_optimizer
-from fedhl_jax.lora import Adapter, lora_scale, rank_mask
+from fedhl_jax.data.federated import build_federated_dataset, load_records
+from fedhl_jax.global_eval import GlobalEvaluator, eval_metric
+from fedhl_jax.local import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MODEL = REPO.parent / "shared" / "models" / "stories260K-hf"
-HUB_MODEL = "karpathy/tinyllamas (stories260K, converted)"
-_PARTITION_KIND = {"iid": "iid", "dirichlet": "dirichlet", "meta": "meta", "quantity_skew": "quantity",
-                   "rank_correlated": "rank"}
-_EVAL_SPLIT = {"gsm8k": "test"}  # others: a held-out slice of the training file
-
-
-# --------------------------------------------------------------------------- ranks
+_AUTO_MESH = object()
 
 
 def client_ranks(fed, seed: int) -> np.ndarray:
@@ -61,9 +51,6 @@ def client_ranks(fed, seed: int) -> np.ndarray:
     return rng.choice(values, size=n, p=w / w.sum()).astype(np.int32)
 
 
-# --------------------------------------------------------------------------- model and data
-
-
 def load_model(cfg: TrainConfig, texts_for_fallback: list[str]):
     """``(model_cfg, params, tokenizer, description)`` following ``model.name_or_path``."""
     mc = cfg.model
@@ -72,8 +59,7 @@ def load_model(cfg: TrainConfig, texts_for_fallback: list[str]):
         name = str(SHARED_MODEL) if SHARED_MODEL.exists() else "random"
     if name != "random":
         model_cfg, params = M.load_pretrained(name, dtype=mc.dtype)
-        tokenizer = M.load_tokenizer(name)
-        return model_cfg, params, tokenizer, f"pretrained {name}"
+        return model_cfg, params, M.load_tokenizer(name), f"pretrained {name}"
     from fedhl_jax.data.toy_tokenizer import word_level_tokenizer
 
     tokenizer = word_level_tokenizer(texts_for_fallback)
@@ -87,234 +73,74 @@ def load_model(cfg: TrainConfig, texts_for_fallback: list[str]):
                                           f"{mc.random_num_layers} layers) with a word-level tokenizer")
 
 
-def load_records(cfg: TrainConfig, log: Callable):
-    """Train and held-out records, choosing local files or the Hub (``data.source``)."""
-    dc = cfg.data
-    source, path = "local", None
-    if dc.source == "hub":
-        source = "hub"
-    elif dc.source != "auto":
-        path = dc.source
-    if dc.source == "auto":
-        try:
-            loading.resolve_data_dir(dc.data_dir)
-        except loading.DataError:
-            source = "hub"
-    common = dict(name=dc.dataset, source=source, data_dir=dc.data_dir)
-    train_cfg = loading.DataConfig(**common, path=path)
-    where = (f"Hub id {loading.HUB_DEFAULTS[dc.dataset][0]}" if source == "hub"
-             else f"local files in {path or loading.resolve_data_dir(dc.data_dir)}")
-    log(f"data: {dc.dataset} from {where}")
-    train = loading.load_instruction_dataset(train_cfg)
-    split = _EVAL_SPLIT.get(dc.dataset)
-    if split is not None and path is None:
-        test = loading.load_instruction_dataset(loading.DataConfig(**common, split=split))
-        if dc.eval_examples:
-            test = test.select(range(min(dc.eval_examples, len(test))))
-    else:  # hold out the last eval_examples rows of a seeded shuffle
-        order = np.random.default_rng([cfg.seed, 0xE7A1]).permutation(len(train))
-        n_eval = min(dc.eval_examples, max(len(train) // 5, 1)) if dc.eval_examples else 0
-        test = train.select(order[len(order) - n_eval:]) if n_eval else None
-        train = train.select(np.sort(order[: len(order) - n_eval]))
-    if dc.max_train_examples is not None and len(train) > dc.max_train_examples:
-        train = train.select(range(dc.max_train_examples))
-    return train, test
-
-
-@dataclasses.dataclass
-class RoundOutput:
-    state: object
-    metrics: dict
-
-
 class Simulation:
     """Everything a run needs, built and validated before any training.
 
     Args:
       cfg: the run's config.
       log: where progress messages go.
+      mesh: a ``clients`` mesh; by default every device when there are several and the round's
+        clients split evenly over them (``engine.client_mesh``); None: one device.
+      probe: passed to ``engine.make_round_step`` (shardings of the client factors, for tests).
     """
 
-    def __init__(self, cfg: TrainConfig, *, log: Callable = print):
-        self.cfg = cfg
-        self.log = log
-        fed, dc = cfg.fed, cfg.data
-        train_records, eval_records = load_records(cfg, log)
-        if fed.num_clients > len(train_records):
-            raise ConfigError(f"fed.num_clients={fed.num_clients} is more than the {len(train_records)} training "
+    def __init__(self, cfg: TrainConfig, *, log: Callable = print, mesh=_AUTO_MESH, probe: Callable | None = None):
+        self.cfg, self.log = cfg, log
+        fed, dc, o = cfg.fed, cfg.data, cfg.optim
+        self.algorithm = fed.build_algorithm()
+        records = load_records(dc, cfg.seed, log)
+        if fed.num_clients > len(records[0]):
+            raise ConfigError(f"fed.num_clients={fed.num_clients} is more than the {len(records[0])} training "
                               f"examples of {dc.dataset}")
-        texts = [" ".join(r.values()) for r in train_records.select(range(min(len(train_records), 2000)))]
+        texts = [" ".join(r.values()) for r in records[0].select(range(min(len(records[0]), 2000)))]
         self.model_cfg, self.params, self.tokenizer, desc = load_model(cfg, texts)
         log(f"model: {desc}")
         self.shapes = M.lora_targets(self.model_cfg, cfg.model.targets)
-        self.ranks = client_ranks(fed, cfg.seed)
         smallest = min(min(s) for s in self.shapes.values())
         if fed.r_max > smallest:
             raise ConfigError(f"rank {fed.r_max} in fed.ranks exceeds min(d_out, d_in)={smallest} of the "
                               f"LoRA modules {sorted({m.split('.')[-1] for m in self.shapes})}")
-        self.alg: Algorithm = make_algorithm(fed.algorithm, fed.r_max, **self._alg_options())
-        self.alg.check_ranks(self.ranks)
-
-        # Data: tokenise once, partition, batch per round with static shapes.
-        self.train = prompts.tokenize_dataset(train_records, self.tokenizer, dc.seq_len)
-        log(f"train: {self.train.truncation_report()}")
-        if fed.num_clients > len(self.train):
-            raise ConfigError(f"fed.num_clients={fed.num_clients} is more than the {len(self.train)} training examples "
-                              f"of {dc.dataset} that fit data.seq_len={dc.seq_len}")
-        kind = _PARTITION_KIND[dc.partition]
-        self.labels = data_labels.dataset_labels(dc.dataset, train_records, dc.label_kind)[self.train.source_index]
-        pcfg = data_partition.PartitionConfig(
-            kind=kind, num_clients=fed.num_clients, seed=cfg.seed, alpha=dc.dirichlet_alpha,
-            ranks=tuple(int(r) for r in self.ranks) if kind == "rank" else None, label_kind=dc.label_kind)
-        self.partitions = data_partition.make_partition(pcfg, len(self.train), self.labels)
-        self.partition_summary = data_partition.partition_summary(self.partitions, self.labels,
-                                                                  tuple(int(r) for r in self.ranks))
-        self.num_examples = np.array([len(p) for p in self.partitions], np.float32)
-        self.batcher = batching.RoundBatcher(self.train.tokens, self.train.loss_mask, self.partitions,
-                                             local_steps=cfg.optim.local_steps, batch_size=cfg.optim.batch_size,
-                                             seed=cfg.seed)
-        self.eval = (prompts.tokenize_dataset(eval_records, self.tokenizer, dc.seq_len)
-                     if eval_records is not None and len(eval_records) else None)
-        self._build_functions()
-
-    def _alg_options(self) -> dict:
-        fed = self.cfg.fed
-        if fed.algorithm == "fedhl":
-            return dict(eps=fed.eps, eps_mode=fed.eps_mode, power=fed.power, weighting=fed.weighting,
-                        per_module=fed.per_module, split=fed.split, svd_method=fed.svd_method)
-        if fed.algorithm == "flexlora":
-            return dict(split=fed.split, svd_method=fed.svd_method)
-        return {}
-
-    # ---------------------------------------------------------------- compiled functions
-    def _build_functions(self):
-        cfg, model_cfg, alg = self.cfg, self.model_cfg, self.alg
-        o = cfg.optim
+        self.ranks = client_ranks(fed, cfg.seed)
+        self.algorithm.check_ranks(self.ranks)
+        self.data = build_federated_dataset(dc, self.tokenizer, num_clients=fed.num_clients, seed=cfg.seed,
+                                            ranks=self.ranks, records=records, log=log)
+        self.mesh = engine.client_mesh(fed.clients_per_round) if mesh is _AUTO_MESH else mesh
+        if self.mesh is not None:
+            log(f"sharding the client axis over {self.mesh.size} devices")
+        batcher = self.data.batcher(local_steps=o.local_steps, batch_size=o.batch_size, seed=cfg.seed)
+        self.schedule = engine.ClientSchedule(self.ranks, self.data.num_examples, fed.r_max, cfg.model.alpha,
+                                              fed.clients_per_round, cfg.seed, batches=batcher,
+                                              rslora=cfg.model.rslora, mesh=self.mesh)
         optimizer = make_optimizer(o.optimizer, o.lr, lr_b=o.lr_b, weight_decay=o.weight_decay, momentum=o.momentum,
-                                   grad_clip=o.grad_clip, trainable=alg.trainable)
-        loss = lambda params, adapter, tokens, mask: M.loss_fn(model_cfg, params, adapter, tokens, mask)
-        local_train = make_local_train(loss, optimizer, remat=cfg.fed.remat)
+                                   grad_clip=o.grad_clip, trainable=self.algorithm.trainable)
+        loss = lambda params, adapter, tokens, mask: M.loss_fn(self.model_cfg, params, adapter, tokens, mask)
+        self.round_fn = engine.compile_round_step(engine.make_round_step(
+            self.algorithm, loss, optimizer, clients_per_chunk=fed.clients_per_chunk, remat=fed.remat,
+            merge_delta=M.merge_delta, mesh=self.mesh, probe=probe))
+        self.evaluator = None
+        if self.data.eval is not None:
+            self.evaluator = GlobalEvaluator(self.model_cfg, self.params, self.tokenizer, self.data.eval,
+                                             self.algorithm, self.ranks, cfg.eval, eval_metric(dc.dataset),
+                                             alpha=cfg.model.alpha, rslora=cfg.model.rslora, r_max=fed.r_max)
 
-        def client_step(params, shared, per_client, mask, scale, tokens, loss_mask):
-            # The client builds its starting factors from the broadcast (its slice of the SVD), then trains.
-            B, A = alg.materialize(shared, per_client, mask)
-            return local_train(params, Adapter(B, A, mask, scale), tokens, loss_mask)
-
-        clients_train = make_clients_train(client_step, clients_per_chunk=cfg.fed.clients_per_chunk, n_shared=2)
-
-        def round_step(state, params, mask, scale, num_examples, tokens, loss_mask, key):
-            plan = alg.plan(state, mask, scale, key)  # server: O(r_max) per client on top of shared arrays
-            if plan.base_delta is not None:
-                params = M.merge_delta(params, plan.base_delta)
-            trained, losses = clients_train(params, plan.shared, plan.per_client, mask, scale, tokens,
-                                            loss_mask)  # losses [n, K]
-            state, info = alg.aggregate(state, trained.B, trained.A, mask, scale, num_examples)
-            return state, info, losses
-
-        def eval_sums(params, delta, tokens, loss_mask):
-            return M.token_losses(model_cfg, M.merge_delta(params, delta), None, tokens, loss_mask)
-
-        self.round_fn = jax.jit(round_step)
-        self.eval_fn = jax.jit(eval_sums)
-        n_dev = jax.device_count()
-        self.mesh = None
-        if n_dev > 1 and self.cfg.fed.clients_per_round % n_dev == 0:
-            self.mesh = Mesh(np.array(jax.devices()), ("clients",))
-            self.log(f"sharding the client axis over {n_dev} devices")
-
-    def _shard(self, *arrays):
-        """Places arrays with a leading client axis on the ``clients`` mesh axis."""
-        if self.mesh is None:
-            return arrays
-        return tuple(jax.device_put(a, NamedSharding(self.mesh, P("clients"))) for a in arrays)
-
-    # ---------------------------------------------------------------- rounds
     def init_state(self):
-        return self.alg.init(self.shapes, jax.random.PRNGKey(self.cfg.seed))
+        """The server state before round 0 (random choices from the run's seed)."""
+        return self.algorithm.init(self.shapes, jax.random.PRNGKey(self.cfg.seed))
 
-    def sample(self, t: int) -> np.ndarray:
-        return batching.sample_clients(self.cfg.fed.num_clients, self.cfg.fed.clients_per_round, t, self.cfg.seed)
+    def run(self, state, rounds: Iterable[int], callbacks: Sequence[Callable] = ()):
+        """Runs ``rounds`` through ``engine.run_rounds``; returns the final state."""
+        return engine.run_rounds(self.round_fn, state, self.params, self.schedule, rounds,
+                                 algorithm=self.algorithm, shapes=self.shapes, callbacks=callbacks)
 
-    def comm_bytes(self, ranks: np.ndarray) -> tuple[int, int]:
-        """Bytes sent down and up in a round (float32 factors of the active ranks)."""
-        per_rank = sum(d_out + d_in for d_out, d_in in self.shapes.values()) * 4
-        up_rank = per_rank if "A" in self.alg.trainable else sum(d for d, _ in self.shapes.values()) * 4
-        down = int(per_rank * ranks.sum())
-        if self.alg.name == "flora":  # everyone also receives the round's stacked factors to merge
-            down += int(per_rank * ranks.sum() * len(ranks))
-        return down, int(up_rank * ranks.sum())
+    def run_round(self, state, t: int) -> engine.RoundRecord:
+        """One round; the record holds the new state and the round's metrics."""
+        out = []
+        self.run(state, [t], [out.append])
+        return out[0]
 
-    def run_round(self, state, t: int) -> RoundOutput:
-        t0 = time.perf_counter()
-        ids = self.sample(t)
-        ranks = self.ranks[ids]
-        mask = rank_mask(ranks, self.cfg.fed.r_max)
-        scale = lora_scale(ranks, self.cfg.model.alpha, rslora=self.cfg.model.rslora)
-        tokens, loss_mask = self.batcher(t, ids)
-        mask, scale, num_ex, tokens, loss_mask = self._shard(mask, scale, jnp.asarray(self.num_examples[ids]),
-                                                             jnp.asarray(tokens), jnp.asarray(loss_mask))
-        key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), t)
-        state, info, losses = self.round_fn(state, self.params, mask, scale, num_ex, tokens, loss_mask, key)
-        losses = np.asarray(losses)
-        down, up = self.comm_bytes(ranks)
-        metrics = {
-            "round": t, "clients": ids, "ranks": ranks,
-            "train_loss": float(losses.mean()), "train_loss_first_step": float(losses[:, 0].mean()),
-            "train_loss_last_step": float(losses[:, -1].mean()),
-            "p": np.asarray(info["p"]), "excluded": int((~np.asarray(info["valid"])).sum()),
-            "bytes_down": down, "bytes_up": up,
-        }
-        if "errors" in info:
-            metrics["trunc_error"] = np.asarray(info["errors"])
-        metrics["seconds"] = time.perf_counter() - t0
-        return RoundOutput(state, metrics)
+    def evaluate(self, state, t: int = 0) -> dict:
+        """Held-out metrics of the global model after round ``t`` ({} without held-out data)."""
+        return {} if self.evaluator is None else self.evaluator(state, self.schedule.key(t))
 
-    # ---------------------------------------------------------------- evaluation
     def global_delta(self, state) -> dict:
-        return self.alg.global_delta(state)
-
-    def evaluate(self, state) -> dict:
-        """Held-out loss/perplexity of the global model (and per rank, and generation metrics if enabled)."""
-        if self.eval is None:
-            return {}
-        from fedhl_jax import evaluation
-
-        ec = self.cfg.eval
-        out = {}
-
-        def loss_of(delta):
-            return evaluation.heldout_loss(lambda t, m: self.eval_fn(self.params, delta, t, m),
-                                           self.eval.tokens, self.eval.loss_mask, ec.batch_size)
-
-        delta = self.global_delta(state)
-        res = loss_of(delta)
-        out["eval_loss"], out["eval_ppl"] = res["loss"], res["ppl"]
-        if ec.per_rank and self.alg.name in ("fedhl", "flexlora"):
-            for r in sorted(set(self.ranks.tolist())):
-                mask = rank_mask([r], self.cfg.fed.r_max)
-                scale = lora_scale([r], self.cfg.model.alpha, rslora=self.cfg.model.rslora)
-                start = self.alg.broadcast(state, mask, scale, jax.random.PRNGKey(0))
-                trunc = {k: scale[0] * start.B[k][0] @ start.A[k][0] for k in start.B}
-                out[f"eval_loss_rank{r}"] = loss_of(trunc)["loss"]
-        if ec.generate_examples:
-            out.update(self.generation_metrics(delta))
-        return out
-
-    def generation_metrics(self, delta, n: int | None = None) -> dict:
-        """Exact match (GSM8K) or ROUGE-L (others) of greedy answers to the first ``n`` held-out prompts."""
-        from fedhl_jax import evaluation
-
-        ec = self.cfg.eval
-        n = min(ec.generate_examples if n is None else n, len(self.eval))
-        params = M.merge_delta(self.params, delta)
-        eos = self.tokenizer.eos_token_id
-
-        def gen(batch):
-            toks = M.generate(self.model_cfg, params, [list(map(int, p)) for p in batch],
-                              max_new_tokens=ec.max_new_tokens, eos_id=eos)
-            return [self.tokenizer.decode(r, skip_special_tokens=True) for r in M.strip_after_eos(toks, eos)]
-
-        metric = "exact_match" if self.cfg.data.dataset == "gsm8k" else "rouge_l"
-        res = evaluation.generation_eval(gen, self.eval.prompt_ids[:n], self.eval.references[:n], metric,
-                                         batch_size=min(n, ec.batch_size))
-        return {f"eval_{metric}": res["score"], "eval_sample": res["predictions"][0] if n else ""}
+        return self.algorithm.global_delta(state)

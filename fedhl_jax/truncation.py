@@ -72,7 +72,7 @@ def svd(G: jax.Array, r_max: int, *, method: str = "exact", key: jax.Array | Non
         return SVD(U[:, :r_max], S[:r_max], Vt[:r_max], tail_all[: r_max + 1])
     if method == "randomized":
         if key is None:
-            key = jax.random.PRNGKey(0)
+            raise ValueError("svd(method='randomized') needs a PRNG key for its sketch")
         d_out, d_in = G.shape
         ell = min(r_max + oversample, min(d_out, d_in))
         omega = jax.random.normal(key, (d_in, ell), G.dtype)  # [d_in, ℓ]
@@ -139,7 +139,8 @@ def truncation_plan(dec: SVD, scale: jax.Array, *, key: jax.Array | None = None,
       dec: the module's ``SVD``.
       scale: ``[n]`` LoRA scales ``s_i``.
       key: PRNG key for the ``A`` rows of σ = 0 directions (seeded LoRA init, the
-        same rows for every client of the round).
+        same rows for every client of the round). Without one those rows are zero (no hidden
+        constant key); the engine always passes the round's key.
       split: how ``Σ`` is divided between the factors (each divided by ``s``):
         ``"balanced"`` ``B = U√Σ/√s, A = √ΣVᵀ/√s`` (default);
         ``"left"`` ``B = UΣ/s, A = Vᵀ``; ``"right"`` ``B = U, A = ΣVᵀ/s``.
@@ -160,8 +161,9 @@ def truncation_plan(dec: SVD, scale: jax.Array, *, key: jax.Array | None = None,
     else:
         b, a = ones, S[None, :] / scale
     zero = zero_directions(S, (U.shape[0], Vt.shape[1]))  # [r]
-    key = jax.random.PRNGKey(0) if key is None else key
-    return TruncationPlan(U, Vt, lora_init_A(key, r_max, Vt.shape[1], Vt.dtype), zero, b, a)
+    # Without a key there is nothing random to draw: σ = 0 directions get A rows of zero.
+    a_init = jnp.zeros_like(Vt) if key is None else lora_init_A(key, r_max, Vt.shape[1], Vt.dtype)
+    return TruncationPlan(U, Vt, a_init, zero, b, a)
 
 
 def factors_from_plan(U, Vt, a_init, zero, b_i, a_i, mask_i):

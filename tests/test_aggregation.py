@@ -195,7 +195,7 @@ def test_float64_agreement():
         B0, A0 = F.truncate(G, mask, scale)
         B = B0 + 0.1 * jnp.asarray(rng.normal(size=B0.shape)) * mask[:, None, :]
         A = A0 + 0.1 * jnp.asarray(rng.normal(size=A0.shape)) * mask[:, :, None]
-        got, p = F.fedhl_aggregate(G, B, A, mask, scale, eps=0.3)
+        got, p = F.fedhl_aggregate(G, B, A, mask, scale, eps=0.3, eps_mode="absolute")
         assert got.dtype == jnp.float64
         want, p_want = np_fedhl(G, B, A, ranks, scale, 0.3, eps_mode="absolute")
         np.testing.assert_allclose(got, want, atol=1e-10)

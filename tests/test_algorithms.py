@@ -121,9 +121,9 @@ def test_tree_fedhl_matches_module_function(per_module):
     new, info = alg.aggregate(state, B, A, mask, scale, None)
     errs = {k: np.asarray(F.truncation_error(state.G[k], RANKS, r_max=R_MAX)) for k in SHAPES}
     np.testing.assert_allclose(info["errors"], sum(errs.values()), rtol=1e-4)
-    shared_p = F.fedhl_weights(jnp.asarray(sum(errs.values())), eps=0.05)
+    shared_p = F.fedhl_weights(jnp.asarray(sum(errs.values())), eps=0.05, eps_mode="absolute")
     for k in SHAPES:
-        want, p_k = F.fedhl_aggregate(state.G[k], B[k], A[k], mask, scale, eps=0.05)
+        want, p_k = F.fedhl_aggregate(state.G[k], B[k], A[k], mask, scale, eps=0.05, eps_mode="absolute")
         if per_module:
             np.testing.assert_allclose(new.G[k], want, atol=1e-4)
         else:
@@ -169,7 +169,7 @@ def test_fedex_lora_is_exact_average_of_products():
     ranks = np.full(3, 3)
     mask = F.rank_mask(ranks, R_MAX)
     scale = F.lora_scale(ranks, 6.0)
-    state = alg.init(SHAPES)
+    state = alg.init(SHAPES, jax.random.PRNGKey(0))
     start = alg.broadcast(state, mask, scale, jax.random.PRNGKey(0))
     B, A = perturb(start, mask, 3, size=0.5)
     new, info = alg.aggregate(state, B, A, mask, scale, jnp.ones(3))

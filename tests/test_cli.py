@@ -126,7 +126,9 @@ def test_existing_run_without_resume_is_refused(reference):
     ("fed.bogus=1", "unknown config key 'fed.bogus'; valid keys under 'fed': algorithm, num_clients"),
     ("optim.lr=0", "optim.lr must be > 0, got 0"),
     ("fed.participation=0", "fed.participation must be in (0, 1], got 0"),
-    ("fed.eps=-1", "fed.eps must be > 0, got -1"),
+    ("fed.options.eps=-1", "eps must be > 0, got eps=-1"),
+    ("fed.eps=0.1", "config key 'fed.eps' moved to 'fed.options.eps'"),
+    ("fed.options.eps_mode=weird", "unknown eps_mode 'weird'"),
     ("fed.clients_per_chunk=0", "fed.clients_per_chunk must be >= 1"),
     ("fed.algorithm=fedit", "needs homogeneous ranks"),
 ])

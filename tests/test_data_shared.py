@@ -77,7 +77,7 @@ def test_real_counts(name, split, rows):
 CASES = [
     (DataConfig("gsm8k"), PartitionConfig("dirichlet", num_clients=10, alpha=0.5, seed=0)),
     (DataConfig("codealpaca", split="all"), PartitionConfig("meta", num_clients=10, seed=0)),
-    (DataConfig("dolly"), PartitionConfig("rank", num_clients=6, ranks=(2, 2, 4, 8, 8, 16), seed=0)),
+    (DataConfig("dolly"), PartitionConfig("rank_correlated", num_clients=6, ranks=(2, 2, 4, 8, 8, 16), seed=0)),
 ]
 
 
@@ -113,7 +113,7 @@ def test_real_federated_dataset(tokenizer, data_cfg, part_cfg, tmp_path):
     tk, mk = batcher(0, sample_clients(fed.num_clients, 3, 0))
     assert tk.shape == mk.shape == (3, 2, 4, 512)
 
-    if part_cfg.kind == "rank":  # private labels only on the two rank-2 clients
+    if part_cfg.kind == "rank_correlated":  # private labels only on the two rank-2 clients
         per_client = [set(fed.labels[p]) for p in fed.partitions]
         private = per_client[0] | per_client[1]
         assert private and not private & set().union(*per_client[2:])

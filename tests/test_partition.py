@@ -228,9 +228,9 @@ def test_bad_parameters():
     with pytest.raises(DataError, match="unknown partition kind 'random'"):
         PartitionConfig(kind="random")
     with pytest.raises(DataError, match="needs ranks"):
-        PartitionConfig(kind="rank", num_clients=3)
+        PartitionConfig(kind="rank_correlated", num_clients=3)
     with pytest.raises(DataError, match="does not match num_clients"):
-        PartitionConfig(kind="rank", num_clients=3, ranks=(2, 4))
+        PartitionConfig(kind="rank_correlated", num_clients=3, ranks=(2, 4))
     with pytest.raises(DataError, match="needs labels"):
         make_partition(PartitionConfig(kind="meta", num_clients=2), 10)
 
@@ -250,7 +250,7 @@ def test_validate_partition_detects_problems():
     c=st.integers(1, 12),
     k=st.integers(1, 5),
     seed=st.integers(0, 2**16),
-    kind=st.sampled_from(["iid", "dirichlet", "meta", "quantity"]),
+    kind=st.sampled_from(["iid", "dirichlet", "meta", "quantity_skew"]),
 )
 def test_partitions_always_cover(n, c, k, seed, kind):
     labels = [f"L{i % k}" for i in range(n)]

@@ -80,6 +80,6 @@ def test_regenerating_the_page_keeps_the_written_discussion():
 def test_config_digest_sees_resolved_defaults_and_seed():
     cell = R.cells(SPEC, quick=False)[0]
     d = R.config_digest(SPEC["base"], cell["overrides"], 0)
-    assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"fed.split": "balanced"}), 0) == d  # the default
-    assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"fed.split": "left"}), 0) != d
+    assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"fed.options.split": "balanced"}), 0) == d  # the default
+    assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"fed.options.split": "left"}), 0) != d
     assert R.config_digest(SPEC["base"], cell["overrides"], 1) != d

@@ -32,7 +32,7 @@ def test_one_compile_across_rounds_with_different_clients(sim):
     assert sim.round_fn._cache_size() == 1
     ev = sim.evaluate(state)
     assert np.isfinite(ev["eval_loss"]) and ev["eval_ppl"] > 1
-    assert sim.eval_fn._cache_size() == 1
+    assert sim.evaluator.loss_fn._cache_size() == 1
 
 
 def test_training_lowers_heldout_loss(tmp_path):
@@ -84,7 +84,8 @@ def test_more_clients_than_examples_is_refused(tmp_path):
 
 
 def test_client_axis_shards_over_8_devices(tmp_path):
-    """Same round sharded over 8 simulated CPU devices (a `clients` mesh axis) and on one device."""
+    """The client axis is partitioned over 8 simulated CPU devices inside the round (the trained
+    factors are sharded along it), and the round gives the same result as on one device."""
     script = textwrap.dedent(f"""
         import sys, numpy as np, jax
         sys.path.insert(0, {str(REPO)!r})
@@ -92,19 +93,25 @@ def test_client_axis_shards_over_8_devices(tmp_path):
         from fedhl_jax.simulation import Simulation
         from tests.conftest import tiny_overrides
         from pathlib import Path
-        cfg = load_config(None, tiny_overrides(Path({str(tmp_path)!r}), **{{"fed.num_clients": 16, "fed.participation": 0.5}}))
-        sim = Simulation(cfg, log=lambda *_: None)
-        assert jax.device_count() == 8 and sim.mesh is not None
-        state = sim.run_round(sim.init_state(), 0).state
-        sharded = np.asarray(state.G["layers.0.self_attn.q_proj"])
-        sim.mesh = None
-        state = sim.run_round(sim.init_state(), 0).state
-        single = np.asarray(state.G["layers.0.self_attn.q_proj"])
-        print("maxdiff", np.abs(sharded - single).max())
-        assert np.allclose(sharded, single, atol=1e-5)
+        for chunk in ("null", "2"):
+            cfg = load_config(None, tiny_overrides(Path({str(tmp_path)!r}), **{{"fed.num_clients": 16,
+                              "fed.participation": 0.5, "fed.clients_per_chunk": chunk}}))
+            seen = []
+            sim = Simulation(cfg, log=lambda *_: None, probe=lambda name, shape, s: seen.append((name, shape, s)))
+            assert jax.device_count() == 8 and sim.mesh is not None
+            sharded = np.asarray(sim.run_round(sim.init_state(), 0).state.G["layers.0.self_attn.q_proj"])
+            assert {{name for name, _, _ in seen}} == {{"B", "A"}}
+            for name, shape, s in seen:
+                assert shape[0] == 8 and len(s.device_set) == 8, (name, shape, s)
+                assert s.shard_shape(shape)[0] == 1, (name, shape, s)  # one client per device
+            single = Simulation(cfg, log=lambda *_: None, mesh=None)
+            assert single.mesh is None
+            one = np.asarray(single.run_round(single.init_state(), 0).state.G["layers.0.self_attn.q_proj"])
+            print("maxdiff", chunk, np.abs(sharded - one).max())
+            assert np.allclose(sharded, one, atol=1e-5)
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     res = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "maxdiff" in res.stdout
+    assert "maxdiff null" in res.stdout and "maxdiff 2" in res.stdout

@@ -1,17 +1,24 @@
-"""One call from a :class:`DataConfig` to tokenised, labelled, partitioned data."""
+"""The one data path of a run: a :class:`DataConfig` → tokenised, labelled, partitioned data.
+
+``load_records`` reads the training rows and the held-out rows (GSM8K's test split, else a seeded
+held-out slice of the training file); ``build_federated_dataset`` labels, tokenises and
+partitions them. The engine, the CLI, the results suite and the tests all go through these two.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import datasets
 import numpy as np
 
 from fedhl_jax.data.batching import RoundBatcher
-from fedhl_jax.data.labels import dataset_labels
-from fedhl_jax.data.loading import DataConfig, DataError, load_instruction_dataset
+from fedhl_jax.data.labels import LABEL_KINDS, dataset_labels
+from fedhl_jax.data.loading import DATASET_NAMES, HUB_DEFAULTS, DataError, load_instruction_dataset, resolve_data_dir
+from fedhl_jax.data.loading import DataConfig as DataSource
 from fedhl_jax.data.partition import (
+    PARTITION_KINDS,
     PartitionConfig,
     PartitionSummary,
     make_partition,
@@ -19,7 +26,99 @@ from fedhl_jax.data.partition import (
 )
 from fedhl_jax.data.prompts import TokenizedDataset, tokenize_dataset
 
-__all__ = ["FederatedDataset", "build_federated_dataset"]
+__all__ = ["DataConfig", "FederatedDataset", "build_federated_dataset", "load_records"]
+
+# Datasets with an official held-out split; the others hold out a seeded slice of the training file.
+_EVAL_SPLIT = {"gsm8k": "test"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """A run's data: which dataset, from where, tokenised how, split across clients how.
+
+    Attributes:
+      dataset: ``gsm8k``, ``codealpaca`` or ``dolly``.
+      source: ``auto`` (local files under ``data_dir``, else the Hub id of the dataset), ``local``,
+        ``hub``, or a path to a JSON Lines / JSON file of the dataset's schema.
+      data_dir: data directory (default ``$FEDHL_DATA_DIR``, else ``../shared/data``).
+      seq_len: sequence length ``T`` of every example.
+      max_train_examples: keep the first this many training rows.
+      partition: one of ``PARTITION_KINDS`` (``iid``, ``dirichlet``, ``meta``, ``quantity_skew``,
+        ``rank_correlated``).
+      dirichlet_alpha: concentration of ``dirichlet`` and ``quantity_skew``.
+      label_kind: labels of label-based partitions (None: the dataset's default).
+      eval_examples: held-out examples (0: none).
+    """
+
+    dataset: str = "gsm8k"
+    source: str = "auto"
+    data_dir: str | None = None
+    seq_len: int = 256
+    max_train_examples: int | None = None
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.3
+    label_kind: str | None = None
+    eval_examples: int = 128
+
+    def __post_init__(self):
+        def require(cond, msg):
+            if not cond:
+                raise DataError(msg)
+
+        require(self.dataset in DATASET_NAMES,
+                f"data.dataset must be one of {', '.join(DATASET_NAMES)}; got {self.dataset!r}")
+        require(self.seq_len >= 8, f"data.seq_len must be >= 8, got {self.seq_len}")
+        if self.partition in ("quantity", "rank"):
+            PartitionConfig(kind=self.partition)  # raises with the new name
+        require(self.partition in PARTITION_KINDS,
+                f"data.partition must be one of {PARTITION_KINDS}, got {self.partition!r}")
+        require(self.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
+        require(self.max_train_examples is None or self.max_train_examples >= 1,
+                f"data.max_train_examples must be >= 1, got {self.max_train_examples}")
+        require(self.eval_examples >= 0, f"data.eval_examples must be >= 0, got {self.eval_examples}")
+        require(self.label_kind is None or self.label_kind in LABEL_KINDS,
+                f"data.label_kind must be one of {sorted(LABEL_KINDS)} (or null), got {self.label_kind!r}")
+
+    def source_spec(self, split: str = "train") -> tuple[DataSource, str]:
+        """The loader's ``DataSource`` for ``split`` and a description of where it reads from."""
+        source, path = "local", None
+        if self.source == "hub":
+            source = "hub"
+        elif self.source not in ("auto", "local"):
+            path = self.source
+        elif self.source == "auto":
+            try:
+                resolve_data_dir(self.data_dir)
+            except DataError:
+                source = "hub"
+        spec = DataSource(name=self.dataset, source=source, data_dir=self.data_dir, path=path,
+                          split=split if path is None else "train")
+        where = (f"Hub id {spec.hub_id or HUB_DEFAULTS[self.dataset][0]}" if source == "hub"
+                 else f"local files in {path or resolve_data_dir(self.data_dir)}")
+        return spec, where
+
+
+def load_records(config: DataConfig, seed: int, log: Callable = lambda *_: None):
+    """Training and held-out rows of ``config``.
+
+    Returns:
+      ``(train, eval)`` ``datasets.Dataset``; ``eval`` is None with ``eval_examples=0``.
+    """
+    spec, where = config.source_spec()
+    log(f"data: {config.dataset} from {where}")
+    train = load_instruction_dataset(spec)
+    split = _EVAL_SPLIT.get(config.dataset)
+    if split is not None and spec.path is None:
+        test = load_instruction_dataset(dataclasses.replace(spec, split=split))
+        test = test.select(range(min(config.eval_examples, len(test)))) if config.eval_examples else None
+    else:  # hold out the last eval_examples rows of a seeded shuffle
+        order = np.random.default_rng([seed, 0xE7A1]).permutation(len(train))
+        n_eval = min(config.eval_examples, max(len(train) // 5, 1)) if config.eval_examples else 0
+        test = train.select(order[len(order) - n_eval:]) if n_eval else None
+        train = train.select(np.sort(order[: len(order) - n_eval]))
+    if config.max_train_examples is not None and len(train) > config.max_train_examples:
+        train = train.select(range(config.max_train_examples))
+    return train, test
 
 
 @dataclasses.dataclass
@@ -27,12 +126,13 @@ class FederatedDataset:
     """A tokenised dataset split across clients.
 
     Attributes:
-        config: The data configuration.
-        partition_config: The partition configuration.
-        records: Normalised records (all loaded rows, before dropping).
-        data: Tokenised arrays for the kept rows (``N`` of them).
-        labels: ``[N]`` labels of the kept rows.
-        partitions: One index array (into ``data``) per client.
+      config: the data configuration.
+      partition_config: the partition configuration.
+      records: training rows (all loaded, before dropping).
+      data: tokenised arrays of the kept training rows (``N`` of them).
+      labels: ``[N]`` labels of the kept rows.
+      partitions: one index array (into ``data``) per client.
+      eval: tokenised held-out rows, or None.
     """
 
     config: DataConfig
@@ -41,59 +141,68 @@ class FederatedDataset:
     data: TokenizedDataset
     labels: np.ndarray
     partitions: list[np.ndarray]
+    eval: TokenizedDataset | None = None
 
     @property
     def num_clients(self) -> int:
-        """Number of clients."""
         return len(self.partitions)
+
+    @property
+    def num_examples(self) -> np.ndarray:
+        """``[num_clients]`` float32 local data sizes."""
+        return np.array([len(p) for p in self.partitions], np.float32)
 
     def summary(self) -> PartitionSummary:
         """Examples and label mix per client."""
         return partition_summary(self.partitions, self.labels, self.partition_config.ranks)
 
     def batcher(self, *, local_steps: int, batch_size: int, seed: int = 0) -> RoundBatcher:
-        """Returns a :class:`RoundBatcher` over this dataset's partitions."""
-        return RoundBatcher(
-            self.data.tokens, self.data.loss_mask, self.partitions,
-            local_steps=local_steps, batch_size=batch_size, seed=seed,
-        )
+        """A :class:`RoundBatcher` over this dataset's partitions (static ``[n, K, b, T]`` batches)."""
+        return RoundBatcher(self.data.tokens, self.data.loss_mask, self.partitions,
+                            local_steps=local_steps, batch_size=batch_size, seed=seed)
 
 
-def build_federated_dataset(
-    config: DataConfig,
-    tokenizer: Any,
-    partition: PartitionConfig,
-    *,
-    seq_len: int = 512,
-    pad_id: int | None = None,
-) -> FederatedDataset:
+def build_federated_dataset(config: DataConfig, tokenizer: Any, *, num_clients: int, seed: int = 0,
+                            ranks=None, records=None, pad_id: int | None = None,
+                            log: Callable = lambda *_: None) -> FederatedDataset:
     """Loads, labels, tokenises and partitions a dataset.
 
-    The client count and the label kind are checked right after loading,
-    before tokenisation. Labels are computed on all rows and then restricted
-    to the rows kept by :func:`tokenize_dataset`.
+    The client count is checked right after loading and again after tokenisation (rows whose
+    response does not fit ``seq_len`` are dropped). Labels are computed on all rows and then
+    restricted to the kept ones.
 
     Args:
-        config: What to load.
-        tokenizer: Hugging Face tokenizer.
-        partition: How to split it.
-        seq_len: Sequence length ``T``.
-        pad_id: Optional padding id (see :func:`tokenize_dataset`).
+      config: what to load and how to split it.
+      tokenizer: Hugging Face tokenizer.
+      num_clients: ``C``.
+      seed: the run's seed (held-out slice, partition).
+      ranks: ``[C]`` client ranks (needed by ``rank_correlated``; shown in the summary).
+      records: ``(train, eval)`` from ``load_records`` if already loaded.
+      pad_id: optional padding id (see :func:`tokenize_dataset`).
+      log: where progress messages go.
 
     Returns:
-        A :class:`FederatedDataset`.
+      A :class:`FederatedDataset`.
 
     Raises:
-        DataError: Any loading, label or partition error.
+      DataError: any loading, label or partition error, or more clients than examples.
     """
-    records = load_instruction_dataset(config)
-    if partition.num_clients > len(records):
-        raise DataError(
-            f"more clients than examples: {partition.num_clients} clients but only "
-            f"{len(records)} examples in {config.name}"
-        )
-    labels_all = dataset_labels(config.name, records, partition.label_kind)
-    data = tokenize_dataset(records, tokenizer, seq_len, pad_id=pad_id)
+    train, test = load_records(config, seed, log) if records is None else records
+    if num_clients > len(train):
+        raise DataError(f"fed.num_clients={num_clients} is more than the {len(train)} training examples of "
+                        f"{config.dataset}")
+    labels_all = dataset_labels(config.dataset, train, config.label_kind)
+    data = tokenize_dataset(train, tokenizer, config.seq_len, pad_id=pad_id)
+    log(f"train: {data.truncation_report()}")
+    if num_clients > len(data):
+        raise DataError(f"fed.num_clients={num_clients} is more than the {len(data)} training examples of "
+                        f"{config.dataset} that fit data.seq_len={config.seq_len}")
     labels = labels_all[data.source_index]
-    parts = make_partition(partition, len(data), labels)
-    return FederatedDataset(config, partition, records, data, labels, parts)
+    ranks = None if ranks is None else tuple(int(r) for r in ranks)
+    pcfg = PartitionConfig(kind=config.partition, num_clients=num_clients, seed=seed, alpha=config.dirichlet_alpha,
+                           ranks=ranks if config.partition == "rank_correlated" else None,
+                           label_kind=config.label_kind)
+    parts = make_partition(pcfg, len(data), labels)
+    pcfg = dataclasses.replace(pcfg, ranks=ranks) if config.partition != "rank_correlated" and ranks else pcfg
+    ev = tokenize_dataset(test, tokenizer, config.seq_len, pad_id=pad_id) if test is not None and len(test) else None
+    return FederatedDataset(config, pcfg, train, data, labels, parts, ev)

@@ -33,6 +33,8 @@ from typing import Any, Sequence
 
 import datasets
 
+from fedhl_jax.errors import ConfigError
+
 __all__ = [
     "DATASET_NAMES",
     "DATA_DIR_ENV",
@@ -102,7 +104,7 @@ HUB_DEFAULTS: dict[str, tuple[str, str | None]] = {
 }
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """Raised for bad data or a bad data configuration (with a precise message)."""
 
 

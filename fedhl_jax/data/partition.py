@@ -25,12 +25,12 @@ Partitioners:
     examples are split evenly among its clients. With ``num_clients < L``,
     labels are dealt round-robin, so each client holds a disjoint group of
     labels. The label->client mapping is shuffled with ``seed``.
-``quantity``
+``quantity_skew``
     Label-blind, skewed sizes: proportions ``p ~ Dirichlet(alpha * 1)``
     (``method="dirichlet"``) or ``p_k ∝ (k + 1) ** -exponent`` in a shuffled
     client order (``method="power_law"``). Each client gets one example plus
     a largest-remainder share of the other ``N - C``.
-``rank``
+``rank_correlated``
     Rank-correlated split for heterogeneous LoRA ranks, rule:
 
     1. Clients are ordered by ``(rank, client id)``. The *private* clients are
@@ -78,7 +78,9 @@ __all__ = [
 ]
 
 #: Names accepted by :func:`make_partition`.
-PARTITION_KINDS = ("iid", "dirichlet", "meta", "quantity", "rank")
+PARTITION_KINDS = ("iid", "dirichlet", "meta", "quantity_skew", "rank_correlated")
+# Names used before the vocabulary was unified (an error names the new one).
+_RENAMED = {"quantity": "quantity_skew", "rank": "rank_correlated"}
 
 
 def _check_sizes(num_examples: int, num_clients: int) -> None:
@@ -435,12 +437,12 @@ class PartitionConfig:
 
     Attributes:
         kind: One of :data:`PARTITION_KINDS`.
-        num_clients: ``C`` (for ``kind="rank"`` it must equal ``len(ranks)``).
+        num_clients: ``C`` (for ``kind="rank_correlated"`` it must equal ``len(ranks)``).
         seed: RNG seed.
-        alpha: Dirichlet concentration for ``dirichlet`` and ``quantity``.
+        alpha: Dirichlet concentration for ``dirichlet`` and ``quantity_skew``.
         quantity_method: ``"dirichlet"`` or ``"power_law"``.
         exponent: Power-law exponent.
-        ranks: Client LoRA ranks for ``kind="rank"``.
+        ranks: Client LoRA ranks for ``kind="rank_correlated"``.
         num_private_clients: See :func:`rank_correlated_partition`.
         num_private_labels: See :func:`rank_correlated_partition`.
         private_labels: See :func:`rank_correlated_partition`.
@@ -463,11 +465,13 @@ class PartitionConfig:
     label_kind: str | None = None
 
     def __post_init__(self) -> None:
+        if self.kind in _RENAMED:
+            raise DataError(f"partition kind {self.kind!r} is now called {_RENAMED[self.kind]!r}")
         if self.kind not in PARTITION_KINDS:
             raise DataError(f"unknown partition kind {self.kind!r}; expected one of {list(PARTITION_KINDS)}")
-        if self.kind == "rank":
+        if self.kind == "rank_correlated":
             if self.ranks is None:
-                raise DataError("partition kind 'rank' needs ranks")
+                raise DataError("partition kind 'rank_correlated' needs ranks")
             if len(self.ranks) != self.num_clients:
                 raise DataError(
                     f"len(ranks)={len(self.ranks)} does not match num_clients={self.num_clients}"
@@ -484,7 +488,7 @@ def make_partition(
     Args:
         config: The partition settings.
         num_examples: ``N``.
-        labels: ``[N]`` labels (required for ``dirichlet``, ``meta``, ``rank``).
+        labels: ``[N]`` labels (required for ``dirichlet``, ``meta``, ``rank_correlated``).
 
     Returns:
         ``config.num_clients`` sorted int64 index arrays.
@@ -492,14 +496,14 @@ def make_partition(
     Raises:
         DataError: Missing or mis-sized labels, or any partitioner error.
     """
-    if config.kind in ("dirichlet", "meta", "rank"):
+    if config.kind in ("dirichlet", "meta", "rank_correlated"):
         if labels is None:
             raise DataError(f"partition kind {config.kind!r} needs labels")
         if len(labels) != num_examples:
             raise DataError(f"got {len(labels)} labels for {num_examples} examples")
     if config.kind == "iid":
         return iid_partition(num_examples, config.num_clients, config.seed)
-    if config.kind == "quantity":
+    if config.kind == "quantity_skew":
         return quantity_skew_partition(
             num_examples, config.num_clients, config.seed,
             method=config.quantity_method, alpha=config.alpha, exponent=config.exponent,

@@ -3,8 +3,9 @@
 Clients fit ``y = W x`` with ``W = base + s·B·A`` on their own non-IID inputs; the
 common optimum ``W*`` is full-rank and known, so ``‖G_T − W*‖_F / ‖W*‖_F`` measures
 how far each aggregation rule gets. Every round is one ``jax.lax.scan`` step:
-broadcast (one SVD per module) → ``K`` local gradient steps for all clients under
-``jax.vmap`` → aggregate. All shapes are static, so a method compiles once.
+the engine's round (``engine.make_round_step``: broadcast → ``K`` local gradient steps for all
+clients under ``jax.vmap`` → aggregate) with a least-squares loss. All shapes are static, so a
+method compiles once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedhl_jax.algorithms import Algorithm, make_algorithm
+from fedhl_jax.engine import RoundInputs, make_round_step
+from fedhl_jax.local import make_optimizer
 from fedhl_jax.lora import lora_scale, rank_mask
 from fedhl_jax.truncation import masked_factors
 
@@ -78,48 +81,36 @@ def make_problem(cfg: LinRegConfig, seed: int):
     return f32(W), f32(X), f32(Y)
 
 
-def _client_loss(B, A, mask, scale, base, X, Y):
-    """Mean squared error of one client; ``B [d_out, r]``, ``A [r, d_in]``, ``X [m, d_in]``."""
-    Bm, Am = masked_factors(B[None], A[None], mask[None])
-    W = base + scale * Bm[0] @ Am[0]
+def _client_loss(base, adapter, X, Y):
+    """Mean squared error of one client on ``X [m, d_in]``, ``Y [m, d_out]`` with ``W = base + s·B·A``."""
+    Bm, Am = masked_factors(adapter.B[MODULE][None], adapter.A[MODULE][None], adapter.mask[None])
+    W = base[MODULE] + adapter.scale * Bm[0] @ Am[0]
     return 0.5 * jnp.mean(jnp.sum((X @ W.T - Y) ** 2, axis=-1))
 
 
-def _local_train(B, A, mask, scale, base, X, Y, *, steps, lr, train_a=True):
-    """``steps`` full-batch gradient steps on the client's factors."""
-    grad = jax.grad(_client_loss, argnums=(0, 1))
-
-    def step(carry, _):
-        b, a = carry
-        gb, ga = grad(b, a, mask, scale, base, X, Y)
-        return (b - lr * gb, a - lr * ga if train_a else a), None
-
-    (B, A), _ = jax.lax.scan(step, (B, A), None, length=steps)
-    return B, A
-
-
 def run_method(alg: Algorithm, cfg: LinRegConfig, ranks, W_star, X, Y, seed: int) -> np.ndarray:
-    """Relative error ``‖G_t − W*‖/‖W*‖`` after each round, ``[rounds]``."""
+    """Relative error ``‖G_t − W*‖/‖W*‖`` after each round, ``[rounds]``.
+
+    The round is the engine's (``engine.make_round_step``) with a least-squares loss and plain
+    full-batch gradient steps (SGD); the rounds run under one ``jax.lax.scan``.
+    """
     ranks = np.asarray(ranks)
     alg.check_ranks(ranks)
     r_max = int(max(ranks))
     mask = rank_mask(ranks, r_max)
     scale = lora_scale(ranks, cfg.alpha)
-    shapes = {MODULE: (cfg.d_out, cfg.d_in)}
-    state = alg.init(shapes, jax.random.PRNGKey(seed))
-    train = jax.vmap(lambda b, a, m, s, base, x, y: _local_train(
-        b, a, m, s, base, x, y, steps=cfg.local_steps, lr=cfg.lr, train_a="A" in alg.trainable),
-        in_axes=(0, 0, 0, 0, None, 0, 0))
-    norm = jnp.linalg.norm(W_star)
+    state = alg.init({MODULE: (cfg.d_out, cfg.d_in)}, jax.random.PRNGKey(seed))
+    optimizer = make_optimizer("sgd", cfg.lr, trainable=alg.trainable)
+    step = make_round_step(alg, _client_loss, optimizer)
+    base = {MODULE: jnp.zeros((cfg.d_out, cfg.d_in))}
+    steps = lambda a: jnp.broadcast_to(a[:, None], (a.shape[0], cfg.local_steps) + a.shape[1:])  # same batch each step
+    batch = (steps(X), steps(Y))  # [n, K, m, d]
     sizes = jnp.full((len(ranks),), float(cfg.samples))
+    norm = jnp.linalg.norm(W_star)
 
     def one_round(state, key):
-        start = alg.broadcast(state, mask, scale, key)
-        base = jnp.zeros((cfg.d_out, cfg.d_in)) if start.base_delta is None else start.base_delta[MODULE]
-        B, A = train(start.B[MODULE], start.A[MODULE], mask, scale, base, X, Y)
-        state, _ = alg.aggregate(state, {MODULE: B}, {MODULE: A}, mask, scale, sizes)
-        err = jnp.linalg.norm(alg.global_delta(state)[MODULE] - W_star) / norm
-        return state, err
+        state, _ = step(state, base, RoundInputs(mask, scale, sizes, batch, key))
+        return state, jnp.linalg.norm(alg.global_delta(state)[MODULE] - W_star) / norm
 
     keys = jax.random.split(jax.random.PRNGKey(1000 + seed), cfg.rounds)
     _, errs = jax.jit(lambda s, k: jax.lax.scan(one_round, s, k))(state, keys)
@@ -130,13 +121,19 @@ def run(cfg: LinRegConfig = LinRegConfig()) -> dict:
     """Runs every method over every seed.
 
     Returns:
-      ``{"curves": {method: [seeds, rounds]}, "seconds": {method: float}, "config": cfg}``.
+      ``{"curves": {method: [seeds, rounds]}, "seconds": {method: float}, "config": cfg,
+      "rank_floor": float, "labels": {method: str}}``.
     """
-    curves, seconds = {}, {}
+    curves, seconds, labels = {}, {}, {}
+    options = {"fedhl": {"eps": cfg.fedhl_eps}}
     for name in cfg.methods:
-        ranks = np.full(len(cfg.ranks), cfg.fedit_rank) if name == "fedit" else np.asarray(cfg.ranks)
-        kwargs = {"eps": cfg.fedhl_eps} if name == "fedhl" else {}
-        alg = make_algorithm(name, int(max(ranks)), **kwargs)
+        ranks = np.asarray(cfg.ranks)
+        alg = make_algorithm(name, int(max(ranks)), options.get(name))
+        labels[name] = name
+        if alg.homogeneous:  # one rank for every client: all at fedit_rank
+            ranks = np.full(len(cfg.ranks), cfg.fedit_rank)
+            alg = make_algorithm(name, cfg.fedit_rank, options.get(name))
+            labels[name] = f"{name} (all rank {cfg.fedit_rank})"
         t0 = time.perf_counter()
         runs = []
         for seed in cfg.seeds:
@@ -148,11 +145,8 @@ def run(cfg: LinRegConfig = LinRegConfig()) -> dict:
     for seed in cfg.seeds:
         S = np.linalg.svd(np.asarray(make_problem(cfg, seed)[0], np.float64), compute_uv=False)
         floor.append(np.sqrt(np.sum(S[max(cfg.ranks):] ** 2) / np.sum(S**2)))
-    return {"curves": curves, "seconds": seconds, "config": cfg, "rank_floor": float(np.mean(floor))}
-
-
-def label(name: str, cfg: LinRegConfig) -> str:
-    return f"fedit (all rank {cfg.fedit_rank})" if name == "fedit" else name
+    return {"curves": curves, "seconds": seconds, "config": cfg, "rank_floor": float(np.mean(floor)),
+            "labels": labels}
 
 
 def summary_table(result: dict, checkpoints=(10, 50, None)) -> str:
@@ -163,7 +157,7 @@ def summary_table(result: dict, checkpoints=(10, 50, None)) -> str:
              "|---" * (len(cols) + 2) + "|"]
     for name, curve in result["curves"].items():
         cells = [f"{curve[:, c - 1].mean():.4f} ± {curve[:, c - 1].std():.4f}" for c in cols]
-        lines.append(f"| {label(name, cfg)} | " + " | ".join(cells) + f" | {result['seconds'][name]:.1f} |")
+        lines.append(f"| {result['labels'][name]} | " + " | ".join(cells) + f" | {result['seconds'][name]:.1f} |")
     lines.append(f"\nBest possible with one rank-{max(cfg.ranks)} adapter (Eckart–Young floor): "
                  f"{result['rank_floor']:.4f}.")
     return "\n".join(lines)
@@ -186,7 +180,7 @@ def plot(results: list[dict], path) -> None:
         cfg = result["config"]
         rounds = np.arange(1, cfg.rounds + 1)
         for name, curve in result["curves"].items():
-            (line,) = ax.plot(rounds, curve.mean(0), label=label(name, cfg))
+            (line,) = ax.plot(rounds, curve.mean(0), label=result["labels"][name])
             ax.fill_between(rounds, curve.min(0), curve.max(0), color=line.get_color(), alpha=0.2)
         if result["rank_floor"] > 1e-6:
             ax.axhline(result["rank_floor"], color="gray", ls=":", lw=1, label=f"rank-{max(cfg.ranks)} floor")

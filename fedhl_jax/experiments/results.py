@@ -70,27 +70,28 @@ def cells(spec: dict, quick: bool) -> list[dict]:
 
 
 def run_cell(base: dict, overrides: dict, seed: int, log: Callable = lambda *_: None) -> dict:
-    """Trains one (cell, seed) and returns its curves and final metrics."""
+    """Trains one (cell, seed) through the engine's ``run_rounds`` and returns its curves and final metrics."""
     data = _merge(base, dict(overrides, seed=seed))
     gen = data.get("eval", {}).get("generate_examples", 0)
     data.setdefault("eval", {})["generate_examples"] = 0  # generation only once, at the end
     cfg = from_dict(TrainConfig, data)
     t0 = time.perf_counter()
     sim = Simulation(cfg, log=log)
-    state = sim.init_state()
     rec = {"eval_loss": [], "train_loss": [], "p": [], "ranks": [], "trunc_error": [], "bytes": 0}
-    for t in range(cfg.fed.rounds):
-        out = sim.run_round(state, t)
-        state, m = out.state, out.metrics
+
+    def record(r):
+        m = r.metrics
         rec["train_loss"].append(m["train_loss"])
         rec["p"].append(np.asarray(m["p"]).tolist())
         rec["ranks"].append(np.asarray(m["ranks"]).tolist())
         if "trunc_error" in m:
             rec["trunc_error"].append(np.asarray(m["trunc_error"]).tolist())
         rec["bytes"] += m["bytes_down"] + m["bytes_up"]
-        rec["eval_loss"].append(sim.evaluate(state)["eval_loss"])
+        rec["eval_loss"].append(sim.evaluate(r.state, r.t)["eval_loss"])
+
+    state = sim.run(sim.init_state(), range(cfg.fed.rounds), [record])
     if gen:
-        g = sim.generation_metrics(sim.global_delta(state), n=gen)
+        g = sim.evaluator.generation(sim.global_delta(state), n=gen)
         rec.update({k: v for k, v in g.items() if k != "eval_sample"})
     rec["final_eval_loss"] = rec["eval_loss"][-1]
     rec["seconds"] = time.perf_counter() - t0
@@ -393,9 +394,9 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
         fig.savefig(out_dir / f"results_weights{suffix}.png", dpi=110)
         plt.close(fig)
     # the ε sweep: FedHL's held-out loss against ε (relative mode), with uniform weights as a reference
-    sweep = [(float(ov["fed.eps"]), cid_of("ablation", variant=n, method="fedhl"))
-             for n, ov in spec["ablations"].items() if set(ov) == {"fed.eps"}]
-    sweep.append((from_dict(TrainConfig, _merge(spec["base"], {})).fed.eps, default_cid))
+    sweep = [(float(ov["fed.options.eps"]), cid_of("ablation", variant=n, method="fedhl"))
+             for n, ov in spec["ablations"].items() if set(ov) == {"fed.options.eps"}]
+    sweep.append((from_dict(TrainConfig, _merge(spec["base"], {})).fed.options["eps"], default_cid))
     sweep = sorted((e, st) for e, st in ((e, _stats(results, c)) for e, c in sweep) if st is not None)
     has_sweep = len(sweep) > 1
     if has_sweep:

@@ -20,6 +20,7 @@ import numpy as np
 from safetensors import safe_open
 
 from fedhl_jax.model.config import LlamaConfig, read_config_json
+from fedhl_jax.model.hub import resolve_checkpoint
 from fedhl_jax.model.llama import param_shapes, unflatten_params
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -53,30 +54,6 @@ def hf_key_to_path(key: str) -> str | None:
 def path_to_hf_key(path: str) -> str:
     """Inverse of :func:`hf_key_to_path` (``"norm"`` → ``"model.norm.weight"``)."""
     return "lm_head.weight" if path == "lm_head" else f"model.{path}.weight"
-
-
-def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
-    """Returns a local checkpoint folder: the path itself, or a Hub snapshot.
-
-    Args:
-      path_or_id: a local folder, or a Hugging Face Hub id ``"owner/name"``
-        (downloaded with ``huggingface_hub.snapshot_download``).
-
-    Returns:
-      Path of the folder.
-
-    Raises:
-      FileNotFoundError: a local-looking path that is not a folder.
-    """
-    s = os.fspath(path_or_id)
-    p = Path(s).expanduser()
-    if p.is_dir():
-        return str(p)
-    if p.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
-        raise FileNotFoundError(f"checkpoint folder {s} does not exist")
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(repo_id=s, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
 
 
 def checkpoint_files(folder: str | os.PathLike) -> list[str]:

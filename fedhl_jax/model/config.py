@@ -16,6 +16,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from fedhl_jax.model.hub import resolve_checkpoint
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "linear")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -155,8 +157,6 @@ class LlamaConfig:
         Returns:
           The :class:`LlamaConfig`.
         """
-        from fedhl_jax.model.checkpoint import resolve_checkpoint  # avoid an import cycle
-
         folder = resolve_checkpoint(path_or_id)
         return cls.from_hf(read_config_json(folder), dtype=dtype)
 

@@ -1,0 +1,256 @@
+"""The round engine: one pure, jitted federated round and the host loop that drives it.
+
+A round (``make_round_step``) is one compiled call, whatever clients are sampled and whatever
+their ranks::
+
+    plan      = algorithm.plan(state, mask, scale, key)           # server: one SVD per module
+    base      = merge_delta(base, plan.base_delta)                # FLoRA / FedEx-LoRA only
+    B_i, A_i  = algorithm.materialize(plan, i)                    # client i, inside the vmap
+    B_i, A_i  = K optimizer steps of loss(base, (B_i, A_i), batch_i[k])
+    state     = algorithm.aggregate(state, B, A, mask, scale, n_i, key')
+
+Every array with a client axis has the same leading size ``n`` (the clients of a round), so
+ranks, client sampling and data never change a shape and never recompile. The loss is any
+``loss(base, adapter, *batch_k) -> []``: the language model's cross-entropy for training runs,
+a least-squares loss for the bias experiment (``experiments/linreg.py``).
+
+``run_rounds`` is the one host-side loop (sampling, batches, callbacks for metrics, evaluation
+and checkpoints) used by ``bin/train.py``, the results suite and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fedhl_jax.algorithms import Algorithm
+from fedhl_jax.data.batching import sample_clients
+from fedhl_jax.local import make_clients_train, make_local_train
+from fedhl_jax.lora import Adapter, lora_scale, rank_mask
+
+#: Mesh axis of the simulated clients.
+CLIENTS = "clients"
+#: ``fold_in`` stream of the round key that the server's aggregation draws from (``plan`` uses the key itself).
+AGGREGATE_STREAM = 0x5EED
+
+
+class RoundInputs(NamedTuple):
+    """Everything a round needs besides the server state and the frozen base.
+
+    Attributes:
+      mask: ``[n, r_max]`` 0/1 rank masks of the round's clients.
+      scale: ``[n]`` LoRA scales ``s_i``.
+      num_examples: ``[n]`` local data sizes (FedAvg-style weights).
+      batch: tuple of arrays ``[n, K, ...]``: client ``i``'s slice for local step ``k``
+        (language model: ``tokens, loss_mask`` each ``[n, K, b, T]``).
+      key: the round's PRNG key (``fold_in(PRNGKey(seed), t)``).
+    """
+
+    mask: jax.Array
+    scale: jax.Array
+    num_examples: jax.Array
+    batch: tuple
+    key: jax.Array
+
+
+def add_delta(base: dict, delta: dict) -> dict:
+    """Default ``merge_delta``: ``{module: base[module] + delta[module]}`` over a flat dict."""
+    return {k: (v + delta[k] if k in delta else v) for k, v in base.items()}
+
+
+def make_round_step(algorithm: Algorithm, loss: Callable, optimizer: optax.GradientTransformation, *,
+                    clients_per_chunk: int | None = None, remat: bool = False,
+                    merge_delta: Callable = add_delta, mesh: Mesh | None = None,
+                    probe: Callable | None = None) -> Callable:
+    """Builds the pure ``round_step(state, base, inputs) -> (state, info)``.
+
+    Args:
+      algorithm: the federated algorithm (``algorithms.make_algorithm``).
+      loss: ``loss(base, adapter, *batch_k) -> []`` of one client on one step's batch.
+      optimizer: the clients' optimizer (``local.make_optimizer``).
+      clients_per_chunk: vmapped clients at a time (None: all at once).
+      remat: rematerialise the forward pass in the backward pass.
+      merge_delta: ``merge_delta(base, delta) -> base`` for algorithms that move the base
+        (``plan.base_delta``); the language model passes ``model.merge_delta``.
+      mesh: a mesh with a ``clients`` axis: the client axis of every per-client array is
+        partitioned over it (``jax.vmap(..., spmd_axis_name="clients")`` plus sharding
+        constraints on the client inputs and outputs).
+      probe: ``probe(name, shape, sharding)``, called at compile time with the sharding of each
+        trained client factor (``"B"``, ``"A"``) inside the round; for tests and debugging.
+
+    Returns:
+      ``round_step``; ``info`` holds the algorithm's aggregation info (``p``, ``valid``, ...)
+      and ``losses [n, K]`` (each client's loss before each local step).
+    """
+    local_train = make_local_train(loss, optimizer, remat=remat)
+    if mesh is not None and clients_per_chunk is not None:  # each chunk's clients split evenly over the mesh
+        size = mesh.shape[CLIENTS]
+        clients_per_chunk = -(-clients_per_chunk // size) * size
+
+    def client_step(base, shared, per_client, mask, scale, *batch):
+        # The client builds its starting factors from the broadcast (its slice of the SVD), then trains.
+        B, A = algorithm.materialize(shared, per_client, mask)
+        return local_train(base, Adapter(B, A, mask, scale), *batch)
+
+    clients_train = make_clients_train(client_step, clients_per_chunk=clients_per_chunk, n_shared=2,
+                                       spmd_axis_name=CLIENTS if mesh is not None else None)
+
+    def on_clients(tree):
+        if mesh is None:
+            return tree
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(CLIENTS))), tree)
+
+    def round_step(state, base, inputs: RoundInputs):
+        mask, scale, num_examples, batch = on_clients((inputs.mask, inputs.scale, inputs.num_examples,
+                                                       tuple(inputs.batch)))
+        plan = algorithm.plan(state, mask, scale, inputs.key)  # server: O(r_max) per client on top of shared arrays
+        if plan.base_delta is not None:
+            base = merge_delta(base, plan.base_delta)
+        trained, losses = clients_train(base, plan.shared, plan.per_client, mask, scale, *batch)  # losses [n, K]
+        B, A, losses = on_clients((trained.B, trained.A, losses))
+        if probe is not None:
+            for name, tree in (("B", B), ("A", A)):
+                for leaf in jax.tree.leaves(tree):
+                    jax.debug.inspect_array_sharding(
+                        leaf, callback=lambda s, name=name, shape=leaf.shape: probe(name, shape, s))
+        key = jax.random.fold_in(inputs.key, AGGREGATE_STREAM)
+        state, info = algorithm.aggregate(state, B, A, mask, scale, num_examples, key=key)
+        return state, dict(info, losses=losses)
+
+    return round_step
+
+
+def compile_round_step(round_step: Callable) -> Callable:
+    """``jax.jit`` of a round step with the server state donated (its buffers are reused)."""
+    return jax.jit(round_step, donate_argnums=(0,))
+
+
+# --------------------------------------------------------------------------- host side
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSchedule:
+    """Who trains in round ``t``, with which rank and data (host side, NumPy).
+
+    Attributes:
+      ranks: ``[num_clients]`` each client's rank, fixed for the run.
+      num_examples: ``[num_clients]`` local data sizes.
+      r_max: padded rank.
+      alpha: LoRA α (``s = α/r``, or ``α/√r`` with ``rslora``).
+      clients_per_round: clients sampled each round (same count every round: static shapes).
+      seed: the run's seed; round ``t`` samples and keys from ``(seed, t)`` only, so a resumed
+        run repeats the same rounds exactly.
+      batches: ``batches(t, ids) -> tuple of arrays [n, K, ...]`` (None: no per-round data).
+      rslora: ``s = α/√r``.
+      mesh: partition the per-client arrays over its ``clients`` axis.
+    """
+
+    ranks: np.ndarray
+    num_examples: np.ndarray
+    r_max: int
+    alpha: float
+    clients_per_round: int
+    seed: int
+    batches: Callable | None = None
+    rslora: bool = False
+    mesh: Mesh | None = None
+
+    def sample(self, t: int) -> np.ndarray:
+        """``[clients_per_round]`` ids of round ``t``'s clients (all of them when everyone participates)."""
+        return sample_clients(len(self.ranks), self.clients_per_round, t, self.seed)
+
+    def key(self, t: int) -> jax.Array:
+        return jax.random.fold_in(jax.random.PRNGKey(self.seed), t)
+
+    def __call__(self, t: int) -> tuple[RoundInputs, np.ndarray]:
+        """Round ``t``'s inputs and its client ids."""
+        ids = self.sample(t)
+        ranks = self.ranks[ids]
+        batch = tuple(jnp.asarray(b) for b in self.batches(t, ids)) if self.batches is not None else ()
+        per_client = (rank_mask(ranks, self.r_max), lora_scale(ranks, self.alpha, rslora=self.rslora),
+                      jnp.asarray(self.num_examples[ids], jnp.float32), batch)
+        if self.mesh is not None:
+            per_client = jax.device_put(per_client, NamedSharding(self.mesh, P(CLIENTS)))
+        return RoundInputs(*per_client, self.key(t)), ids
+
+
+def client_mesh(clients_per_round: int, devices: Sequence | None = None) -> Mesh | None:
+    """A 1-axis ``clients`` mesh over every device when there are several and the round's clients
+    split evenly over them; else None (one device)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) > 1 and clients_per_round % len(devices) == 0:
+        return Mesh(np.array(devices), (CLIENTS,))
+    return None
+
+
+@dataclasses.dataclass
+class RoundRecord:
+    """What a round produced, for callbacks.
+
+    Attributes:
+      t: the round (0-based).
+      state: the server state after it.
+      info: the round step's ``info`` (device arrays).
+      ids: ``[n]`` the clients that trained.
+      ranks: ``[n]`` their ranks.
+      metrics: the round's metrics (``round_metrics``); callbacks may add to it.
+    """
+
+    t: int
+    state: Any
+    info: dict
+    ids: np.ndarray
+    ranks: np.ndarray
+    metrics: dict
+
+
+def round_metrics(t: int, ids: np.ndarray, ranks: np.ndarray, info: dict, algorithm: Algorithm,
+                  shapes: dict, seconds: float) -> dict:
+    """The per-round metrics line (``metrics.jsonl``): losses, weights, exclusions, bytes, time."""
+    losses = np.asarray(info["losses"])  # [n, K]
+    valid = np.asarray(info["valid"])
+    down, up = algorithm.comm_bytes(shapes, ranks)
+    m = {"round": t, "clients": ids, "ranks": ranks,
+         "train_loss": float(losses.mean()), "train_loss_first_step": float(losses[:, 0].mean()),
+         "train_loss_last_step": float(losses[:, -1].mean()),
+         "p": np.asarray(info["p"]), "excluded": int((~valid).sum()), "bytes_down": down, "bytes_up": up}
+    if "errors" in info:
+        m["trunc_error"] = np.asarray(info["errors"])
+    m["seconds"] = seconds
+    return m
+
+
+def run_rounds(step: Callable, state, base, schedule: ClientSchedule, rounds: Iterable[int], *,
+               algorithm: Algorithm, shapes: dict, callbacks: Sequence[Callable] = ()):
+    """Runs ``rounds`` with the compiled ``step`` and returns the final server state.
+
+    After each round, every callback is called in order with a ``RoundRecord`` (evaluation,
+    metrics, checkpoints, progress); a callback may add entries to ``record.metrics`` for the
+    ones after it, and stops the run by raising.
+
+    Args:
+      step: ``compile_round_step(make_round_step(...))``.
+      state: the server state before the first of ``rounds`` (donated to the step).
+      base: the frozen base parameters.
+      schedule: the ``ClientSchedule``.
+      rounds: the rounds to run, e.g. ``range(start, total)``.
+      algorithm, shapes: for the metrics (bytes per round).
+      callbacks: ``callback(record) -> None``.
+    """
+    for t in rounds:
+        t0 = time.perf_counter()
+        inputs, ids = schedule(t)
+        state, info = jax.block_until_ready(step(state, base, inputs))
+        ranks = schedule.ranks[ids]
+        metrics = round_metrics(t, ids, ranks, info, algorithm, shapes, time.perf_counter() - t0)
+        record = RoundRecord(t, state, info, ids, ranks, metrics)
+        for callback in callbacks:
+            callback(record)
+    return state

@@ -1,0 +1,82 @@
+"""Evaluation of the global model of a run: held-out loss, per-rank truncations, generation."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from fedhl_jax import evaluation
+from fedhl_jax import model as M
+from fedhl_jax.algorithms import Algorithm
+from fedhl_jax.data.prompts import TokenizedDataset
+from fedhl_jax.lora import lora_scale, rank_mask
+
+
+class GlobalEvaluator:
+    """Evaluates the server state's global adapter on the held-out set.
+
+    Args:
+      model_cfg, params, tokenizer: the base model.
+      data: the tokenised held-out rows.
+      algorithm: the run's algorithm (its ``global_delta``; per-rank views when ``per_rank_eval``).
+      ranks: the ranks that clients of the run hold (for per-rank evaluation).
+      eval_cfg: ``EvalConfig``.
+      metric: ``exact_match`` or ``rouge_l`` for generation.
+      alpha, rslora, r_max: LoRA scale and padded rank.
+    """
+
+    def __init__(self, model_cfg, params, tokenizer, data: TokenizedDataset, algorithm: Algorithm, ranks, eval_cfg,
+                 metric: str, *, alpha: float, rslora: bool, r_max: int):
+        self.model_cfg, self.params, self.tokenizer, self.data = model_cfg, params, tokenizer, data
+        self.algorithm, self.cfg, self.metric = algorithm, eval_cfg, metric
+        self.ranks = sorted(set(int(r) for r in ranks))
+        self.alpha, self.rslora, self.r_max = alpha, rslora, r_max
+        self.loss_fn = jax.jit(lambda p, delta, t, m: M.token_losses(model_cfg, M.merge_delta(p, delta), None, t, m))
+
+    def loss(self, delta: dict) -> dict:
+        """``{"loss", "ppl"}`` of the base plus ``delta`` on the held-out response tokens."""
+        return evaluation.heldout_loss(lambda t, m: self.loss_fn(self.params, delta, t, m), self.data.tokens,
+                                       self.data.loss_mask, self.cfg.batch_size)
+
+    def __call__(self, state, key: jax.Array) -> dict:
+        """``eval_loss``, ``eval_ppl``, per-rank ``eval_loss_rank{r}`` and generation metrics as configured."""
+        delta = self.algorithm.global_delta(state)
+        res = self.loss(delta)
+        out = {"eval_loss": res["loss"], "eval_ppl": res["ppl"]}
+        if self.cfg.per_rank and self.algorithm.per_rank_eval:
+            for r in self.ranks:
+                mask = rank_mask([r], self.r_max)
+                scale = lora_scale([r], self.alpha, rslora=self.rslora)
+                start = self.algorithm.broadcast(state, mask, scale, key)
+                out[f"eval_loss_rank{r}"] = self.loss({k: scale[0] * start.B[k][0] @ start.A[k][0]
+                                                       for k in start.B})["loss"]
+        if self.cfg.generate_examples:
+            out.update(self.generation(delta))
+        return out
+
+    def generation(self, delta: dict, n: int | None = None) -> dict:
+        """Exact match (GSM8K) or ROUGE-L (others) of greedy answers to the first ``n`` held-out prompts."""
+        ec = self.cfg
+        n = min(ec.generate_examples if n is None else n, len(self.data))
+        params = M.merge_delta(self.params, delta)
+        eos = self.tokenizer.eos_token_id
+
+        def gen(batch):
+            toks = M.generate(self.model_cfg, params, [list(map(int, p)) for p in batch],
+                              max_new_tokens=ec.max_new_tokens, eos_id=eos)
+            return [self.tokenizer.decode(r, skip_special_tokens=True) for r in M.strip_after_eos(toks, eos)]
+
+        res = evaluation.generation_eval(gen, self.data.prompt_ids[:n], self.data.references[:n], self.metric,
+                                         batch_size=min(n, ec.batch_size))
+        return {f"eval_{self.metric}": res["score"], "eval_sample": res["predictions"][0] if n else ""}
+
+
+def eval_metric(dataset: str) -> str:
+    """The generation metric of a dataset: exact match for GSM8K, ROUGE-L otherwise."""
+    return "exact_match" if dataset == "gsm8k" else "rouge_l"
+
+
+def finite_delta(delta: dict) -> bool:
+    """True when every entry of a dense adapter is finite."""
+    return all(bool(np.all(np.isfinite(np.asarray(v)))) for v in delta.values())
+
