@@ -3,9 +3,9 @@
 Every function takes the clients' trained factors with a leading client axis,
 ``B [n, d_out, r_max]``, ``A [n, r_max, d_in]``, their rank masks ``[n, r_max]``
 and scales ``[n]``. Columns past a client's rank are ignored whatever they hold.
-A client whose active factors hold NaN/Inf is left out of the round (weight 0,
-the others renormalised, a warning); if every client is left out, the module is
-returned unchanged.
+A client whose active factors hold NaN/Inf, or whose update's norm overflows, is
+left out of the round (weight 0, the others renormalised, a warning); if every
+client is left out, the module is returned unchanged.
 """
 
 from __future__ import annotations
@@ -56,17 +56,29 @@ def check_client_shapes(G_shape, B, A, mask, scale) -> None:
         raise ValueError(f"scale has shape {tuple(jnp.shape(scale))}, expected [n] = ({n},)")
 
 
-def finite_clients(B: jax.Array, A: jax.Array, mask: jax.Array) -> jax.Array:
-    """``[n]`` bool: the client's active factors are all finite."""
+def finite_clients(B: jax.Array, A: jax.Array, mask: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """``[n]`` bool: the client's update is usable.
+
+    Its active factors are all finite and, when ``scale`` is given, the squared Frobenius norm of its
+    update ``‖s·B·A‖²_F`` does not overflow (computed from ``[r, r]`` Gram matrices, no
+    ``[d_out, d_in]`` product). A diverged client (factors of 1e19, say) is left out this way before
+    its update can turn the server's ``G`` non-finite.
+    """
     Bm, Am = masked_factors(B, A, mask)
-    return jnp.all(jnp.isfinite(Bm), axis=(1, 2)) & jnp.all(jnp.isfinite(Am), axis=(1, 2))
+    ok = jnp.all(jnp.isfinite(Bm), axis=(1, 2)) & jnp.all(jnp.isfinite(Am), axis=(1, 2))
+    if scale is None:
+        return ok
+    Bz, Az = jnp.where(ok[:, None, None], Bm, 0.0), jnp.where(ok[:, None, None], Am, 0.0)
+    gram = jnp.einsum("nor,nos->nrs", Bz, Bz) * jnp.einsum("nri,nsi->nrs", Az, Az)
+    norm2 = jnp.asarray(scale, Bz.dtype) ** 2 * jnp.sum(gram, axis=(1, 2))
+    return ok & jnp.isfinite(norm2)
 
 
 def _warn(valid) -> None:
     valid = np.asarray(valid)
     if not valid.all():
         bad = np.flatnonzero(~valid).tolist()
-        msg = (f"clients {bad} sent non-finite factors and are left out of this round's aggregate"
+        msg = (f"clients {bad} sent non-finite or overflowing updates and are left out of this round's aggregate"
                + ("; no client left, the state is unchanged" if not valid.any() else ""))
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
@@ -106,17 +118,25 @@ def fedhl_weights(errors: jax.Array, *, eps: float = DEFAULT_EPS, eps_mode: str 
       weighting: ``"optimal"`` (default), ``"uniform"``, ``"data_size"`` (∝ n_i)
         or ``"optimal_data_size"`` (∝ n_i/(r̂_i^power + ε)).
       num_examples: ``[n]`` local data sizes, needed by the data-size variants.
-      valid: ``[n]`` bool; invalid clients get weight 0.
+      valid: ``[n]`` bool; invalid clients (and clients whose ``r̂_i`` is not finite) get weight 0.
 
     Returns:
-      ``[n]`` weights: finite, ≥ 0, summing to 1 (or all 0 if no client is valid).
+      ``[n]`` weights: finite, ≥ 0, summing to 1 over the clients kept (all 0 if none is kept).
     """
     check_weighting(weighting, num_examples)
     if eps_mode not in EPS_MODES:
         raise ValueError(f"unknown eps_mode {eps_mode!r}; expected one of {EPS_MODES}")
     n = errors.shape[0]
     valid = jnp.ones((n,), bool) if valid is None else valid
-    x = jnp.maximum(errors, 0.0) ** power  # [n]
+    r = jnp.maximum(errors, 0.0)
+    valid = valid & jnp.isfinite(r)  # a non-finite r̂ has no meaningful weight
+    r = jnp.where(valid, r, 0.0)
+    if eps_mode == "relative":
+        # The relative weights do not change when every r̂ is scaled by one constant; scaling by the
+        # largest keeps r̂^power from overflowing when G is large.
+        top = jnp.max(r)
+        r = r / jnp.where(top > 0, top, 1.0)
+    x = r**power  # [n]
     if eps_mode == "relative":
         mean = jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
         eps_eff = eps * mean
@@ -173,7 +193,7 @@ def fedhl_aggregate(G: jax.Array, B: jax.Array, A: jax.Array, mask: jax.Array, s
     check_client_shapes(G.shape, B, A, mask, scale)
     dec = svd(G, mask.shape[1]) if dec is None else dec
     ranks = jnp.sum(mask > 0, axis=1)
-    valid = finite_clients(B, A, mask)
+    valid = finite_clients(B, A, mask, scale)
     warn_excluded(valid)
     p = fedhl_weights(dec.tail[ranks], eps=eps, eps_mode=eps_mode, power=power, weighting=weighting,
                       num_examples=num_examples, valid=valid)
@@ -191,7 +211,7 @@ def flexlora_aggregate(G: jax.Array, B: jax.Array, A: jax.Array, mask: jax.Array
       ``[d_out, d_in]``; ``G`` unchanged when no client is valid.
     """
     check_client_shapes(G.shape, B, A, mask, scale)
-    valid = finite_clients(B, A, mask)
+    valid = finite_clients(B, A, mask, scale)
     warn_excluded(valid)
     p = data_weights(num_examples_or_ones(num_examples, mask.shape[0]), valid)
     return jnp.where(jnp.any(valid), weighted_product(B, A, mask, scale, p), G)

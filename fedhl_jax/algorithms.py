@@ -232,10 +232,23 @@ def _check_rmax(r_max) -> int:
     return int(r_max)
 
 
-def _valid(B: dict, A: dict, mask: jax.Array) -> jax.Array:
-    """``[n]``: a client is valid when every module's active factors are finite."""
-    ok = [agg.finite_clients(B[k], A[k], mask) for k in B]
+def _valid(B: dict, A: dict, mask: jax.Array, scale: jax.Array) -> jax.Array:
+    """``[n]``: a client is valid when every module's update is finite and does not overflow."""
+    ok = [agg.finite_clients(B[k], A[k], mask, scale) for k in B]
     return jnp.all(jnp.stack(ok), axis=0)
+
+
+def _finite(tree) -> jax.Array:
+    """``[]`` bool: every leaf of ``tree`` is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)] or [jnp.bool_(True)]))
+
+
+def _guard(new_state: ServerState, old_state: ServerState, valid: jax.Array, info: dict):
+    """Keeps ``old_state`` (and says so in ``info["applied"]``) when no client was kept or the new
+    state is not finite, so a diverging round never reaches the server state."""
+    applied = jnp.any(valid) & _finite((new_state.G, new_state.B, new_state.A))
+    state = jax.tree.map(lambda a, b: jnp.where(applied, a, b), new_state, old_state)
+    return state.replace(round=old_state.round + 1), dict(info, applied=applied)
 
 
 def _module_keys(key, names):
@@ -285,12 +298,16 @@ def _dense_family(name: str, r_max: int, options: SVDOptions, combine: Callable)
     def aggregate(state, B, A, mask, scale, num_examples=None, key=None):
         if svd_method == "randomized":
             _require_key(key, f"{name} with svd_method='randomized'")
-        valid = _valid(B, A, mask)
-        agg.warn_excluded(valid)
         ranks = jnp.sum(mask > 0, axis=1)
         errors = {k: state.dec[k].tail[ranks] for k in state.G}  # r̂_i per module
+        total = sum(errors.values())
+        valid = _valid(B, A, mask, scale) & jnp.isfinite(total)
+        agg.warn_excluded(valid)
         G, info = combine(state, B, A, mask, scale, agg.num_examples_or_ones(num_examples, mask.shape[0]), valid, errors)
-        info = dict(info, valid=valid, errors=sum(errors.values()))
+        # A round that keeps no client, or would make G non-finite, leaves G (and its SVD) as it was.
+        applied = jnp.any(valid) & _finite(G)
+        G = jax.tree.map(lambda a, b: jnp.where(applied, a, b), G, state.G)
+        info = dict(info, valid=valid, errors=total, applied=applied)
         return state.replace(G=G, dec=decompose(G, key), round=state.round + 1), info
 
     return Algorithm(name, init, plan, materialize, aggregate, lambda s: dict(s.G), lambda r: _check_ranks(r, r_max),
@@ -369,14 +386,14 @@ def flora(r_max: int, options: NoOptions | dict | None = None, **overrides) -> A
         return B, A
 
     def aggregate(state, B, A, mask, scale, num_examples=None, key=None):
-        valid = _valid(B, A, mask)
+        valid = _valid(B, A, mask, scale)
         agg.warn_excluded(valid)
         p = agg.data_weights(agg.num_examples_or_ones(num_examples, mask.shape[0]), valid)
         G = {}
         for k, g in state.G.items():
             Bs, As = agg.flora_stack(B[k], A[k], mask, scale, p)  # [d_out, n·r], [n·r, d_in]
             G[k] = g + Bs @ As
-        return state.replace(G=G, round=state.round + 1), {"p": p, "valid": valid}
+        return _guard(state.replace(G=G), state, valid, {"p": p, "valid": valid})
 
     return Algorithm("flora", init, plan, materialize, aggregate, lambda s: dict(s.G),
                      lambda r: _check_ranks(r, r_max), options=o, stacked_down=True)
@@ -416,7 +433,7 @@ def _factor_family(name: str, r_max: int, options, *, weights: Callable, homogen
         return B, A
 
     def aggregate(state, B, A, mask, scale, num_examples=None, key=None):
-        valid = _valid(B, A, mask)
+        valid = _valid(B, A, mask, scale)
         agg.warn_excluded(valid)
         n = mask.shape[0]
         root = jnp.sqrt(jnp.asarray(scale, jnp.float32))[:, None, None]
@@ -432,11 +449,7 @@ def _factor_family(name: str, r_max: int, options, *, weights: Callable, homogen
             if residual:
                 # FedEx-LoRA: fold avg(s B A) − avg(√s B)·avg(√s A) into the base (exact aggregation).
                 G[k] = state.G[k] + weighted_product(B[k], A[k], mask, scale, p) - b @ a
-        any_valid = jnp.any(valid)
-        keep = lambda new, old: jax.tree.map(lambda x, y: jnp.where(any_valid, x, y), new, old)
-        state = state.replace(B=keep(newB, state.B), A=keep(newA, state.A), G=keep(G, state.G),
-                              round=state.round + 1)
-        return state, {"p": p, "valid": valid}
+        return _guard(state.replace(B=newB, A=newA, G=G), state, valid, {"p": p, "valid": valid})
 
     def global_delta(state):
         return {k: state.B[k] @ state.A[k] + (state.G[k] if residual else 0.0) for k in state.B}
