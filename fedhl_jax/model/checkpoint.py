@@ -1,7 +1,10 @@
 """Loading Hugging Face Llama checkpoints (safetensors, no torch).
 
 A checkpoint folder holds ``config.json`` and either ``model.safetensors`` or a
-sharded ``model.safetensors.index.json`` plus its shards. Tensors are read with
+sharded ``model.safetensors.index.json`` plus its shards. Pickle-based weights
+(``pytorch_model.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) are never read: unpickling
+can run arbitrary code, so a folder holding only those is refused
+(:class:`UnsafeCheckpointError`). Tensors are read with
 safetensors' numpy API and mapped to parameter paths through the regex table
 :data:`HF_KEY_MAP`; every key must map to exactly one expected parameter of the
 expected shape.
@@ -41,6 +44,34 @@ HF_IGNORED_KEYS: tuple[str, ...] = (r"model\.layers\.\d+\.self_attn\.rotary_emb\
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
+#: File names of pickle-based weights, which are never loaded.
+PICKLE_WEIGHT_PATTERNS: tuple[str, ...] = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl",
+                                           "*.pickle")
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint whose weights exist only in a pickle-based format (never unpickled)."""
+
+
+def refuse_pickle_weights(folder: str | os.PathLike) -> None:
+    """Refuses a folder whose only weights are pickle files.
+
+    A folder with ``*.safetensors`` or ``*.gguf`` weights passes even when pickle files lie
+    beside them (those are ignored, never opened).
+
+    Raises:
+      UnsafeCheckpointError: naming the pickle files and the formats that are accepted.
+    """
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.gguf")):
+        return
+    pickles = sorted({f.name for pattern in PICKLE_WEIGHT_PATTERNS for f in folder.glob(pattern)})
+    if pickles:
+        raise UnsafeCheckpointError(
+            f"{folder} holds only pickle-based weights ({', '.join(pickles)}); these are never loaded "
+            "because unpickling can run arbitrary code. Convert them to safetensors "
+            "(model.safetensors) or GGUF first")
+
 
 def hf_key_to_path(key: str) -> str | None:
     """Maps an HF state-dict key to a parameter path, or ``None`` if it matches no rule."""
@@ -59,21 +90,31 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
     """Returns a local checkpoint folder: the path itself, or a Hub snapshot.
 
     Args:
-      path_or_id: a local folder, or a Hugging Face Hub id ``"owner/name"``
-        (downloaded with ``huggingface_hub.snapshot_download``).
+      path_or_id: a local folder, ``"auto"`` (the embedded stories260K), or a
+        Hugging Face Hub id ``"owner/name"`` (downloaded with
+        ``huggingface_hub.snapshot_download``; only safetensors, JSON and
+        tokenizer files are fetched, never pickles).
 
     Returns:
       Path of the folder.
 
     Raises:
       FileNotFoundError: a local-looking path that is not a folder.
+      UnsafeCheckpointError: a folder whose only weights are pickle files.
     """
     s = os.fspath(path_or_id)
+    if s == "auto":
+        from fedhl_jax.assets import embedded_model_dir
+
+        return str(embedded_model_dir())
     p = Path(s).expanduser()
     if p.is_dir():
+        refuse_pickle_weights(p)
         return str(p)
     if p.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
-        raise FileNotFoundError(f"checkpoint folder {s} does not exist")
+        raise FileNotFoundError(f"checkpoint folder {s} does not exist; use \"auto\" for the embedded "
+                                "stories260K, a local folder with config.json and model.safetensors, "
+                                "or a Hugging Face Hub id owner/name (needs network)")
     from huggingface_hub import snapshot_download
 
     return snapshot_download(repo_id=s, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
@@ -96,6 +137,7 @@ def checkpoint_files(folder: str | os.PathLike) -> list[str]:
     else:
         files = [folder / SAFETENSORS_FILE]
         if not files[0].is_file():
+            refuse_pickle_weights(folder)
             raise FileNotFoundError(f"no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} in {folder}")
     for file in files:
         if not file.is_file():
@@ -124,6 +166,7 @@ def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
 
     Raises:
       FileNotFoundError: missing folder, config or safetensors file.
+      UnsafeCheckpointError: the folder's only weights are pickle files.
       ValueError: unreadable/truncated file, unexpected or missing key, shape
         mismatch with the config, or an unsupported architecture (each message
         names the file, key, shape or value).
@@ -160,7 +203,7 @@ def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
 
 
 def load_tokenizer(path_or_id: str | os.PathLike):
-    """``transformers.AutoTokenizer`` for a checkpoint folder or Hub id."""
+    """``transformers.AutoTokenizer`` for a checkpoint folder or Hub id (no remote code is run)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_checkpoint(path_or_id))
+    return AutoTokenizer.from_pretrained(resolve_checkpoint(path_or_id), trust_remote_code=False)
