@@ -245,3 +245,115 @@ def test_bad_optional_type(tmp_path):
 def test_bad_config(kwargs, message):
     with pytest.raises(DataError, match=message):
         DataConfig(**kwargs)
+
+
+# ---------------------------------------------------------------- where the files come from
+
+
+@pytest.fixture
+def no_shared(monkeypatch, tmp_path):
+    """No $FEDHL_DATA_DIR and an empty ../shared/data; the Hub must not be called."""
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(loading, "default_data_dir", lambda: tmp_path / "no_shared")
+    real = loading.datasets.load_dataset
+
+    def local_only(path, *args, **kw):
+        assert path == "json", f"the Hub was asked for {path!r}"
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(loading.datasets, "load_dataset", local_only)
+    return tmp_path / "no_shared"
+
+
+def test_gsm8k_defaults_to_embedded_copy(no_shared):
+    from fedhl_jax.assets import ASSETS_DIR
+
+    train = loading.resolve_data_files("gsm8k")
+    assert train.source == "local" and train.origin == "embedded"
+    assert train.files == (ASSETS_DIR / "gsm8k" / "train.jsonl",)
+    assert "embedded" in train.description
+    test = loading.resolve_data_files("gsm8k", split="test")
+    assert test.files == (ASSETS_DIR / "gsm8k" / "test.jsonl",)
+    ds = load_instruction_dataset(DataConfig("gsm8k", split="test", max_examples=5))
+    assert len(ds) == 5 and ds[0]["output"].rstrip().split("#### ")[-1].strip().isdigit()
+    assert len(load_instruction_dataset(test.data_config(max_examples=3))) == 3
+
+
+def test_embedded_gsm8k_is_complete():
+    from fedhl_jax.assets import ASSETS_DIR
+
+    for split, rows in (("train", 7473), ("test", 1319)):
+        f = ASSETS_DIR / "gsm8k" / f"{split}.jsonl"
+        assert validate_json_file(f, ["question", "answer"]) == rows
+    assert (ASSETS_DIR / "gsm8k" / "LICENSE").read_text().startswith("MIT License")
+    assert "3101c7d5072418e28b9008a6636bde82a006892c" in (ASSETS_DIR / "gsm8k" / "PROVENANCE.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["codealpaca", "dolly"])
+def test_not_embedded_dataset_missing_is_a_clear_error(no_shared, name):
+    with pytest.raises(DataError) as e:
+        loading.resolve_data_files(name)
+    msg = str(e.value)
+    assert "not embedded" in msg and str(no_shared) in msg
+    assert "data.data_dir" in msg and DATA_DIR_ENV in msg and "data.source=hub" in msg
+    with pytest.raises(DataError, match="not embedded"):
+        load_instruction_dataset(DataConfig(name))
+
+
+def test_missing_data_dir_names_path_and_fixes(no_shared, tmp_path):
+    absent = tmp_path / "absent"
+    with pytest.raises(DataError) as e:
+        loading.resolve_data_files("gsm8k", data_dir=absent)
+    msg = str(e.value)
+    assert str(absent) in msg and "does not exist" in msg and "data.data_dir" in msg
+    assert DATA_DIR_ENV in msg and "data.source=hub" in msg
+    with pytest.raises(DataError, match="absent"):  # never the embedded copy instead
+        load_instruction_dataset(DataConfig("gsm8k", data_dir=str(absent)))
+
+
+def test_missing_env_data_dir_is_an_error(no_shared, monkeypatch, tmp_path):
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "gone"))
+    with pytest.raises(DataError, match=rf"gone.*from \${DATA_DIR_ENV}.*does not exist"):
+        loading.resolve_data_files("gsm8k")
+
+
+def test_data_dir_without_the_file(no_shared, tmp_path):
+    with pytest.raises(DataError) as e:
+        loading.resolve_data_files("gsm8k", data_dir=tmp_path, split="test")
+    assert str(tmp_path / "gsm8k" / "test.jsonl") in str(e.value) and "data.source=hub" in str(e.value)
+
+
+def test_data_dir_and_env_beat_embedded(no_shared, monkeypatch, tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    shutil.copy(FIX / "gsm8k_small.jsonl", tmp_path / "gsm8k" / "train.jsonl")
+    got = loading.resolve_data_files("gsm8k", data_dir=tmp_path)
+    assert got.origin == "data_dir" and got.files == (tmp_path.resolve() / "gsm8k" / "train.jsonl",)
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    got = loading.resolve_data_files("gsm8k")
+    assert got.origin == f"${DATA_DIR_ENV}"
+    assert len(load_instruction_dataset(got.data_config())) == 8
+
+
+def test_file_as_source(no_shared, tmp_path, monkeypatch):
+    got = loading.resolve_data_files("gsm8k", source=str(FIX / "gsm8k_small.jsonl"))
+    assert got.origin == "path" and len(load_instruction_dataset(got.data_config())) == 8
+    monkeypatch.chdir(FIX)
+    assert loading.resolve_data_files("gsm8k", source="gsm8k_small.jsonl").files == (FIX / "gsm8k_small.jsonl",)
+    with pytest.raises(DataError, match=r"data file not found: .*nope\.jsonl.*data\.source=hub"):
+        loading.resolve_data_files("gsm8k", source=str(tmp_path / "nope.jsonl"))
+
+
+def test_hub_only_when_asked(monkeypatch, no_shared):
+    got = loading.resolve_data_files("gsm8k", source="hub", split="test")
+    assert (got.source, got.hub_id, got.hub_config, got.files) == ("hub", "openai/gsm8k", "main", ())
+    calls: list = []
+    _fake_hub(monkeypatch, {"question": ["q"], "answer": ["a #### 1"]}, calls)
+    load_instruction_dataset(got.data_config())
+    assert calls == [("openai/gsm8k", "main", "test")]
+
+
+def test_resolve_rejects_unknown_names():
+    with pytest.raises(DataError, match="unknown dataset name 'alpaca'"):
+        loading.resolve_data_files("alpaca")
+    with pytest.raises(DataError, match="unknown local split 'validation'"):
+        loading.resolve_data_files("gsm8k", split="validation")
