@@ -81,7 +81,7 @@ def build_base(args):
     if args.model == "stories260K":
         if not args.model_path:
             raise SystemExit("--model-path is required for --model stories260K")
-        model = LlamaForCausalLM.from_pretrained(args.model_path, dtype=torch.float32,
+        model = LlamaForCausalLM.from_pretrained(args.model_path, dtype=torch.float32, use_safetensors=True,
                                                  attn_implementation=args.attn)
     else:
         torch.manual_seed(args.seed)

@@ -38,9 +38,10 @@ def _require(cond: bool, msg: str) -> None:
 class ModelConfig:
     """Base model and LoRA placement.
 
-    ``name_or_path="auto"`` takes ``../shared/models/stories260K-hf`` when present,
-    else a random-init tiny Llama (``random`` below). ``"random"`` always takes the
-    random model; anything else is a local folder or a Hugging Face Hub id.
+    ``name_or_path="auto"`` takes the embedded stories260K (shipped in the package).
+    ``"random"`` takes a random-init tiny Llama (``random_*`` below); anything else is a local
+    folder or GGUF file, or a Hugging Face Hub id (needs network). A path that does not exist is
+    an error naming it.
     """
 
     name_or_path: str = "auto"
@@ -48,7 +49,7 @@ class ModelConfig:
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     alpha: float = 16.0
     rslora: bool = False
-    # Random-init model (used by "random", and by "auto" when no checkpoint is present).
+    # Random-init model (name_or_path: random).
     random_hidden_size: int = 64
     random_intermediate_size: int = 172
     random_num_layers: int = 5
@@ -286,11 +287,59 @@ def to_dict(cfg) -> dict:
     return conv(dataclasses.asdict(cfg))
 
 
+def _yaml_error_line(path: Path, e: Exception) -> str:
+    """One line for a YAML syntax error: the file, line and column (1-based) and the problem."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    problem = " ".join(str(getattr(e, "problem", None) or e).split())
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and cmark is not None and cmark is not mark:
+        problem += f" ({' '.join(context.split())} started at line {cmark.line + 1}, column {cmark.column + 1})"
+    return f"{where}: invalid YAML: {problem}"
+
+
+def _load_yaml_mapping(path: Path):
+    """The YAML file as an OmegaConf mapping.
+
+    Raises:
+      ConfigError: not UTF-8, malformed YAML (one line with the file, line and column), an empty
+        file, or a top level that is not a mapping.
+    """
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_error_line(path, e)) from None
+    if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"):
+        raise ConfigError(f"config file {path} is empty; write settings such as 'fed: {{rounds: 5}}', "
+                          "or leave out --config for the defaults")
+    if not isinstance(node, yaml.MappingNode):
+        kind = "a list" if isinstance(node, yaml.SequenceNode) else f"the value {node.value!r}"
+        raise ConfigError(f"config file {path}: the top level must be a mapping of settings "
+                          f"(e.g. 'fed: {{rounds: 5}}'), got {kind} at line {node.start_mark.line + 1}")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:  # e.g. a duplicate key, found only when the mapping is built
+        raise ConfigError(_yaml_error_line(path, e)) from None
+    except Exception as e:
+        raise ConfigError(f"config file {path}: {' '.join(str(e).split())}") from None
+    if not OmegaConf.is_dict(loaded):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of settings")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
     """Reads a YAML file (optional) and dotted ``key=value`` overrides into a ``TrainConfig``.
 
     Raises:
-      ConfigError: unknown key (the valid ones are listed) or invalid value.
+      ConfigError: unknown key (the valid ones are listed) or invalid value; a YAML file that is
+        malformed (one line naming the file, line and column), empty, or whose top level is not
+        a mapping.
       FileNotFoundError: the YAML file does not exist.
     """
     base = OmegaConf.create({})
@@ -298,7 +347,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        base = OmegaConf.load(path)
+        base = _load_yaml_mapping(path)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")

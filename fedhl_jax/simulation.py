@@ -7,7 +7,7 @@ engine's pieces: the compiled ``round_fn``, the ``schedule`` of clients and batc
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 from typing import Callable, Iterable, Sequence
 
 import jax
@@ -15,13 +15,12 @@ import numpy as np
 
 from fedhl_jax import engine
 from fedhl_jax import model as M
+from fedhl_jax.assets import resolve_model_source
 from fedhl_jax.config import ConfigError, TrainConfig
 from fedhl_jax.data.federated import build_federated_dataset, load_records
 from fedhl_jax.global_eval import GlobalEvaluator, eval_metric
 from fedhl_jax.local import make_optimizer
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_MODEL = REPO.parent / "shared" / "models" / "stories260K-hf"
 _AUTO_MESH = object()
 
 
@@ -52,14 +51,17 @@ def client_ranks(fed, seed: int) -> np.ndarray:
 
 
 def load_model(cfg: TrainConfig, texts_for_fallback: list[str]):
-    """``(model_cfg, params, tokenizer, description)`` following ``model.name_or_path``."""
+    """``(model_cfg, params, tokenizer, source)`` following ``model.name_or_path``.
+
+    ``auto`` is the embedded stories260K; ``random`` (asked for by name only) a random-init Llama
+    with a word-level tokenizer built from ``texts_for_fallback``; anything else a local folder or
+    GGUF file, or a Hub id (``assets.resolve_model_source``: a missing path is an error naming it).
+    """
     mc = cfg.model
-    name = mc.name_or_path
-    if name == "auto":
-        name = str(SHARED_MODEL) if SHARED_MODEL.exists() else "random"
-    if name != "random":
-        model_cfg, params = M.load_pretrained(name, dtype=mc.dtype)
-        return model_cfg, params, M.load_tokenizer(name), f"pretrained {name}"
+    source = resolve_model_source(mc.name_or_path)
+    if source.kind != "random":
+        model_cfg, params = M.load_pretrained(source.path, dtype=mc.dtype)
+        return model_cfg, params, M.load_tokenizer(source.path), source
     from fedhl_jax.data.toy_tokenizer import word_level_tokenizer
 
     tokenizer = word_level_tokenizer(texts_for_fallback)
@@ -69,8 +71,9 @@ def load_model(cfg: TrainConfig, texts_for_fallback: list[str]):
                               head_dim=mc.random_hidden_size // mc.random_num_heads, dtype=mc.dtype,
                               bos_token_id=1, eos_token_id=2)
     params = M.init_params(model_cfg, jax.random.PRNGKey(cfg.seed))
-    return model_cfg, params, tokenizer, (f"random-init Llama (hidden {mc.random_hidden_size}, "
-                                          f"{mc.random_num_layers} layers) with a word-level tokenizer")
+    desc = (f"random-init Llama (hidden {mc.random_hidden_size}, {mc.random_num_layers} layers) with a "
+            f"word-level tokenizer")
+    return model_cfg, params, tokenizer, dataclasses.replace(source, description=desc)
 
 
 class Simulation:
@@ -93,8 +96,8 @@ class Simulation:
             raise ConfigError(f"fed.num_clients={fed.num_clients} is more than the {len(records[0])} training "
                               f"examples of {dc.dataset}")
         texts = [" ".join(r.values()) for r in records[0].select(range(min(len(records[0]), 2000)))]
-        self.model_cfg, self.params, self.tokenizer, desc = load_model(cfg, texts)
-        log(f"model: {desc}")
+        self.model_cfg, self.params, self.tokenizer, self.model_source = load_model(cfg, texts)
+        log(f"model: {self.model_source.description}")
         self.shapes = M.lora_targets(self.model_cfg, cfg.model.targets)
         smallest = min(min(s) for s in self.shapes.values())
         if fed.r_max > smallest:

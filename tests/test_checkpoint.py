@@ -172,3 +172,72 @@ def test_sharded_checkpoint(tmp_path, tiny):
     _, sharded = load_pretrained(ckpt)
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------------------------- pickles and resolution
+class _Payload:
+    """Unpickling this writes a marker file: proof that nothing was unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "unpickled"))
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "weights.pth", "last.ckpt"])
+def test_pickle_only_folder_is_refused(tmp_path, name):
+    import pickle
+
+    from fedhl_jax.assets import resolve_model_source
+    from fedhl_jax.model.checkpoint import UnsafeCheckpointError
+
+    ckpt = copy_tiny(tmp_path)
+    (ckpt / "model.safetensors").unlink()
+    marker = tmp_path / "marker"
+    (ckpt / name).write_bytes(pickle.dumps({"w": _Payload(marker)}))
+    for call in (load_pretrained, resolve_checkpoint, resolve_model_source, load_tokenizer):
+        with pytest.raises(UnsafeCheckpointError, match=rf"only pickle-based weights \({name}\).*safetensors.*GGUF"):
+            call(ckpt)
+    assert not marker.exists()
+
+
+def test_pickle_beside_safetensors_is_ignored(tmp_path, tiny):
+    ckpt = copy_tiny(tmp_path)
+    (ckpt / "pytorch_model.bin").write_bytes(b"not even a pickle")
+    _, params = load_pretrained(ckpt)
+    np.testing.assert_array_equal(np.asarray(params["norm"]), np.asarray(tiny[1]["norm"]))
+
+
+def test_embedded_stories260k_is_the_auto_model():
+    from fedhl_jax.assets import ASSETS_DIR, embedded_model_dir, resolve_model_source
+
+    src = resolve_model_source("auto")
+    assert src.kind == "embedded" and src.path == str(ASSETS_DIR / "stories260K-hf") == str(embedded_model_dir())
+    assert "stories260K" in src.description
+    assert resolve_checkpoint("auto") == src.path
+    for f in ("LICENSE", "PROVENANCE.md"):
+        assert (embedded_model_dir() / f).is_file()
+    cfg, params = load_pretrained("auto")
+    golden = np.load(GOLDEN / "stories260K_logits.npz")
+    diff = np.abs(np.asarray(jax.jit(partial(forward, cfg))(params, golden["tokens"])) - golden["logits"]).max()
+    assert diff < 1e-4, diff
+    assert load_tokenizer("auto")("Once upon a time").input_ids == [1, 403, 407, 261, 378]
+
+
+def test_model_source_resolution(tmp_path):
+    from fedhl_jax.assets import resolve_model_source
+
+    assert resolve_model_source("random").kind == "random"
+    assert resolve_model_source(TINY).kind == "local"
+    assert (resolve_model_source("owner/some-model").kind, resolve_model_source("owner/some-model").path) == \
+        ("hub", "owner/some-model")
+    for missing in (str(tmp_path / "no_model"), "./no_model", "a/b/c"):
+        with pytest.raises(FileNotFoundError) as e:
+            resolve_model_source(missing)
+        msg = str(e.value)
+        assert missing in msg and "auto" in msg and "Hub id" in msg
+    f = tmp_path / "config.json"
+    f.write_text("{}")
+    with pytest.raises(FileNotFoundError, match="is a file, not a checkpoint folder"):
+        resolve_model_source(f)

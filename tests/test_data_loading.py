@@ -11,7 +11,7 @@ import pytest
 from fedhl_jax.data import loading
 from fedhl_jax.data.loading import (
     DATA_DIR_ENV,
-    DataConfig,
+    DataSource,
     DataError,
     default_data_dir,
     load_instruction_dataset,
@@ -23,7 +23,7 @@ FIX = Path(__file__).parent / "fixtures" / "data"
 
 
 def _load(name: str, file: str, **kw) -> datasets.Dataset:
-    return load_instruction_dataset(DataConfig(name, path=str(FIX / file), **kw))
+    return load_instruction_dataset(DataSource(name, path=str(FIX / file), **kw))
 
 
 def test_gsm8k_normalised():
@@ -69,14 +69,14 @@ def test_max_examples():
 
 
 def test_relative_path_against_data_dir_argument():
-    ds = load_instruction_dataset(DataConfig("gsm8k", path="gsm8k_small.jsonl", data_dir=str(FIX)))
+    ds = load_instruction_dataset(DataSource("gsm8k", path="gsm8k_small.jsonl", data_dir=str(FIX)))
     assert len(ds) == 8
 
 
 def test_env_var_data_dir(monkeypatch):
     monkeypatch.setenv(DATA_DIR_ENV, str(FIX))
     assert resolve_data_dir() == FIX.resolve()
-    ds = load_instruction_dataset(DataConfig("dolly", path="dolly_small.jsonl"))
+    ds = load_instruction_dataset(DataSource("dolly", path="dolly_small.jsonl"))
     assert len(ds) == 8
 
 
@@ -88,12 +88,12 @@ def test_argument_beats_env_var(monkeypatch, tmp_path):
 def test_default_split_files(tmp_path):
     (tmp_path / "gsm8k").mkdir()
     shutil.copy(FIX / "gsm8k_small.jsonl", tmp_path / "gsm8k" / "test.jsonl")
-    ds = load_instruction_dataset(DataConfig("gsm8k", split="test", data_dir=str(tmp_path)))
+    ds = load_instruction_dataset(DataSource("gsm8k", split="test", data_dir=str(tmp_path)))
     assert len(ds) == 8
 
 
 def test_multiple_files():
-    cfg = DataConfig(
+    cfg = DataSource(
         "codealpaca", path=(str(FIX / "codealpaca_small.jsonl"), str(FIX / "codealpaca_array.json"))
     )
     assert len(load_instruction_dataset(cfg)) == 13
@@ -118,7 +118,7 @@ def _fake_hub(monkeypatch, table: dict, calls: list):
 def test_hub_route_uses_default_id_and_config(monkeypatch):
     calls: list = []
     _fake_hub(monkeypatch, {"question": ["q1", "q2"], "answer": ["a #### 1", "b #### 2"]}, calls)
-    ds = load_instruction_dataset(DataConfig("gsm8k", source="hub", split="test"))
+    ds = load_instruction_dataset(DataSource("gsm8k", source="hub", split="test"))
     assert calls == [("openai/gsm8k", "main", "test")]
     assert ds.column_names == ["instruction", "input", "output"]
     assert ds["instruction"][:] == ["q1", "q2"]
@@ -131,7 +131,7 @@ def test_hub_route_dolly_category(monkeypatch):
         "category": ["open_qa", "closed_qa"],
     }
     _fake_hub(monkeypatch, table, calls)
-    ds = load_instruction_dataset(DataConfig("dolly", source="hub"))
+    ds = load_instruction_dataset(DataSource("dolly", source="hub"))
     assert calls == [("databricks/databricks-dolly-15k", None, "train")]
     assert ds["category"][:] == ["open_qa", "closed_qa"]
     assert ds["input"][:] == ["", "c"]
@@ -140,14 +140,14 @@ def test_hub_route_dolly_category(monkeypatch):
 def test_hub_route_custom_id(monkeypatch):
     calls: list = []
     _fake_hub(monkeypatch, {"instruction": ["i"], "input": [""], "output": ["o"]}, calls)
-    load_instruction_dataset(DataConfig("codealpaca", source="hub", hub_id="me/my-code"))
+    load_instruction_dataset(DataSource("codealpaca", source="hub", hub_id="me/my-code"))
     assert calls == [("me/my-code", None, "train")]
 
 
 def test_hub_missing_column(monkeypatch):
     _fake_hub(monkeypatch, {"question": ["q"]}, [])
     with pytest.raises(DataError, match=r"openai/gsm8k.*missing required field.*'answer'"):
-        load_instruction_dataset(DataConfig("gsm8k", source="hub"))
+        load_instruction_dataset(DataSource("gsm8k", source="hub"))
 
 
 # ---------------------------------------------------------------- bad input
@@ -156,13 +156,13 @@ def test_hub_missing_column(monkeypatch):
 def test_missing_file_is_named(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(DataError, match="data file not found") as e:
-        load_instruction_dataset(DataConfig("gsm8k", path=str(missing)))
+        load_instruction_dataset(DataSource("gsm8k", path=str(missing)))
     assert str(missing) in str(e.value)
 
 
 def test_missing_default_file_is_named(tmp_path):
     with pytest.raises(DataError) as e:
-        load_instruction_dataset(DataConfig("dolly", data_dir=str(tmp_path)))
+        load_instruction_dataset(DataSource("dolly", data_dir=str(tmp_path)))
     assert "dolly_subset_151.jsonl" in str(e.value)
 
 
@@ -222,7 +222,7 @@ def test_json_array_missing_field_reports_row(tmp_path):
 def test_null_optional_field_becomes_empty(tmp_path):
     f = tmp_path / "nulls.jsonl"
     f.write_text('{"instruction": "a", "input": null, "output": "b"}\n{"instruction": "c", "output": "d"}\n')
-    ds = load_instruction_dataset(DataConfig("codealpaca", path=str(f)))
+    ds = load_instruction_dataset(DataSource("codealpaca", path=str(f)))
     assert ds["input"][:] == ["", ""]
 
 
@@ -230,7 +230,7 @@ def test_bad_optional_type(tmp_path):
     f = tmp_path / "opt.jsonl"
     f.write_text('{"instruction": "a", "input": 3, "output": "b"}\n')
     with pytest.raises(DataError, match=r"opt\.jsonl: line 1: field 'input' must be a string or null"):
-        load_instruction_dataset(DataConfig("codealpaca", path=str(f)))
+        load_instruction_dataset(DataSource("codealpaca", path=str(f)))
 
 
 @pytest.mark.parametrize(
@@ -244,4 +244,116 @@ def test_bad_optional_type(tmp_path):
 )
 def test_bad_config(kwargs, message):
     with pytest.raises(DataError, match=message):
-        DataConfig(**kwargs)
+        DataSource(**kwargs)
+
+
+# ---------------------------------------------------------------- where the files come from
+
+
+@pytest.fixture
+def no_shared(monkeypatch, tmp_path):
+    """No $FEDHL_DATA_DIR and an empty ../shared/data; the Hub must not be called."""
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(loading, "default_data_dir", lambda: tmp_path / "no_shared")
+    real = loading.datasets.load_dataset
+
+    def local_only(path, *args, **kw):
+        assert path == "json", f"the Hub was asked for {path!r}"
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(loading.datasets, "load_dataset", local_only)
+    return tmp_path / "no_shared"
+
+
+def test_gsm8k_defaults_to_embedded_copy(no_shared):
+    from fedhl_jax.assets import ASSETS_DIR
+
+    train = loading.resolve_data_files("gsm8k")
+    assert train.source == "local" and train.origin == "embedded"
+    assert train.files == (ASSETS_DIR / "gsm8k" / "train.jsonl",)
+    assert "embedded" in train.description
+    test = loading.resolve_data_files("gsm8k", split="test")
+    assert test.files == (ASSETS_DIR / "gsm8k" / "test.jsonl",)
+    ds = load_instruction_dataset(DataSource("gsm8k", split="test", max_examples=5))
+    assert len(ds) == 5 and ds[0]["output"].rstrip().split("#### ")[-1].strip().isdigit()
+    assert len(load_instruction_dataset(test.data_config(max_examples=3))) == 3
+
+
+def test_embedded_gsm8k_is_complete():
+    from fedhl_jax.assets import ASSETS_DIR
+
+    for split, rows in (("train", 7473), ("test", 1319)):
+        f = ASSETS_DIR / "gsm8k" / f"{split}.jsonl"
+        assert validate_json_file(f, ["question", "answer"]) == rows
+    assert (ASSETS_DIR / "gsm8k" / "LICENSE").read_text().startswith("MIT License")
+    assert "3101c7d5072418e28b9008a6636bde82a006892c" in (ASSETS_DIR / "gsm8k" / "PROVENANCE.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["codealpaca", "dolly"])
+def test_not_embedded_dataset_missing_is_a_clear_error(no_shared, name):
+    with pytest.raises(DataError) as e:
+        loading.resolve_data_files(name)
+    msg = str(e.value)
+    assert "not embedded" in msg and str(no_shared) in msg
+    assert "data.data_dir" in msg and DATA_DIR_ENV in msg and "data.source=hub" in msg
+    with pytest.raises(DataError, match="not embedded"):
+        load_instruction_dataset(DataSource(name))
+
+
+def test_missing_data_dir_names_path_and_fixes(no_shared, tmp_path):
+    absent = tmp_path / "absent"
+    with pytest.raises(DataError) as e:
+        loading.resolve_data_files("gsm8k", data_dir=absent)
+    msg = str(e.value)
+    assert str(absent) in msg and "does not exist" in msg and "data.data_dir" in msg
+    assert DATA_DIR_ENV in msg and "data.source=hub" in msg
+    with pytest.raises(DataError, match="absent"):  # never the embedded copy instead
+        load_instruction_dataset(DataSource("gsm8k", data_dir=str(absent)))
+
+
+def test_missing_env_data_dir_is_an_error(no_shared, monkeypatch, tmp_path):
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "gone"))
+    with pytest.raises(DataError, match=rf"gone.*from \${DATA_DIR_ENV}.*does not exist"):
+        loading.resolve_data_files("gsm8k")
+
+
+def test_data_dir_without_the_file(no_shared, tmp_path):
+    with pytest.raises(DataError) as e:
+        loading.resolve_data_files("gsm8k", data_dir=tmp_path, split="test")
+    assert str(tmp_path / "gsm8k" / "test.jsonl") in str(e.value) and "data.source=hub" in str(e.value)
+
+
+def test_data_dir_and_env_beat_embedded(no_shared, monkeypatch, tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    shutil.copy(FIX / "gsm8k_small.jsonl", tmp_path / "gsm8k" / "train.jsonl")
+    got = loading.resolve_data_files("gsm8k", data_dir=tmp_path)
+    assert got.origin == "data_dir" and got.files == (tmp_path.resolve() / "gsm8k" / "train.jsonl",)
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    got = loading.resolve_data_files("gsm8k")
+    assert got.origin == f"${DATA_DIR_ENV}"
+    assert len(load_instruction_dataset(got.data_config())) == 8
+
+
+def test_file_as_source(no_shared, tmp_path, monkeypatch):
+    got = loading.resolve_data_files("gsm8k", source=str(FIX / "gsm8k_small.jsonl"))
+    assert got.origin == "path" and len(load_instruction_dataset(got.data_config())) == 8
+    monkeypatch.chdir(FIX)
+    assert loading.resolve_data_files("gsm8k", source="gsm8k_small.jsonl").files == (FIX / "gsm8k_small.jsonl",)
+    with pytest.raises(DataError, match=r"data file not found: .*nope\.jsonl.*data\.source=hub"):
+        loading.resolve_data_files("gsm8k", source=str(tmp_path / "nope.jsonl"))
+
+
+def test_hub_only_when_asked(monkeypatch, no_shared):
+    got = loading.resolve_data_files("gsm8k", source="hub", split="test")
+    assert (got.source, got.hub_id, got.hub_config, got.files) == ("hub", "openai/gsm8k", "main", ())
+    calls: list = []
+    _fake_hub(monkeypatch, {"question": ["q"], "answer": ["a #### 1"]}, calls)
+    load_instruction_dataset(got.data_config())
+    assert calls == [("openai/gsm8k", "main", "test")]
+
+
+def test_resolve_rejects_unknown_names():
+    with pytest.raises(DataError, match="unknown dataset name 'alpaca'"):
+        loading.resolve_data_files("alpaca")
+    with pytest.raises(DataError, match="unknown local split 'validation'"):
+        loading.resolve_data_files("gsm8k", split="validation")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fedhl_jax.data import (
-    DataConfig,
+    DataSource,
     DataError,
     PartitionConfig,
     build_federated_dataset,
@@ -65,7 +65,7 @@ def tokenizer():
     ],
 )
 def test_real_counts(name, split, rows):
-    ds = load_instruction_dataset(DataConfig(name, split=split))
+    ds = load_instruction_dataset(DataSource(name, split=split))
     assert len(ds) == rows
     assert ds.column_names == ["instruction", "input", "output"]  # the Dolly subset has no category
     if name == "gsm8k":
@@ -75,9 +75,9 @@ def test_real_counts(name, split, rows):
 
 
 CASES = [
-    (DataConfig("gsm8k"), PartitionConfig("dirichlet", num_clients=10, alpha=0.5, seed=0)),
-    (DataConfig("codealpaca", split="all"), PartitionConfig("meta", num_clients=10, seed=0)),
-    (DataConfig("dolly"), PartitionConfig("rank_correlated", num_clients=6, ranks=(2, 2, 4, 8, 8, 16), seed=0)),
+    (DataSource("gsm8k"), PartitionConfig("dirichlet", num_clients=10, alpha=0.5, seed=0)),
+    (DataSource("codealpaca", split="all"), PartitionConfig("meta", num_clients=10, seed=0)),
+    (DataSource("dolly"), PartitionConfig("rank_correlated", num_clients=6, ranks=(2, 2, 4, 8, 8, 16), seed=0)),
 ]
 
 
@@ -129,7 +129,7 @@ def test_real_federated_dataset(tokenizer, data_cfg, part_cfg, tmp_path):
                     ("codealpaca", "new"), ("dolly", "train")],
 )
 def test_real_truncation_counts(tokenizer, name, split):
-    ds = load_instruction_dataset(DataConfig(name, split=split))
+    ds = load_instruction_dataset(DataSource(name, split=split))
     reports = {}
     for seq in (256, 512):
         d = tokenize_dataset(ds, tokenizer, seq)

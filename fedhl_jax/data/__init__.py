@@ -5,8 +5,8 @@ Typical use::
     from fedhl_jax.data import DataConfig, PartitionConfig, build_federated_dataset
 
     fed = build_federated_dataset(
-        DataConfig("gsm8k"), tokenizer, PartitionConfig("dirichlet", num_clients=10, alpha=0.3),
-        seq_len=512,
+        DataConfig("gsm8k", seq_len=512, partition="dirichlet", dirichlet_alpha=0.3), tokenizer,
+        num_clients=10, seed=0,
     )
     print(fed.summary())
     batcher = fed.batcher(local_steps=4, batch_size=8, seed=0)
@@ -14,7 +14,7 @@ Typical use::
 """
 
 from fedhl_jax.data.batching import RoundBatcher, make_round_batch, sample_clients
-from fedhl_jax.data.federated import FederatedDataset, build_federated_dataset
+from fedhl_jax.data.federated import DataConfig, FederatedDataset, build_federated_dataset, load_records
 from fedhl_jax.data.labels import (
     CODE_LANGUAGES,
     LABEL_KINDS,
@@ -31,11 +31,13 @@ from fedhl_jax.data.loading import (
     DATASET_NAMES,
     HUB_DEFAULTS,
     LOCAL_FILES,
-    DataConfig,
     DataError,
+    DataFiles,
+    DataSource,
     default_data_dir,
     load_instruction_dataset,
     resolve_data_dir,
+    resolve_data_files,
     validate_json_file,
 )
 from fedhl_jax.data.partition import (
@@ -70,6 +72,8 @@ __all__ = [
     "DATA_DIR_ENV",
     "DataConfig",
     "DataError",
+    "DataFiles",
+    "DataSource",
     "FederatedDataset",
     "HUB_DEFAULTS",
     "LABEL_KINDS",
@@ -96,6 +100,7 @@ __all__ = [
     "label_counts",
     "label_skew",
     "load_instruction_dataset",
+    "load_records",
     "make_partition",
     "make_round_batch",
     "meta_partition",
@@ -105,6 +110,7 @@ __all__ = [
     "quantity_skew_partition",
     "rank_correlated_partition",
     "resolve_data_dir",
+    "resolve_data_files",
     "sample_clients",
     "tokenize_dataset",
     "validate_json_file",

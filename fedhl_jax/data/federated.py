@@ -15,8 +15,7 @@ import numpy as np
 
 from fedhl_jax.data.batching import RoundBatcher
 from fedhl_jax.data.labels import LABEL_KINDS, dataset_labels
-from fedhl_jax.data.loading import DATASET_NAMES, HUB_DEFAULTS, DataError, load_instruction_dataset, resolve_data_dir
-from fedhl_jax.data.loading import DataConfig as DataSource
+from fedhl_jax.data.loading import DATASET_NAMES, DataError, load_instruction_dataset, resolve_data_files
 from fedhl_jax.data.partition import (
     PARTITION_KINDS,
     PartitionConfig,
@@ -38,9 +37,11 @@ class DataConfig:
 
     Attributes:
       dataset: ``gsm8k``, ``codealpaca`` or ``dolly``.
-      source: ``auto`` (local files under ``data_dir``, else the Hub id of the dataset), ``local``,
-        ``hub``, or a path to a JSON Lines / JSON file of the dataset's schema.
-      data_dir: data directory (default ``$FEDHL_DATA_DIR``, else ``../shared/data``).
+      source: ``auto`` or ``local`` (local files: ``data_dir``, else ``$FEDHL_DATA_DIR``, else the
+        embedded copy for GSM8K, else ``../shared/data``), ``hub`` (the dataset's Hub id; needs
+        network; never a silent fallback), or a path to a JSON Lines / JSON file of the dataset's
+        schema.
+      data_dir: data directory.
       seq_len: sequence length ``T`` of every example.
       max_train_examples: keep the first this many training rows.
       partition: one of ``PARTITION_KINDS`` (``iid``, ``dirichlet``, ``meta``, ``quantity_skew``,
@@ -79,37 +80,29 @@ class DataConfig:
         require(self.label_kind is None or self.label_kind in LABEL_KINDS,
                 f"data.label_kind must be one of {sorted(LABEL_KINDS)} (or null), got {self.label_kind!r}")
 
-    def source_spec(self, split: str = "train") -> tuple[DataSource, str]:
-        """The loader's ``DataSource`` for ``split`` and a description of where it reads from."""
-        source, path = "local", None
-        if self.source == "hub":
-            source = "hub"
-        elif self.source not in ("auto", "local"):
-            path = self.source
-        elif self.source == "auto":
-            try:
-                resolve_data_dir(self.data_dir)
-            except DataError:
-                source = "hub"
-        spec = DataSource(name=self.dataset, source=source, data_dir=self.data_dir, path=path,
-                          split=split if path is None else "train")
-        where = (f"Hub id {spec.hub_id or HUB_DEFAULTS[self.dataset][0]}" if source == "hub"
-                 else f"local files in {path or resolve_data_dir(self.data_dir)}")
-        return spec, where
 
 
 def load_records(config: DataConfig, seed: int, log: Callable = lambda *_: None):
     """Training and held-out rows of ``config``.
 
+    The files are found by ``loading.resolve_data_files`` (``data.data_dir``, ``$FEDHL_DATA_DIR``,
+    the embedded copy for GSM8K, ``../shared/data``; the Hub only with ``data.source=hub``). The
+    held-out rows are GSM8K's test split, else (and for an explicit file) a seeded held-out slice of
+    the training rows.
+
     Returns:
       ``(train, eval)`` ``datasets.Dataset``; ``eval`` is None with ``eval_examples=0``.
+
+    Raises:
+      DataError: a missing file or folder (naming it and the ways to fix it), or bad rows.
     """
-    spec, where = config.source_spec()
-    log(f"data: {config.dataset} from {where}")
-    train = load_instruction_dataset(spec)
+    files = resolve_data_files(config.dataset, config.data_dir, config.source, "train")
+    log(f"data: {files.description}")
+    train = load_instruction_dataset(files.data_config())
     split = _EVAL_SPLIT.get(config.dataset)
-    if split is not None and spec.path is None:
-        test = load_instruction_dataset(dataclasses.replace(spec, split=split))
+    if split is not None and files.origin != "path":
+        test = resolve_data_files(config.dataset, config.data_dir, config.source, split)
+        test = load_instruction_dataset(test.data_config())
         test = test.select(range(min(config.eval_examples, len(test)))) if config.eval_examples else None
     else:  # hold out the last eval_examples rows of a seeded shuffle
         order = np.random.default_rng([seed, 0xE7A1]).permutation(len(train))

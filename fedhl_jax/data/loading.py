@@ -2,7 +2,7 @@
 
 Three datasets are supported, each from a local JSON Lines / JSON file or from
 the Hugging Face Hub. Both routes go through :func:`datasets.load_dataset`; a
-:class:`DataConfig` picks the route:
+:class:`DataSource` picks the route:
 
 =============  ==========================  ===================================
 name           local schema                Hub default (id, config)
@@ -21,6 +21,12 @@ Every dataset is normalised to the columns ``instruction``, ``input`` and
 Local files are validated line by line *before* they are handed to
 ``datasets`` so that problems are reported with the file name, line number and
 field name instead of an Arrow stack trace.
+
+Where local files come from (:func:`resolve_data_files`): an explicit
+``data_dir``, else ``$FEDHL_DATA_DIR``, else the copy embedded in the package
+(GSM8K only), else ``<repo>/../shared/data``. A directory or file that is
+missing is an error naming it and the ways to fix it; the Hub is used only when
+``source="hub"`` is asked for, never as a fallback.
 """
 
 from __future__ import annotations
@@ -38,14 +44,16 @@ from fedhl_jax.errors import ConfigError
 __all__ = [
     "DATASET_NAMES",
     "DATA_DIR_ENV",
-    "DataConfig",
+    "DataSource",
     "DataError",
+    "DataFiles",
     "HUB_DEFAULTS",
     "LOCAL_FILES",
     "SCHEMAS",
     "default_data_dir",
     "load_instruction_dataset",
     "resolve_data_dir",
+    "resolve_data_files",
     "validate_json_file",
 ]
 
@@ -85,7 +93,7 @@ SCHEMAS: dict[str, _Schema] = {
 }
 
 #: Default files (relative to the data directory) for ``source="local"``,
-#: keyed by dataset name and then by ``DataConfig.split``.
+#: keyed by dataset name and then by ``DataSource.split``.
 LOCAL_FILES: dict[str, dict[str, tuple[str, ...]]] = {
     "gsm8k": {"train": ("gsm8k/train.jsonl",), "test": ("gsm8k/test.jsonl",)},
     "codealpaca": {
@@ -109,21 +117,24 @@ class DataError(ConfigError):
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Which dataset to load and from where.
+class DataSource:
+    """Which dataset to load and from where (the loader's view; a run's data settings are
+    :class:`fedhl_jax.data.DataConfig`).
 
     Attributes:
         name: One of ``"gsm8k"``, ``"codealpaca"``, ``"dolly"``.
-        source: ``"local"`` (JSON Lines / JSON files) or ``"hub"`` (a Hugging
-            Face Hub dataset id; needs network access).
+        source: ``"local"`` (JSON Lines / JSON files; ``"auto"`` is the same)
+            or ``"hub"`` (a Hugging Face Hub dataset id; needs network access).
         split: For ``source="local"`` without ``path``: a key of
             ``LOCAL_FILES[name]`` (e.g. ``"train"``, ``"test"``). For
             ``source="hub"``: the split name passed to ``load_dataset``.
         path: Local file, or tuple of files, to load instead of the default
             file of ``split``. Relative paths are resolved against the data
             directory; absolute paths are used as they are.
-        data_dir: Data directory. ``None`` uses ``$FEDHL_DATA_DIR`` or else
-            ``<repo>/../shared/data`` (see :func:`resolve_data_dir`).
+        data_dir: Data directory. ``None`` uses ``$FEDHL_DATA_DIR``, else the
+            embedded copy (GSM8K), else ``<repo>/../shared/data`` (see
+            :func:`resolve_data_files`; relative ``path`` values are resolved
+            with :func:`resolve_data_dir`).
         hub_id: Hub dataset id; ``None`` uses ``HUB_DEFAULTS[name]``.
         hub_config: Hub config name; ``None`` uses the default of ``name``
             (``"main"`` for GSM8K) when ``hub_id`` is also ``None``.
@@ -147,11 +158,11 @@ class DataConfig:
             raise DataError(
                 f"unknown dataset name {self.name!r}; expected one of {list(DATASET_NAMES)}"
             )
-        if self.source not in ("local", "hub"):
+        if self.source not in ("local", "hub", "auto"):
             raise DataError(f"unknown data source {self.source!r}; expected 'local' or 'hub'")
         if self.max_examples is not None and self.max_examples < 1:
             raise DataError(f"max_examples must be >= 1, got {self.max_examples}")
-        if self.source == "local" and self.path is None and self.split not in LOCAL_FILES[self.name]:
+        if self.source != "hub" and self.path is None and self.split not in LOCAL_FILES[self.name]:
             raise DataError(
                 f"unknown local split {self.split!r} for dataset {self.name!r}; expected one of "
                 f"{sorted(LOCAL_FILES[self.name])} or an explicit path"
@@ -187,11 +198,143 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
         chosen, origin = default_data_dir(), "default <repo>/../shared/data"
     chosen = chosen.expanduser().resolve()
     if not chosen.is_dir():
-        raise DataError(
-            f"data directory {str(chosen)!r} (from {origin}) does not exist; pass data_dir=... "
-            f"or set ${DATA_DIR_ENV}"
-        )
+        raise DataError(f"data directory {str(chosen)!r} (from {origin}) does not exist; {_DATA_FIX}")
     return chosen
+
+
+_DATA_FIX = (f"set data.data_dir (or ${DATA_DIR_ENV}) to a folder holding the dataset's files, "
+             "or use data.source=hub to download it (needs network)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFiles:
+    """Where one split of a dataset comes from (see :func:`resolve_data_files`).
+
+    Attributes:
+        dataset: Dataset name.
+        split: Split name (a key of ``LOCAL_FILES[dataset]``, or the Hub split).
+        source: ``"local"`` or ``"hub"``.
+        files: Absolute local files (empty for the Hub).
+        origin: ``"path"`` (an explicit file), ``"data_dir"``, ``"$FEDHL_DATA_DIR"``,
+            ``"embedded"`` (the package's copy), ``"shared"`` (``<repo>/../shared/data``)
+            or ``"hub"``.
+        hub_id: Hub dataset id (``source="hub"``).
+        hub_config: Hub config name (``source="hub"``).
+    """
+
+    dataset: str
+    split: str
+    source: str
+    files: tuple[Path, ...] = ()
+    origin: str = "path"
+    hub_id: str | None = None
+    hub_config: str | None = None
+
+    @property
+    def description(self) -> str:
+        """One line for the run log, e.g. ``gsm8k/train from the embedded copy (.../train.jsonl)``."""
+        what = f"{self.dataset}/{self.split}"
+        if self.source == "hub":
+            return f"{what} from Hugging Face Hub dataset {self.hub_id} ({self.hub_config or 'default'})"
+        where = {"path": "the file", "data_dir": "data.data_dir", "embedded": "the embedded copy",
+                 "shared": "../shared/data"}.get(self.origin, self.origin)
+        return f"{what} from {where} ({', '.join(str(f) for f in self.files)})"
+
+    def data_config(self, **kwargs: Any) -> DataSource:
+        """A :class:`DataSource` that loads exactly these files (or this Hub dataset).
+
+        ``kwargs`` go to :class:`DataSource` (e.g. ``max_examples``, ``cache_dir``).
+        """
+        if self.source == "hub":
+            return DataSource(self.dataset, source="hub", split=self.split, hub_id=self.hub_id,
+                              hub_config=self.hub_config, **kwargs)
+        return DataSource(self.dataset, source="local", split=self.split,
+                          path=tuple(str(f) for f in self.files), **kwargs)
+
+
+def _dir_from(data_dir: str | os.PathLike[str] | None) -> tuple[Path, str] | None:
+    """The explicitly chosen data directory (argument, then the env var), checked to exist."""
+    if data_dir is not None:
+        chosen, origin, label = Path(data_dir), "data_dir", "data.data_dir"
+    elif os.environ.get(DATA_DIR_ENV):
+        chosen, origin, label = Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}", f"${DATA_DIR_ENV}"
+    else:
+        return None
+    chosen = chosen.expanduser().resolve()
+    if not chosen.is_dir():
+        raise DataError(f"data directory {str(chosen)!r} (from {label}) does not exist; {_DATA_FIX}")
+    return chosen, origin
+
+
+def resolve_data_files(
+    dataset: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    source: str = "auto",
+    split: str = "train",
+) -> DataFiles:
+    """Decides where one split of a dataset is read from, without reading it.
+
+    Args:
+        dataset: One of :data:`DATASET_NAMES`.
+        data_dir: ``data.data_dir``; ``None`` for the default order below.
+        source: ``"auto"`` or ``"local"``: local files, in this order: ``data_dir``,
+            ``$FEDHL_DATA_DIR``, the embedded copy (GSM8K only),
+            ``<repo>/../shared/data``. ``"hub"``: the Hugging Face Hub default id of
+            the dataset (needs network). Anything else: the path of a JSON Lines /
+            JSON file (relative paths: against ``data_dir`` / ``$FEDHL_DATA_DIR``
+            when one is set, else the working directory).
+        split: A key of ``LOCAL_FILES[dataset]`` (``"train"``, ``"test"``, ...), or
+            the Hub split name for ``source="hub"``. Ignored for a file path.
+
+    Returns:
+        A :class:`DataFiles`; ``.data_config()`` gives the :class:`DataSource` to load
+        it with and ``.description`` a log line.
+
+    Raises:
+        DataError: unknown dataset or split; a ``data_dir`` / ``$FEDHL_DATA_DIR`` or file
+            that does not exist; a dataset that is neither embedded nor in
+            ``../shared/data``. Each message names the path and the ways to fix it
+            (``data.data_dir``, ``$FEDHL_DATA_DIR``, ``data.source=hub``).
+    """
+    if dataset not in DATASET_NAMES:
+        raise DataError(f"unknown dataset name {dataset!r}; expected one of {list(DATASET_NAMES)}")
+    if source == "hub":
+        hub_id, hub_config = HUB_DEFAULTS[dataset]
+        return DataFiles(dataset, split, "hub", origin="hub", hub_id=hub_id, hub_config=hub_config)
+    if source not in ("auto", "local"):  # a file
+        p = Path(source).expanduser()
+        if not p.is_absolute():
+            chosen = _dir_from(data_dir)
+            p = (chosen[0] if chosen else Path.cwd()) / p
+        if not p.is_file():
+            raise DataError(f"data file not found: {str(p)!r} (from data.source); give an existing "
+                            f"JSON Lines file, or data.source=auto for the default files, or "
+                            f"data.source=hub (needs network)")
+        return DataFiles(dataset, split, "local", (p.resolve(),), "path")
+    if split not in LOCAL_FILES[dataset]:
+        raise DataError(f"unknown local split {split!r} for dataset {dataset!r}; expected one of "
+                        f"{sorted(LOCAL_FILES[dataset])} or an explicit path")
+    rel = LOCAL_FILES[dataset][split]
+    chosen = _dir_from(data_dir)
+    if chosen is not None:
+        base, origin = chosen
+    else:
+        from fedhl_jax.assets import EMBEDDED_DATASETS, embedded_data_dir
+
+        if dataset in EMBEDDED_DATASETS and all((embedded_data_dir() / r).is_file() for r in rel):
+            base, origin = embedded_data_dir(), "embedded"
+        else:
+            base, origin = default_data_dir(), "shared"
+            if not all((base / r).is_file() for r in rel):
+                raise DataError(
+                    f"{dataset} data not found: it is not embedded in the package and "
+                    f"{', '.join(repr(str(base / r)) for r in rel)} does not exist; {_DATA_FIX}")
+    files = tuple(base / r for r in rel)
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        label = "data.data_dir" if origin == "data_dir" else origin
+        raise DataError(f"data file not found: {missing[0]!r} (from {label}); {_DATA_FIX}")
+    return DataFiles(dataset, split, "local", files, origin)
 
 
 def _check_row(
@@ -266,10 +409,10 @@ def validate_json_file(
     return n_rows
 
 
-def _local_files(config: DataConfig) -> list[Path]:
+def _local_files(config: DataSource) -> list[Path]:
     if config.path is None:
-        rel: Sequence[str] = LOCAL_FILES[config.name][config.split]
-    elif isinstance(config.path, (str, os.PathLike)):
+        return list(resolve_data_files(config.name, config.data_dir, "local", config.split).files)
+    if isinstance(config.path, (str, os.PathLike)):
         rel = (config.path,)
     else:
         rel = tuple(config.path)
@@ -306,7 +449,7 @@ def _normalise(columns: dict[str, list[Any]], schema: _Schema, origin: str) -> d
     return datasets.Dataset.from_dict(out)
 
 
-def load_instruction_dataset(config: DataConfig) -> datasets.Dataset:
+def load_instruction_dataset(config: DataSource) -> datasets.Dataset:
     """Loads one dataset and normalises it to instruction/input/output.
 
     Args:
@@ -323,7 +466,7 @@ def load_instruction_dataset(config: DataConfig) -> datasets.Dataset:
             :func:`validate_json_file`); for Hub data, missing columns.
     """
     schema = SCHEMAS[config.name]
-    if config.source == "local":
+    if config.source != "hub":
         files = _local_files(config)
         for f in files:
             validate_json_file(f, schema.required, schema.optional_text)

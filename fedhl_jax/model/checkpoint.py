@@ -1,7 +1,10 @@
 """Loading Hugging Face Llama checkpoints (safetensors, no torch).
 
 A checkpoint folder holds ``config.json`` and either ``model.safetensors`` or a
-sharded ``model.safetensors.index.json`` plus its shards. Tensors are read with
+sharded ``model.safetensors.index.json`` plus its shards. Pickle-based weights
+(``pytorch_model.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) are never read: unpickling
+can run arbitrary code, so a folder holding only those is refused
+(:class:`UnsafeCheckpointError`). Tensors are read with
 safetensors' numpy API and mapped to parameter paths through the regex table
 :data:`HF_KEY_MAP`; every key must map to exactly one expected parameter of the
 expected shape.
@@ -20,7 +23,8 @@ import numpy as np
 from safetensors import safe_open
 
 from fedhl_jax.model.config import LlamaConfig, read_config_json
-from fedhl_jax.model.hub import resolve_checkpoint
+from fedhl_jax.model.hub import (PICKLE_WEIGHT_PATTERNS, UnsafeCheckpointError, refuse_pickle_weights,  # noqa: F401
+                                  resolve_checkpoint)
 from fedhl_jax.model.llama import param_shapes, unflatten_params
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -41,7 +45,6 @@ HF_KEY_MAP: tuple[tuple[str, str], ...] = (
 HF_IGNORED_KEYS: tuple[str, ...] = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-
 
 def hf_key_to_path(key: str) -> str | None:
     """Maps an HF state-dict key to a parameter path, or ``None`` if it matches no rule."""
@@ -73,6 +76,7 @@ def checkpoint_files(folder: str | os.PathLike) -> list[str]:
     else:
         files = [folder / SAFETENSORS_FILE]
         if not files[0].is_file():
+            refuse_pickle_weights(folder)
             raise FileNotFoundError(f"no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} in {folder}")
     for file in files:
         if not file.is_file():
@@ -101,6 +105,7 @@ def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
 
     Raises:
       FileNotFoundError: missing folder, config or safetensors file.
+      UnsafeCheckpointError: the folder's only weights are pickle files.
       ValueError: unreadable/truncated file, unexpected or missing key, shape
         mismatch with the config, or an unsupported architecture (each message
         names the file, key, shape or value).
@@ -137,7 +142,7 @@ def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
 
 
 def load_tokenizer(path_or_id: str | os.PathLike):
-    """``transformers.AutoTokenizer`` for a checkpoint folder or Hub id."""
+    """``transformers.AutoTokenizer`` for a checkpoint folder or Hub id (no remote code is run)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_checkpoint(path_or_id))
+    return AutoTokenizer.from_pretrained(resolve_checkpoint(path_or_id), trust_remote_code=False)
