@@ -19,6 +19,28 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def plot_runs(data: list[list[dict]], labels: list[str], metrics: list[str]):
+    """One panel per metric, one line per run; x is the round as in metrics.jsonl (0-based, integer ticks)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for rows, label in zip(data, labels):
+            pts = [(r["round"], r[metric]) for r in rows if isinstance(r.get(metric), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round (as in metrics.jsonl, from 0)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="run directories (or metrics.jsonl files)")
@@ -33,22 +55,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = args.label or [r.name if r.is_dir() else r.parent.name for r in args.runs]
-    fig, axes = plt.subplots(1, len(args.metric), figsize=(5.5 * len(args.metric), 4), squeeze=False)
-    for ax, metric in zip(axes[0], args.metric):
-        for rows, label in zip(data, labels):
-            pts = [(r["round"] + 1, r[metric]) for r in rows if isinstance(r.get(metric), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=label)
-        ax.set_xlabel("round")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    fig = plot_runs(data, args.label or [r.name if r.is_dir() else r.parent.name for r in args.runs], args.metric)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)

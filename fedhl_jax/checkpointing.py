@@ -419,8 +419,9 @@ class RunDir:
     Raises:
       PermissionError / OSError: the directory cannot be created or written.
       RunLockedError: another live process holds the directory (its pid is named).
-      ConfigError: resuming with a different config (the differences are listed),
-        or a run already exists and ``resume`` is false.
+      ConfigError: resuming with a different config (the differences are listed; only
+        ``fed.rounds`` may be raised, to extend a run), resuming where there is no run, or a
+        run already exists and ``resume`` is false.
     """
 
     def __init__(self, out_dir: str | Path, cfg: TrainConfig, *, resume: bool, log: Callable = print):
@@ -454,14 +455,25 @@ class RunDir:
         exists = self.config_path.exists() or self.metrics_path.exists() or self.ckpt_path.exists()
         if exists and not resume:
             raise ConfigError(f"{self.path} already holds a run; pass --resume to continue it or choose another --out")
-        if resume and self.config_path.exists():
+        if resume and not self.config_path.exists():
+            raise ConfigError(f"--resume: {self.path} holds no run (no config.yaml); start it without --resume")
+        self.extended_from = None
+        if resume:
             from omegaconf import OmegaConf
 
             old = OmegaConf.to_container(OmegaConf.load(self.config_path))
-            diff = config_diff(old, to_dict(cfg))
+            new = to_dict(cfg)
+            old_rounds = old.get("fed", {}).get("rounds")
+            diff = config_diff({**old, "fed": {**old.get("fed", {}), "rounds": None}},
+                               {**new, "fed": {**new["fed"], "rounds": None}})
             if diff:
-                raise ConfigError("cannot resume with a different config; differences (saved -> given):\n  "
-                                  + "\n  ".join(diff))
+                raise ConfigError("cannot resume with a different config (only fed.rounds may be raised); "
+                                  "differences (saved -> given):\n  " + "\n  ".join(diff))
+            if isinstance(old_rounds, int) and cfg.fed.rounds < old_rounds:
+                raise ConfigError(f"cannot resume with fed.rounds={cfg.fed.rounds}: the run was started for "
+                                  f"{old_rounds} rounds, and fed.rounds may only be raised")
+            if old_rounds != cfg.fed.rounds:
+                self.extended_from = old_rounds
 
     def close(self) -> None:
         """Releases the directory's lock (idempotent); the process's end releases it too."""
@@ -479,8 +491,8 @@ class RunDir:
 
         Called once the run is known to start, so a run refused at set-up leaves nothing behind.
         """
-        if not self.config_path.exists():
-            save_config(self.cfg, self.config_path)
+        if not self.config_path.exists() or self.extended_from is not None:
+            save_config(self.cfg, self.config_path)  # a new run, or fed.rounds raised on resume
         self.manager = self._open_manager()
 
     def _open_manager(self) -> ocp.CheckpointManager:

@@ -1,8 +1,17 @@
-"""``bin/train.py``: run a federated simulation from a YAML config."""
+"""``bin/train.py``: run a federated simulation from a YAML config.
+
+Guarantees (docs/engine.md, "Guarantees"): the run directory is locked before anything is written;
+a refused start leaves nothing behind; checkpoints are verified on restore; ``final/`` is replaced
+atomically and never holds non-finite values; a diverging run stops with exit status 3 keeping
+its last good checkpoint; Ctrl-C stops after the current round, saved, with exit status 130.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -11,36 +20,61 @@ import numpy as np
 
 from fedhl_jax.config import ConfigError, load_config
 
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+class RunStopped(Exception):
+    """The run stops early (divergence, Ctrl-C); ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="bin/train.py",
         description="Federated LoRA fine-tuning with heterogeneous ranks (FedHL and peers).",
-        epilog="Overrides are dotted key=value pairs, e.g. fed.algorithm=flexlora optim.lr=3e-4 fed.ranks=[2,8].")
+        epilog="Overrides are dotted key=value pairs, e.g. fed.algorithm=flexlora optim.lr=3e-4 fed.ranks=[2,8]. "
+               "With --resume the run's own config.yaml is used; fed.rounds=N may raise its rounds.")
     p.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in defaults)")
     p.add_argument("--out", type=Path, required=True, help="output directory (metrics, checkpoints, export)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (reads --out/config.yaml)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     return p.parse_args(argv)
 
 
-def export_final(sim, state, out: Path, log) -> None:
-    """Writes the dense global adapter and a PEFT adapter truncated to ``export_rank`` (default r_max)."""
+def read_config(args):
+    """The run's config: ``--config`` and overrides, or with ``--resume`` the run's own config.yaml."""
+    saved = args.out / "config.yaml"
+    if args.resume and args.config is None:
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {args.out} holds no run (no config.yaml); start it without --resume")
+        return load_config(saved, args.overrides)
+    return load_config(args.config, args.overrides)
+
+
+def export_final(sim, state, out: Path, log) -> Path:
+    """Writes ``final/``: the dense global adapter and a PEFT adapter truncated to ``export_rank``
+    (default r_max), atomically, refusing non-finite values (``checkpointing.write_final``)."""
     import jax
     from safetensors.numpy import save_file
 
     from fedhl_jax import model as M
+    from fedhl_jax.checkpointing import write_final
 
-    final = out / "final"
-    final.mkdir(exist_ok=True)
-    delta = {k: np.asarray(v, np.float32) for k, v in jax.device_get(sim.global_delta(state)).items()}
-    save_file(delta, str(final / "global_adapter.safetensors"))
     rank = sim.cfg.export_rank or sim.cfg.fed.r_max
-    name = sim.cfg.model.name_or_path
-    M.export_peft(final / "peft_adapter", delta, rank, sim.cfg.model.alpha,
-                  None if name in ("auto", "random") else name, rslora=sim.cfg.model.rslora)
+    base = None if sim.model_source.kind == "random" else sim.model_source.path
+
+    def write(folder: Path, delta: dict) -> None:
+        save_file({k: np.asarray(v, np.float32) for k, v in delta.items()}, str(folder / "global_adapter.safetensors"))
+        M.export_peft(folder / "peft_adapter", delta, rank, sim.cfg.model.alpha, base, rslora=sim.cfg.model.rslora)
+
+    final = write_final(out, jax.device_get(sim.global_delta(state)), write)
     log(f"exported the global adapter to {final}/ (dense, and PEFT rank {rank})")
+    return final
 
 
 class Progress:
@@ -70,28 +104,79 @@ class Progress:
             self.bar.close()
 
 
+class Watchdog:
+    """Round callback: makes divergence loud.
+
+    A round that keeps no client update (all excluded as non-finite or overflowing) leaves the
+    server state unchanged and says so; ``patience`` such rounds in a row, or a non-finite loss
+    of the kept clients or of the held-out set, stop the run (``RunStopped``, exit status 3)
+    before that round is checkpointed.
+    """
+
+    def __init__(self, patience: int, log):
+        self.patience, self.log, self.failed = patience, log, 0
+
+    def __call__(self, record) -> str | None:
+        m = record.metrics
+        if not m["applied"]:
+            self.failed += 1
+            self.log(f"round {record.t + 1}: every client update was excluded ({m['excluded']} non-finite or "
+                     f"overflowing); the server state is unchanged")
+        else:
+            self.failed = 0
+            if m["excluded"]:
+                bad = [int(c) for c, ok in zip(record.ids, np.asarray(record.info["valid"])) if not ok]
+                self.log(f"round {record.t + 1}: clients {bad} sent non-finite or overflowing updates and were "
+                         f"excluded; the weights of the others sum to 1")
+        if self.failed >= self.patience:
+            return (f"no client update was usable in {self.failed} rounds in a row (round {record.t + 1}); "
+                    f"training diverged: lower optim.lr or set optim.grad_clip")
+        for key in ("train_loss", "eval_loss"):
+            if key in m and m[key] is not None and m["applied"] and not math.isfinite(m[key]):
+                return f"{key} became {m[key]} in round {record.t + 1}; training diverged: lower optim.lr"
+        return None
+
+
 def main(argv=None) -> int:
+    import warnings
+
     args = parse_args(argv)
     log = lambda msg: print(msg, flush=True)
+    # The run log says which clients were excluded (Watchdog); the library's warning would repeat it.
+    warnings.filterwarnings("ignore", message=r"clients \[.*\] sent non-finite", category=RuntimeWarning)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = read_config(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
     from fedhl_jax.checkpointing import RunDir
-    from fedhl_jax.data.loading import DataError
     from fedhl_jax.simulation import Simulation
 
+    created = not args.out.exists()
+    run = None
     try:
-        run = RunDir(args.out, cfg, resume=args.resume, log=log)
+        run = RunDir(args.out, cfg, resume=args.resume, log=log)  # the lock comes first
         sim = Simulation(cfg, log=log)
-    except (ConfigError, DataError, OSError, ValueError) as e:  # OSError: files, permissions, network
+    except (ConfigError, OSError, ValueError) as e:  # OSError: files, permissions, network, the lock
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        if run is not None:
+            run.close()
+        _remove_if_empty(args.out, created)
+        return EXIT_BAD_INPUT
+    with run:
+        return _train(args, cfg, run, sim, log)
+
+
+def _remove_if_empty(out: Path, created: bool) -> None:
+    """A start refused at set-up leaves no run directory behind (only the one it created, if empty)."""
+    if created and out.is_dir() and all(p.name == ".lock" for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _train(args, cfg, run, sim, log) -> int:
     run.begin()
     write_partition(sim, run.path, log)
-
     state = sim.init_state()
     start = 0
     if args.resume:
@@ -100,9 +185,15 @@ def main(argv=None) -> int:
             state = restored
             log(f"resuming after round {start} from {run.ckpt_path}")
         run.truncate_metrics(start)
+        if run.extended_from is not None:
+            log(f"fed.rounds raised from {run.extended_from} to {cfg.fed.rounds}")
     total = cfg.fed.rounds
     if start >= total:
         log(f"the run already finished {total} rounds")
+
+    interrupted = []
+    watchdog = Watchdog(cfg.fed.stop_after_failed_rounds, log)
+    saved = {"round": start}
 
     def evaluate(record):
         if (record.t + 1) % cfg.eval.every == 0 or record.t + 1 == total:
@@ -111,20 +202,75 @@ def main(argv=None) -> int:
             record.metrics["eval_seconds"] = time.perf_counter() - t0
 
     def save(record):
+        problem = watchdog(record)
         run.append_metrics(record.metrics)
-        if (record.t + 1) % cfg.checkpoint.every == 0 or record.t + 1 == total:
+        if problem is not None:  # this round's state is not checkpointed
+            raise RunStopped(f"stopping: {problem}; the last good checkpoint (round {saved['round']}) is kept in "
+                             f"{run.ckpt_path}", EXIT_DIVERGED)
+        if (record.t + 1) % cfg.checkpoint.every == 0 or record.t + 1 == total or interrupted:
             run.save(record.t + 1, record.state)
+            saved["round"] = record.t + 1
+        if interrupted:
+            raise RunStopped(f"interrupted: stopped after round {record.t + 1}, saved; continue with "
+                             f"bin/train.py --out {run.path} --resume", EXIT_INTERRUPTED)
 
+    def on_sigint(signum, frame):
+        if interrupted:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        interrupted.append(True)
+        log("\nCtrl-C: stopping after this round (saved); press Ctrl-C again to stop at once")
+
+    if start < total:
+        log(f"round {start + 1}/{total}: compiling the round step (the first round of a run takes longer)")
+    previous = signal.signal(signal.SIGINT, on_sigint)
     progress = Progress(total, start, not args.no_progress, log)
     t_run = time.perf_counter()
+    last = {}
     try:
-        state = sim.run(state, range(start, total), [evaluate, save, progress])
+        state = sim.run(state, range(start, total), [evaluate, save, progress, lambda r: last.update(r.metrics)])
+    except RunStopped as e:
+        progress.close()
+        print(str(e), file=sys.stderr if e.code == EXIT_DIVERGED else sys.stdout, flush=True)
+        return e.code
     finally:
         progress.close()
-    if start < total:
-        log(f"{total - start} rounds in {time.perf_counter() - t_run:.1f} s; metrics in {run.metrics_path}")
-    export_final(sim, state, Path(args.out), log)
+        signal.signal(signal.SIGINT, previous)
+    seconds = time.perf_counter() - t_run
+    from fedhl_jax.checkpointing import NonFiniteError
+
+    try:
+        final = export_final(sim, state, run.path, log)
+    except NonFiniteError as e:
+        print(f"error: nothing exported: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    log(summary(sim, run, last, total - start, seconds, final))
     return 0
+
+
+def summary(sim, run, last: dict, rounds: int, seconds: float, final: Path) -> str:
+    """The end of a run: what ran, the final held-out losses, and how to use the result."""
+    cfg = sim.cfg
+    lines = [f"done: {cfg.fed.algorithm}, {cfg.fed.rounds} rounds"
+             + (f" ({rounds} in this call, {seconds:.1f} s, {seconds / rounds:.1f} s/round)" if rounds else "")]
+    if "eval_loss" in last:
+        per_rank = {k[len("eval_loss_rank"):]: v for k, v in last.items() if k.startswith("eval_loss_rank")}
+        lines.append(f"held-out loss {last['eval_loss']:.4f}" + (" (truncated to rank " + ", ".join(
+            f"{r}: {v:.4f}" for r, v in sorted(per_rank.items(), key=lambda kv: int(kv[0]))) + ")" if per_rank else ""))
+    base = None if sim.model_source.kind == "random" else sim.model_source.path
+    rank = cfg.export_rank or cfg.fed.r_max
+    lines += [f"metrics: {run.metrics_path}", f"result:  {final}/global_adapter.safetensors (dense update per module), "
+              f"{final}/peft_adapter/ (PEFT LoRA, rank {rank})"]
+    if base is not None:
+        lines += ["use it:",
+                  f"  from fedhl_jax import model as M; from safetensors.numpy import load_file",
+                  f"  cfg, params = M.load_pretrained({base!r})",
+                  f"  delta = load_file({str(final / 'global_adapter.safetensors')!r})",
+                  f"  params = M.merge_delta(params, delta)  # the fine-tuned model, for M.forward / M.generate",
+                  f"  # a merged Hugging Face model: M.export_merged('merged', cfg, M.load_pretrained({base!r})[1], "
+                  f"delta, hf_config_source={base!r})",
+                  f"  # or with transformers + peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+                  f"{base!r}), {str(final / 'peft_adapter')!r})"]
+    return "\n".join(lines)
 
 
 def write_partition(sim, path: Path, log) -> None:

@@ -83,6 +83,8 @@ class FedConfig:
     # Memory.
     clients_per_chunk: int | None = None
     remat: bool = False
+    # Divergence: stop after this many rounds in a row in which every client update was excluded.
+    stop_after_failed_rounds: int = 3
 
     def __post_init__(self):
         _require(self.algorithm in ALGORITHMS, f"fed.algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
@@ -96,6 +98,8 @@ class FedConfig:
         _require(not bad, f"fed.ranks must be >= 1, got rank {bad[0] if bad else ''} in {list(self.ranks)}")
         _require(self.clients_per_chunk is None or self.clients_per_chunk >= 1,
                  f"fed.clients_per_chunk must be >= 1 (or null), got {self.clients_per_chunk}")
+        _require(self.stop_after_failed_rounds >= 1,
+                 f"fed.stop_after_failed_rounds must be >= 1, got {self.stop_after_failed_rounds}")
         _require(isinstance(self.options, dict), f"fed.options must be a mapping, got {self.options!r}")
         alg = self.build_algorithm()
         object.__setattr__(self, "options", dataclasses.asdict(alg.options))
@@ -360,8 +364,16 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    """Writes the resolved config as YAML."""
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
+    """Writes the resolved config as YAML (atomically: a temporary file renamed into place)."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -213,14 +213,20 @@ class RoundRecord:
 
 def round_metrics(t: int, ids: np.ndarray, ranks: np.ndarray, info: dict, algorithm: Algorithm,
                   shapes: dict, seconds: float) -> dict:
-    """The per-round metrics line (``metrics.jsonl``): losses, weights, exclusions, bytes, time."""
+    """The per-round metrics line (``metrics.jsonl``): losses, weights, exclusions, bytes, time.
+
+    The train losses are means over the clients whose update was kept (``info["valid"]``);
+    ``applied`` says whether the aggregate changed the server state.
+    """
     losses = np.asarray(info["losses"])  # [n, K]
     valid = np.asarray(info["valid"])
+    kept = losses[valid] if valid.any() else np.full_like(losses[:1], np.nan)
     down, up = algorithm.comm_bytes(shapes, ranks)
     m = {"round": t, "clients": ids, "ranks": ranks,
-         "train_loss": float(losses.mean()), "train_loss_first_step": float(losses[:, 0].mean()),
-         "train_loss_last_step": float(losses[:, -1].mean()),
-         "p": np.asarray(info["p"]), "excluded": int((~valid).sum()), "bytes_down": down, "bytes_up": up}
+         "train_loss": float(kept.mean()), "train_loss_first_step": float(kept[:, 0].mean()),
+         "train_loss_last_step": float(kept[:, -1].mean()),
+         "p": np.asarray(info["p"]), "excluded": int((~valid).sum()), "applied": bool(info["applied"]),
+         "bytes_down": down, "bytes_up": up}
     if "errors" in info:
         m["trunc_error"] = np.asarray(info["errors"])
     m["seconds"] = seconds

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from fedhl_jax.data import (
-    DataSource,
+    DataConfig,
     DataError,
-    PartitionConfig,
+    DataSource,
     build_federated_dataset,
     default_data_dir,
     label_counts,
@@ -75,19 +75,21 @@ def test_real_counts(name, split, rows):
 
 
 CASES = [
-    (DataSource("gsm8k"), PartitionConfig("dirichlet", num_clients=10, alpha=0.5, seed=0)),
-    (DataSource("codealpaca", split="all"), PartitionConfig("meta", num_clients=10, seed=0)),
-    (DataSource("dolly"), PartitionConfig("rank_correlated", num_clients=6, ranks=(2, 2, 4, 8, 8, 16), seed=0)),
+    (DataSource("gsm8k"), DataConfig("gsm8k", seq_len=512, partition="dirichlet", dirichlet_alpha=0.5), 10, None),
+    (DataSource("codealpaca", split="all"), DataConfig("codealpaca", seq_len=512, partition="meta"), 10, None),
+    (DataSource("dolly"), DataConfig("dolly", seq_len=512, partition="rank_correlated"), 6, (2, 2, 4, 8, 8, 16)),
 ]
 
 
 @needs_data
 @needs_model
-@pytest.mark.parametrize("data_cfg, part_cfg", CASES, ids=[c[0].name for c in CASES])
-def test_real_federated_dataset(tokenizer, data_cfg, part_cfg, tmp_path):
-    fed = build_federated_dataset(data_cfg, tokenizer, part_cfg, seq_len=512)
+@pytest.mark.parametrize("source, data_cfg, clients, ranks", CASES, ids=[c[0].name for c in CASES])
+def test_real_federated_dataset(tokenizer, source, data_cfg, clients, ranks, tmp_path):
+    records = (load_instruction_dataset(source), None)
+    fed = build_federated_dataset(data_cfg, tokenizer, num_clients=clients, seed=0, ranks=ranks, records=records)
+    part_cfg = fed.partition_config
     d = fed.data
-    print(f"\n== {data_cfg.name} ({data_cfg.split}), {part_cfg.kind} partition ==")
+    print(f"\n== {source.name} ({source.split}), {part_cfg.kind} partition ==")
     print(d.truncation_report())
     print("labels:", label_counts(fed.labels))
     print(fed.summary())

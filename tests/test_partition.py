@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedhl_jax.data import (
-    DataConfig,
+    DataSource,
     DataError,
     PartitionConfig,
     code_language,
@@ -323,7 +323,7 @@ def test_code_language(instruction, inp, output, expected):
 
 
 def test_codealpaca_fixture_languages():
-    ds = load_instruction_dataset(DataConfig("codealpaca", path=str(FIX / "codealpaca_small.jsonl")))
+    ds = load_instruction_dataset(DataSource("codealpaca", path=str(FIX / "codealpaca_small.jsonl")))
     assert dataset_labels("codealpaca", ds).tolist() == [
         "python", "javascript", "java", "c++", "sql", "html-css", "shell", "python", "other", "java",
     ]
@@ -338,7 +338,7 @@ def test_gsm8k_labels():
     assert gsm8k_answer_size(ans) == "digits>=4"
     assert gsm8k_answer_size("#### 72") == "digits=2"
     assert gsm8k_answer_size("#### -5") == "digits=1"
-    ds = load_instruction_dataset(DataConfig("gsm8k", path=str(FIX / "gsm8k_small.jsonl")))
+    ds = load_instruction_dataset(DataSource("gsm8k", path=str(FIX / "gsm8k_small.jsonl")))
     assert dataset_labels("gsm8k", ds).tolist() == [
         "steps<=2", "steps<=2", "steps=3", "steps=4", "steps=5", "steps>=6", "steps<=2", "steps=3",
     ]
@@ -346,9 +346,9 @@ def test_gsm8k_labels():
 
 
 def test_dolly_labels_category_and_fallback(caplog):
-    with_cat = load_instruction_dataset(DataConfig("dolly", path=str(FIX / "dolly_small.jsonl")))
+    with_cat = load_instruction_dataset(DataSource("dolly", path=str(FIX / "dolly_small.jsonl")))
     assert dataset_labels("dolly", with_cat).tolist()[:3] == ["open_qa", "summarization", "brainstorming"]
-    no_cat = load_instruction_dataset(DataConfig("dolly", path=str(FIX / "dolly_nocat.jsonl")))
+    no_cat = load_instruction_dataset(DataSource("dolly", path=str(FIX / "dolly_nocat.jsonl")))
     with caplog.at_level("WARNING"):
         derived = dataset_labels("dolly", no_cat).tolist()
     assert "no 'category' field" in caplog.text

@@ -27,6 +27,7 @@ from fedhl_jax.model.adapters import lora_targets, merge_delta
 from fedhl_jax.model.checkpoint import (SAFETENSORS_FILE, SAFETENSORS_INDEX, open_safetensors,
                                         path_to_hf_key)
 from fedhl_jax.model.config import LlamaConfig, read_config_json
+from fedhl_jax.model.hub import resolve_checkpoint
 from fedhl_jax.model.llama import LORA_MODULES, flatten_params, param_shapes
 
 PEFT_CONFIG = "adapter_config.json"
@@ -46,7 +47,7 @@ def _source_config(cfg: LlamaConfig, hf_config_source) -> tuple[dict, Path | Non
     if hf_config_source is None:
         return cfg.to_hf_dict(), None
     if isinstance(hf_config_source, (str, os.PathLike)):
-        folder = Path(hf_config_source)
+        folder = Path(resolve_checkpoint(hf_config_source))  # a folder, "auto" (embedded) or a Hub id
         return read_config_json(folder), folder
     if isinstance(hf_config_source, dict):
         return dict(hf_config_source), None
