@@ -19,7 +19,7 @@ import numpy as np
 
 from fedhl_jax.model.adapters import merge_delta
 from fedhl_jax.model.config import LlamaConfig
-from fedhl_jax.model.gguf import (QK, find_gguf, open_gguf, path_to_gguf_key, permute_qk)
+from fedhl_jax.model.gguf import QK, find_gguf, open_gguf, path_to_gguf_key, permute_qk
 from fedhl_jax.model.llama import flatten_params, param_shapes
 
 _T = gguf.GGMLQuantizationType
@@ -77,7 +77,8 @@ def _add_config(writer: gguf.GGUFWriter, cfg: LlamaConfig) -> None:
         writer.add_rope_scaling_factor(cfg.rope_scaling_factor)
 
 
-def encode_tensor(w: np.ndarray, qtype, name: str = "?") -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+def encode_tensor(w: np.ndarray, qtype, name: str = "?"
+                  ) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """Encodes a float array for ``GGUFWriter.add_tensor``.
 
     Args:

@@ -148,7 +148,7 @@ def tokenizer_from_gguf_metadata(meta: dict):
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
-    """The tokenizer of a GGUF file (or of the folder holding one), as a ``PreTrainedTokenizerFast``."""
+    """The tokenizer of a GGUF file (or of the one in a folder): a ``PreTrainedTokenizerFast``."""
     from fedhl_jax.model.gguf import find_gguf, open_gguf, read_metadata
 
     file = find_gguf(path)
