@@ -41,7 +41,7 @@ bench-full: venv
 
 torch-venv:
 	$(TORCH_PYTHON) -m venv .venv-torch
-	.venv-torch/bin/python -m pip install --quiet "$(TORCH_SPEC)" peft transformers safetensors numpy
+	.venv-torch/bin/python -m pip install --quiet "$(TORCH_SPEC)" peft transformers safetensors numpy gguf
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

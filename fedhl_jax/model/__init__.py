@@ -10,13 +10,17 @@ from fedhl_jax.model.checkpoint import (hf_key_to_path, load_pretrained, load_to
 from fedhl_jax.model.config import LlamaConfig
 from fedhl_jax.model.export import (export_merged, export_peft, load_peft,
                                     lora_factors_from_dense, truncate_dense)
+from fedhl_jax.model.gguf import gguf_config, load_gguf
+from fedhl_jax.model.gguf_export import export_gguf
+from fedhl_jax.model.gguf_tokenizer import apply_chat_template, load_gguf_tokenizer
 from fedhl_jax.model.generate import generate, left_pad, sample_logits, strip_after_eos
 from fedhl_jax.model.llama import (LORA_MODULES, flatten_params, forward, forward_cached,
                                    init_cache, init_params, loss_fn, module_name, module_shapes,
                                    param_shapes, token_losses, unflatten_params)
 
 __all__ = [
-    "LORA_MODULES", "LlamaConfig", "adapter_delta", "export_merged", "export_peft",
+    "LORA_MODULES", "LlamaConfig", "adapter_delta", "apply_chat_template", "export_gguf",
+    "export_merged", "export_peft", "gguf_config", "load_gguf", "load_gguf_tokenizer",
     "flatten_params", "forward", "forward_cached", "generate", "hf_key_to_path", "init_adapter",
     "init_cache", "init_params", "left_pad", "load_peft", "load_pretrained", "load_tokenizer",
     "lora_factors_from_dense", "lora_targets", "loss_fn", "merge_delta", "module_name",

@@ -92,12 +92,18 @@ def open_safetensors(file: str):
         raise ValueError(f"cannot read safetensors file {file} (truncated or corrupt?): {e}") from e
 
 
+def _gguf_file(path_or_id) -> str | None:
+    from fedhl_jax.model.gguf import find_gguf  # imported lazily: it needs the gguf package
+    return find_gguf(path_or_id)
+
+
 def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
                     ) -> tuple[LlamaConfig, dict]:
     """Loads a Hugging Face ``LlamaForCausalLM`` checkpoint.
 
     Args:
-      path_or_id: local folder or Hub id (see :func:`resolve_checkpoint`).
+      path_or_id: local folder or Hub id (see :func:`resolve_checkpoint`), or a
+        GGUF file or a folder holding one (see :func:`fedhl_jax.model.gguf.load_gguf`).
       dtype: ``"float32"`` or ``"bfloat16"``: parameter and compute dtype.
 
     Returns:
@@ -110,6 +116,9 @@ def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
         mismatch with the config, or an unsupported architecture (each message
         names the file, key, shape or value).
     """
+    if (gguf_file := _gguf_file(path_or_id)) is not None:  # a .gguf file or a folder holding one
+        from fedhl_jax.model.gguf import load_gguf
+        return load_gguf(gguf_file, dtype=dtype)
     folder = resolve_checkpoint(path_or_id)
     cfg = LlamaConfig.from_hf(read_config_json(folder), dtype=dtype)
     expected = param_shapes(cfg)
@@ -142,7 +151,11 @@ def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
 
 
 def load_tokenizer(path_or_id: str | os.PathLike):
-    """``transformers.AutoTokenizer`` for a checkpoint folder or Hub id (no remote code is run)."""
+    """``transformers.AutoTokenizer`` for a checkpoint folder or Hub id (no remote code is run), or a GGUF
+    file's tokenizer (built from its metadata)."""
+    if (gguf_file := _gguf_file(path_or_id)) is not None:
+        from fedhl_jax.model.gguf_tokenizer import load_gguf_tokenizer
+        return load_gguf_tokenizer(gguf_file)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve_checkpoint(path_or_id), trust_remote_code=False)

@@ -1,0 +1,395 @@
+"""Loading Llama models from GGUF files (llama.cpp's format), NumPy only.
+
+A GGUF file holds metadata (hyper-parameters, tokenizer, chat template) and
+tensors, some of them block-quantised. The file is read with the ``gguf``
+package's :class:`gguf.GGUFReader` (a memory map); the tensors are
+dequantised here, in vectorised NumPy, and mapped to parameter paths through
+the regex table :data:`GGUF_KEY_MAP`.
+
+Two layout details differ from Hugging Face checkpoints:
+
+* GGUF lists a tensor's dimensions fastest-first (``ne0`` = the input width of
+  a linear layer); the bytes are the same row-major ``[d_out, d_in]`` matrix
+  that NumPy sees after reversing the shape.
+* llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` within each
+  head, from Hugging Face's rotate-half RoPE layout to its interleaved one
+  (:func:`permute_qk`). :func:`unpermute_qk` undoes it on load.
+
+Supported tensor types are listed in :data:`SUPPORTED_TYPES`; any other raises
+a ``ValueError`` naming the type and the tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import gguf
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from fedhl_jax.model.config import LlamaConfig
+from fedhl_jax.model.llama import param_shapes, unflatten_params
+
+GGUF_MAGIC = b"GGUF"
+QK = 32  # elements per block of the Q4_0, Q4_1 and Q8_0 formats
+
+# GGUF tensor name (regex) -> parameter path (``re`` replacement template).
+GGUF_KEY_MAP: tuple[tuple[str, str], ...] = (
+    (r"token_embd\.weight", r"embed_tokens"),
+    (r"blk\.(\d+)\.attn_norm\.weight", r"layers.\1.input_layernorm"),
+    (r"blk\.(\d+)\.attn_(q|k|v)\.weight", r"layers.\1.self_attn.\2_proj"),
+    (r"blk\.(\d+)\.attn_output\.weight", r"layers.\1.self_attn.o_proj"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", r"layers.\1.post_attention_layernorm"),
+    (r"blk\.(\d+)\.ffn_(gate|up|down)\.weight", r"layers.\1.mlp.\2_proj"),
+    (r"output_norm\.weight", r"norm"),
+    (r"output\.weight", r"lm_head"),
+)
+_PATH_TO_GGUF: tuple[tuple[str, str], ...] = (
+    (r"embed_tokens", r"token_embd.weight"),
+    (r"layers\.(\d+)\.input_layernorm", r"blk.\1.attn_norm.weight"),
+    (r"layers\.(\d+)\.self_attn\.(q|k|v)_proj", r"blk.\1.attn_\2.weight"),
+    (r"layers\.(\d+)\.self_attn\.o_proj", r"blk.\1.attn_output.weight"),
+    (r"layers\.(\d+)\.post_attention_layernorm", r"blk.\1.ffn_norm.weight"),
+    (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj", r"blk.\1.ffn_\2.weight"),
+    (r"norm", r"output_norm.weight"),
+    (r"lm_head", r"output.weight"),
+)
+
+_T = gguf.GGMLQuantizationType
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+# --------------------------------------------------------------------------- names
+def gguf_key_to_path(name: str) -> str | None:
+    """Maps a GGUF tensor name to a parameter path, or ``None`` if it matches no rule.
+
+    ``"blk.3.attn_q.weight"`` → ``"layers.3.self_attn.q_proj"``.
+    """
+    for pattern, template in GGUF_KEY_MAP:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, template, name)
+    return None
+
+
+def path_to_gguf_key(path: str) -> str:
+    """Inverse of :func:`gguf_key_to_path` (``"norm"`` → ``"output_norm.weight"``)."""
+    for pattern, template in _PATH_TO_GGUF:
+        if re.fullmatch(pattern, path):
+            return re.sub(pattern, template, path)
+    raise ValueError(f"no GGUF tensor name for parameter path {path!r}")
+
+
+# --------------------------------------------------------------------------- q/k rows
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Hugging Face → llama.cpp row order of ``q_proj``/``k_proj`` (as its converter does).
+
+    Within each head, rows ``[x_0 .. x_{hd/2-1}, y_0 .. y_{hd/2-1}]`` (rotate-half
+    pairs ``(x_i, y_i)``) become interleaved ``[x_0, y_0, x_1, y_1, ...]``.
+
+    Args:
+      w: ``[n_heads*hd, d_in]`` weight (or ``[n_heads*hd]`` bias).
+      n_heads: query heads for ``q_proj``, key/value heads for ``k_proj``.
+
+    Returns:
+      The permuted array, same shape.
+    """
+    rows = w.shape[0]
+    return (w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of :func:`permute_qk`: llama.cpp → Hugging Face row order."""
+    rows = w.shape[0]
+    return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+# --------------------------------------------------------------------------- dequantisation
+def _blocks(raw: np.ndarray, block_bytes: int) -> np.ndarray:
+    """``raw`` bytes → ``[n_blocks, block_bytes]`` uint8."""
+    return np.ascontiguousarray(raw).view(np.uint8).reshape(-1, block_bytes)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """``[n, 2]`` uint8 → ``[n, 1]`` float32 (little-endian half floats)."""
+    return np.ascontiguousarray(b).view("<f2").astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """``[n, 16]`` packed 4-bit values → ``[n, 32]`` uint8.
+
+    Byte ``j`` holds element ``j`` in its low nibble and element ``j + 16`` in
+    its high nibble.
+    """
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def dequant_q8_0(raw: np.ndarray) -> np.ndarray:
+    """Q8_0 blocks (``f16 d`` + 32 ``int8 q``) → ``d * q``, flat float32."""
+    b = _blocks(raw, 2 + QK)
+    d = _f16(b[:, :2])  # [n, 1]
+    q = b[:, 2:].view(np.int8).astype(np.float32)  # [n, 32]
+    return (d * q).reshape(-1)
+
+
+def dequant_q4_0(raw: np.ndarray) -> np.ndarray:
+    """Q4_0 blocks (``f16 d`` + 16 bytes of nibbles ``q``) → ``d * (q - 8)``, flat float32."""
+    b = _blocks(raw, 2 + QK // 2)
+    d = _f16(b[:, :2])  # [n, 1]
+    q = _nibbles(b[:, 2:]).astype(np.float32) - 8.0  # [n, 32]
+    return (d * q).reshape(-1)
+
+
+def dequant_q4_1(raw: np.ndarray) -> np.ndarray:
+    """Q4_1 blocks (``f16 d``, ``f16 m`` + 16 bytes of nibbles ``q``) → ``d * q + m``."""
+    b = _blocks(raw, 4 + QK // 2)
+    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])  # [n, 1] each
+    q = _nibbles(b[:, 4:]).astype(np.float32)  # [n, 32]
+    return (d * q + m).reshape(-1)
+
+
+def _dequant_f32(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view("<f4").reshape(-1)
+
+
+def _dequant_f16(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view("<f2").astype(np.float32).reshape(-1)
+
+
+def _dequant_bf16(raw: np.ndarray) -> np.ndarray:
+    bits = np.ascontiguousarray(raw).view("<u2").astype(np.uint32) << 16
+    return bits.view(np.float32).reshape(-1)
+
+
+_DEQUANT = {_T.F32: _dequant_f32, _T.F16: _dequant_f16, _T.BF16: _dequant_bf16,
+            _T.Q8_0: dequant_q8_0, _T.Q4_0: dequant_q4_0, _T.Q4_1: dequant_q4_1}
+
+
+def dequantize(raw: np.ndarray, qtype, shape: tuple[int, ...], name: str = "?") -> np.ndarray:
+    """Decodes one tensor's data to float32.
+
+    Args:
+      raw: the tensor's bytes (any dtype/shape; ``GGUFReader`` tensor ``.data``).
+      qtype: ``gguf.GGMLQuantizationType`` (or its int value).
+      shape: NumPy shape, slowest dimension first (the GGUF shape reversed).
+      name: tensor name, for error messages.
+
+    Returns:
+      ``shape`` float32 array.
+
+    Raises:
+      ValueError: an unsupported type or a size that does not match ``shape``.
+    """
+    qtype = _T(int(qtype))
+    fn = _DEQUANT.get(qtype)
+    if fn is None:
+        raise ValueError(f"tensor {name!r} has GGML type {qtype.name}, which is not supported: "
+                         f"supported are {list(SUPPORTED_TYPES)}")
+    n = int(np.prod(shape))
+    block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    expected = n // block * type_bytes
+    if n % block or np.asarray(raw).nbytes != expected:
+        raise ValueError(f"tensor {name!r} ({qtype.name}, shape {shape}) has "
+                         f"{np.asarray(raw).nbytes} bytes, expected {expected}")
+    return fn(raw).reshape(shape)
+
+
+# --------------------------------------------------------------------------- metadata
+def find_gguf(path: str | os.PathLike) -> str | None:
+    """The GGUF file that ``path`` names, or ``None`` if it is not a GGUF model.
+
+    ``path`` may be a ``.gguf`` file (recognised by its magic bytes) or a folder
+    that holds one ``*.gguf`` file and no ``config.json`` (a folder with a
+    ``config.json`` is a Hugging Face checkpoint).
+
+    Raises:
+      ValueError: a folder holding several GGUF files (naming them).
+    """
+    p = Path(os.fspath(path)).expanduser()
+    if p.is_file():
+        with open(p, "rb") as f:
+            return str(p) if f.read(4) == GGUF_MAGIC else None
+    if p.is_dir() and not (p / "config.json").is_file():
+        files = sorted(p.glob("*.gguf"))
+        if len(files) > 1:
+            raise ValueError(f"{p} holds several GGUF files, pass one of them: "
+                             f"{[f.name for f in files]}")
+        if files:
+            return str(files[0])
+    return None
+
+
+def open_gguf(file: str | os.PathLike) -> gguf.GGUFReader:
+    """``gguf.GGUFReader(file)``; unreadable files raise ``ValueError`` naming the file."""
+    try:
+        return gguf.GGUFReader(os.fspath(file))
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise ValueError(f"cannot read GGUF file {file} (truncated or corrupt?): {e}") from e
+
+
+def field_value(field: gguf.ReaderField):
+    """A metadata field as a Python value (float32 values rounded to their shortest repr)."""
+    value = field.contents()
+    if field.types and field.types[-1] == gguf.GGUFValueType.FLOAT32:
+        value = ([float(str(np.float32(v))) for v in value] if isinstance(value, list)
+                 else float(str(np.float32(value))))
+    return value
+
+
+def read_metadata(reader: gguf.GGUFReader) -> dict:
+    """All metadata key/values of a GGUF file (the ``GGUF.*`` header fields excluded)."""
+    return {k: field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def config_from_gguf(meta: dict, *, tensor_names=(), dtype: str = "float32") -> LlamaConfig:
+    """Builds a :class:`LlamaConfig` from GGUF metadata.
+
+    Args:
+      meta: from :func:`read_metadata`.
+      tensor_names: the file's tensor names; without ``output.weight`` the
+        embeddings are tied.
+      dtype: parameter/compute dtype (``"float32"`` or ``"bfloat16"``).
+
+    Returns:
+      The config.
+
+    Raises:
+      ValueError: a non-Llama architecture, mixture of experts, partial
+        rotary embeddings or an unsupported RoPE scaling (naming the value).
+    """
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"unsupported GGUF architecture {arch!r}: only 'llama' is supported")
+
+    def get(key, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"GGUF metadata lacks {arch}.{key}")
+        return value
+
+    if int(get("expert_count", 0)):
+        raise ValueError(f"unsupported mixture of experts ({arch}.expert_count="
+                         f"{get('expert_count')})")
+    heads = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    head_dim = int(get("attention.key_length", hidden // heads))
+    if int(get("attention.value_length", head_dim)) != head_dim:
+        raise ValueError(f"unsupported {arch}.attention.value_length != key_length")
+    rope_dims = int(get("rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise ValueError(f"unsupported partial rotary embedding: {arch}.rope.dimension_count="
+                         f"{rope_dims}, head_dim={head_dim}")
+    scaling = get("rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise ValueError(f"unsupported RoPE scaling {arch}.rope.scaling.type={scaling!r}: "
+                         f"supported are 'none' and 'linear'")
+    factor = float(get("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = meta.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else None)
+    if vocab is None:
+        raise ValueError(f"GGUF metadata lacks {arch}.vocab_size and tokenizer.ggml.tokens")
+    return LlamaConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling_factor=factor,
+        max_position_embeddings=int(get("context_length", 2048)),
+        tie_word_embeddings="output.weight" not in set(tensor_names),
+        dtype=dtype,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+    )
+
+
+def gguf_config(file: str | os.PathLike, *, dtype: str = "float32") -> LlamaConfig:
+    """The :class:`LlamaConfig` of a GGUF file (or a folder holding one)."""
+    file = find_gguf(file) or file
+    reader = open_gguf(file)
+    return config_from_gguf(read_metadata(reader), tensor_names=[t.name for t in reader.tensors],
+                            dtype=dtype)
+
+
+# --------------------------------------------------------------------------- tensors
+def read_tensors(file: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """Reads a GGUF file's metadata and all its tensors as float32, in file layout.
+
+    Tensors keep the GGUF names and llama.cpp's q/k row order; shapes are NumPy
+    order (``[d_out, d_in]``).
+
+    Returns:
+      ``(metadata, {gguf_name: float32 array})``.
+    """
+    reader = open_gguf(file)
+    tensors = {}
+    for t in reader.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        tensors[t.name] = dequantize(t.data, t.tensor_type, shape, t.name)
+    return read_metadata(reader), tensors
+
+
+def tensor_types(file: str | os.PathLike) -> dict[str, str]:
+    """``{gguf_name: type name}`` of a GGUF file's tensors (e.g. ``"Q4_1"``)."""
+    return {t.name: t.tensor_type.name for t in open_gguf(file).tensors}
+
+
+def load_gguf(path: str | os.PathLike, *, dtype: str = "float32") -> tuple[LlamaConfig, dict]:
+    """Loads a Llama model from a GGUF file.
+
+    Quantised weights are dequantised to float32 (exactly: every Q4/Q8 value is
+    a float32 number), the q/k rows are restored to Hugging Face order, and the
+    result is cast to ``dtype``.
+
+    Args:
+      path: a ``.gguf`` file or a folder holding one (see :func:`find_gguf`).
+      dtype: ``"float32"`` or ``"bfloat16"``: parameter and compute dtype.
+
+    Returns:
+      ``(cfg, params)`` with params as described in :mod:`fedhl_jax.model.llama`.
+
+    Raises:
+      FileNotFoundError: no GGUF file at ``path``.
+      ValueError: unreadable file, unsupported architecture or tensor type,
+        unexpected or missing tensor, or a shape mismatch with the metadata
+        (each message names the file, tensor, type or value).
+    """
+    file = find_gguf(path)
+    if file is None:
+        raise FileNotFoundError(f"no GGUF file at {os.fspath(path)}")
+    reader = open_gguf(file)
+    cfg = config_from_gguf(read_metadata(reader), tensor_names=[t.name for t in reader.tensors],
+                           dtype=dtype)
+    expected = param_shapes(cfg)
+    np_dtype = _NP_DTYPES[cfg.dtype]
+    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
+    flat = {}
+    for t in reader.tensors:
+        path_ = gguf_key_to_path(t.name)
+        if path_ is None or path_ not in expected:
+            raise ValueError(f"unexpected tensor {t.name!r} in {file} (config has "
+                             f"{cfg.num_layers} layers)")
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if shape != expected[path_]:
+            raise ValueError(f"shape mismatch for {t.name!r} in {file}: file has {shape}, "
+                             f"metadata implies {expected[path_]}")
+        w = dequantize(t.data, t.tensor_type, shape, t.name)
+        short = path_.rsplit(".", 1)[-1]
+        if short in heads:
+            w = unpermute_qk(w, heads[short])
+        flat[path_] = jnp.asarray(w.astype(np_dtype))
+    missing = [path_to_gguf_key(p) for p in expected if p not in flat]
+    if missing:
+        raise ValueError(f"missing tensor(s) in {file}: {missing[:8]}"
+                         + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    return cfg, unflatten_params(cfg, flat)
