@@ -107,6 +107,47 @@ def adapter_delta(adapter: Adapter) -> dict[str, jax.Array]:
             for name in adapter.A}
 
 
+def stacked_adapter(cfg: LlamaConfig, adapter: Adapter) -> Adapter:
+    """Per-layer adapter → the same factors stacked along the layer axis.
+
+    ``{"layers.{i}.self_attn.q_proj": [r, d_in]}`` becomes ``{"q_proj": [L, r,
+    d_in]}`` (``B`` likewise ``[L, d_out, r]``; a leading client axis is kept
+    in front: ``[n, L, r, d_in]``). :func:`fedhl_jax.model.forward` accepts
+    either form and gives the same values. An optimizer over the stacked form
+    has a few leaves whatever the depth, so a client's training step compiles
+    in a time independent of the number of layers; the server math stays per
+    module (:func:`per_layer_adapter` converts back).
+
+    Raises:
+      ValueError: a module type covered in some layers only (it cannot be stacked).
+    """
+    a, b = {}, {}
+    for short in LORA_MODULES:
+        names = [module_name(layer, short) for layer in range(cfg.num_layers)]
+        present = [n in adapter.A for n in names]
+        if not any(present):
+            continue
+        if not all(present):
+            raise ValueError(f"{short} is adapted in some layers only; the stacked form needs "
+                             f"every layer (missing {names[present.index(False)]!r})")
+        a[short] = jnp.stack([adapter.A[n] for n in names], axis=-3)
+        b[short] = jnp.stack([adapter.B[n] for n in names], axis=-3)
+    return adapter._replace(A=a, B=b)
+
+
+def per_layer_adapter(cfg: LlamaConfig, adapter: Adapter) -> Adapter:
+    """Inverse of :func:`stacked_adapter`: ``{"q_proj": [..., L, r, d_in]}`` → per-layer names."""
+    a, b = {}, {}
+    for short in LORA_MODULES:
+        if short not in adapter.A:
+            continue
+        for layer in range(cfg.num_layers):
+            a[module_name(layer, short)] = adapter.A[short][..., layer, :, :]
+            b[module_name(layer, short)] = adapter.B[short][..., layer, :, :]
+    order = list(lora_targets(cfg, "all-linear"))
+    return adapter._replace(A={n: a[n] for n in order if n in a}, B={n: b[n] for n in order if n in b})
+
+
 def merge_delta(params: dict, delta: dict[str, jax.Array]) -> dict:
     """Returns new params with ``W + delta[name]`` for every named module.
 

@@ -373,12 +373,14 @@ def _block(cfg: LlamaConfig, lp: dict, x: jax.Array, cos: jax.Array, sin: jax.Ar
     return x + lin(jax.nn.silu(gate_act) * up, mlp_p["down_proj"], "down_proj")
 
 
-def stack_adapter(cfg: LlamaConfig, adapter: Adapter | None) -> tuple[dict, jax.Array | None]:
-    """Stacks a per-layer adapter along the layer axis to feed the scanned blocks.
+def scan_lora(cfg: LlamaConfig, adapter: Adapter | None) -> tuple[dict, jax.Array | None]:
+    """An adapter's factors stacked along the layer axis, to feed the scanned blocks.
 
     Args:
       cfg: model config.
-      adapter: adapter keyed by module name (``"layers.3.self_attn.q_proj"``), or ``None``.
+      adapter: adapter keyed by module name (``"layers.3.self_attn.q_proj"``),
+        or already in the stacked form of :func:`fedhl_jax.model.stacked_adapter`
+        (keyed by short name, ``"q_proj": [L, r, d_in]``), or ``None``.
 
     Returns:
       ``({short_name: (A [L, r, d_in], B [L, d_out, r])}, gate [r])`` for every
@@ -390,6 +392,9 @@ def stack_adapter(cfg: LlamaConfig, adapter: Adapter | None) -> tuple[dict, jax.
         return {}, None
     stacked = {}
     for short in LORA_MODULES:
+        if short in adapter.A:  # already stacked
+            stacked[short] = (adapter.A[short], adapter.B[short])
+            continue
         names = [module_name(layer, short) for layer in range(cfg.num_layers)]
         present = [n for n in names if n in adapter.A]
         if not present:
@@ -422,7 +427,7 @@ def _decoder(cfg: LlamaConfig, params: dict, tokens: jax.Array, positions: jax.A
 
     x = jnp.take(params["embed_tokens"], tokens, axis=0).astype(dtype)  # [B, T, D]
     cos, sin = _rope_cos_sin(cfg, positions, dtype)
-    lora, gate = stack_adapter(cfg, adapter)
+    lora, gate = scan_lora(cfg, adapter)
     layers = params["layers"]
 
     if cache is None:
