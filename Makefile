@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PYTHON ?= python3.11
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv quickstart bias test test-all bench bench-full torch-venv clean
+.PHONY: venv quickstart bias test test-all bench bench-full bench-gpu torch-venv clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: venv
 
 bench-full: venv
 	$(PY) benchmarks/run.py --full --markdown docs/performance.md --out docs/performance.json
+
+# Accelerator round (SmolLM2-shaped x 100 clients, Llama-2-7B-shaped bf16); needs jax[cuda12] on a GPU.
+bench-gpu: venv
+	XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 $(PY) benchmarks/run.py --gpu --out docs/performance_gpu.json --markdown docs/performance_gpu.md
 
 torch-venv:
 	$(TORCH_PYTHON) -m venv .venv-torch

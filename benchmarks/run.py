@@ -4,6 +4,8 @@ server scaling, randomized SVD, and memory against the number of clients.
 
   python benchmarks/run.py --quick        # < 5 minutes on 2 CPU cores
   python benchmarks/run.py --full         # the sizes reported in docs/performance.md
+  python benchmarks/run.py --gpu          # accelerator round: SmolLM2-shaped x 100 clients, Llama-2-7B-shaped
+  python benchmarks/run.py --gpu --quick  # the same code on small shapes (CPU smoke run, < 1 minute)
 
 Results go to stdout and, with --out, to a JSON file; --markdown writes docs/performance.md.
 Every comparison is a ratio of two measurements taken in the same run.
@@ -236,6 +238,162 @@ def bench_memory(client_counts, chunk, steps=2, batch=4, seq=128):
     return rows
 
 
+# --------------------------------------------------------------------------- depth and accelerators
+
+SMOL = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+            num_kv_heads=3, head_dim=64, tie_word_embeddings=True, rope_theta=100000.0)
+# Dense bfloat16 peak FLOP/s of known accelerators (the MFU denominator); others are measured.
+DEVICE_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def compile_depth(layers=(5, 30), clients=2, seq=32, r_max=8, stacked=True):
+    """First-call (compile) time of a jitted 2-client local-training step of a SmolLM2-shaped random
+    model at several depths, compiled from shapes; ``stacked``: the factors in the stacked form."""
+    out = {}
+    for n in layers:
+        cfg = M.LlamaConfig(**{**SMOL, "num_layers": n})
+        params = jax.eval_shape(lambda k: M.init_params(cfg, k), jax.random.key(0))  # noqa: B023
+
+        def adapters(k, cfg=cfg):
+            ad = jax.vmap(lambda kk: M.init_adapter(cfg, ("q_proj", "v_proj"), r_max, kk))(jax.random.split(k, clients))
+            return M.stacked_adapter(cfg, ad) if stacked else ad
+
+        ad = jax.eval_shape(adapters, jax.random.key(0))
+        tokens = jax.ShapeDtypeStruct((clients, 1, 1, seq), jnp.int32)
+        mask = jax.ShapeDtypeStruct(tokens.shape, jnp.float32)
+        local = make_local_train(lambda p, a, t, m, cfg=cfg: M.loss_fn(cfg, p, a, t, m), make_optimizer("adamw", 1e-3))
+        t0 = time.perf_counter()
+        jax.jit(make_clients_train(local)).lower(params, ad, tokens, mask).compile()
+        out[n] = time.perf_counter() - t0
+    return {"layers": list(layers), "compile_s": [out[n] for n in layers], "stacked_factors": stacked,
+            "ratio": out[layers[-1]] / out[layers[0]]}
+
+
+def device_peak_flops(dtype=jnp.bfloat16, n=4096):
+    """Dense peak FLOP/s: the table above for known accelerators, else a measured matmul."""
+    kind = jax.devices()[0].device_kind
+    for name, peak in DEVICE_PEAK.items():
+        if name in kind:
+            return peak, f"{kind} (spec, bf16 dense)"
+    n = n if jax.default_backend() != "cpu" else 1024
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    return 2 * n**3 / timed(lambda: f(a), 5), f"{kind} (measured {jnp.dtype(dtype).name} matmul)"
+
+
+def peak_device_bytes():
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def lora_round(cfg, clients, chunk, steps, batch, seq, ranks, r_max, repeat=2, seed=0):
+    """Times one vmapped local-training round (AdamW, LoRA on all linear layers, factors stacked)."""
+    params = jax.jit(lambda k: M.init_params(cfg, k))(jax.random.PRNGKey(seed))
+    ranks = np.resize(np.asarray(ranks), clients)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), clients)
+    ad = jax.vmap(lambda k, r: M.init_adapter(cfg, "all-linear", r_max, k, rank=r))(keys, jnp.asarray(ranks))
+    ad = M.stacked_adapter(cfg, ad)
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(clients, steps, batch, seq + 1)), jnp.int32)
+    mask = jnp.ones(tokens.shape, jnp.float32)
+    local = make_local_train(lambda p, a, t, m: M.loss_fn(cfg, p, a, t, m), make_optimizer("adamw", 1e-4))
+    fn = jax.jit(make_clients_train(local, clients_per_chunk=chunk))
+    t0 = time.perf_counter()
+    compiled = fn.lower(params, ad, tokens, mask).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(params, ad, tokens, mask))
+    seconds = timed(lambda: compiled(params, ad, tokens, mask), repeat)
+    ma = compiled.memory_analysis()
+    n_params = int(sum(x.size for x in jax.tree.leaves(params)))
+    del params
+    toks = clients * steps * batch * seq
+    return {"clients": clients, "chunk": chunk, "steps": steps, "batch": batch, "seq": seq, "r_max": r_max,
+            "remat": cfg.remat, "dtype": cfg.dtype, "seconds": seconds, "tokens_per_s": toks / seconds,
+            "compile_s": compile_s, "params": n_params, "peak_device_bytes": peak_device_bytes(),
+            "xla_bytes": ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes}
+
+
+def gpu_case(name, cfg, clients, chunks, steps, batch, seq, ranks, r_max, peak):
+    """A chunk sweep of the federated round and one centralised LoRA at the same total batch."""
+    rows = []
+    for chunk in chunks:  # increasing: device peak memory only grows
+        try:
+            rows.append(lora_round(cfg, clients, chunk, steps, batch, seq, ranks, r_max))
+        except Exception as e:  # out of memory: larger chunks will not fit either
+            rows.append({"clients": clients, "chunk": chunk, "error": str(e).splitlines()[0][:200]})
+            break
+        print(json.dumps({"case": name, **rows[-1]}), flush=True)
+    for row in rows:
+        if "error" not in row:
+            for label, k in (("mfu_4n", 4), ("mfu_6n", 6)):
+                row[label] = row["tokens_per_s"] * k * row["params"] / peak
+    ok = [r for r in rows if "error" not in r]
+    best = max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
+    try:  # the same code training one LoRA (rank r_max) on every client's sequences at once
+        central = lora_round(cfg, 1, None, steps, clients * batch, seq, [r_max], r_max)
+        central["mfu_4n"] = central["tokens_per_s"] * 4 * central["params"] / peak
+    except Exception as e:
+        central = {"error": str(e).splitlines()[0][:200]}
+    print(json.dumps({"case": name, "centralised": central}), flush=True)
+    ratio = best["tokens_per_s"] / central["tokens_per_s"] if best and "error" not in central else None
+    return {"name": name, "rows": rows, "best_chunk": best and best["chunk"], "centralised": central,
+            "federated_over_centralised": ratio}
+
+
+def bench_gpu(quick):
+    """Accelerator round: SmolLM2-shaped (100 clients) and Llama-2-7B-shaped bf16 random models."""
+    peak, peak_source = device_peak_flops()
+    res = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "peak_flops": peak,
+           "peak_source": peak_source, "cases": []}
+    if quick:  # small shapes for a CPU smoke run
+        smol = M.LlamaConfig(**{**SMOL, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                                "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16},
+                             dtype="bfloat16", remat="dots_saveable")
+        seven = M.LlamaConfig.llama2_7b().replace(vocab_size=512, hidden_size=128, intermediate_size=344,
+                                                 num_layers=2, num_heads=4, num_kv_heads=4, head_dim=32,
+                                                 remat="full")
+        cases = [("SmolLM2-shaped (small)", smol, 8, (2, 8), 1, 2, 32, (8, 16), 16),
+                 ("Llama-2-7B-shaped (small)", seven, 2, (1, 2), 1, 2, 32, (8, 16), 16)]
+    else:
+        smol = M.LlamaConfig(**SMOL, dtype="bfloat16", remat="dots_saveable")
+        seven = M.LlamaConfig.llama2_7b().replace(remat="full")
+        cases = [("SmolLM2-135M-shaped", smol, 100, (5, 10, 25, 50, 100), 1, 4, 512, (8, 16, 32, 64), 64),
+                 ("Llama-2-7B-shaped", seven, 10, (1, 2, 5, 10), 1, 4, 512, (8, 16, 32, 64), 64)]
+    for args in cases:
+        res["cases"].append(gpu_case(*args, peak))
+    res["compile_depth"] = compile_depth()
+    return res
+
+
+def markdown_gpu(res) -> str:
+    L = ["# Accelerator benchmark", "",
+         f"Device: {res['device']} ({res['backend']}); peak {res['peak_flops'] / 1e9:,.0f} GFLOP/s "
+         f"({res['peak_source']}).", "",
+         "| case | clients_per_chunk | tok/s | MFU (4N) | MFU (6N) | peak device memory (GiB) | XLA bytes (GiB) | compile (s) |",
+         "|---|---|---|---|---|---|---|---|"]
+    for case in res["cases"]:
+        for r in case["rows"]:
+            if "error" in r:
+                L.append(f"| {case['name']} | {r['chunk']} | {r['error']} | | | | | |")
+                continue
+            pk = r["peak_device_bytes"]
+            L.append(f"| {case['name']} | {r['chunk'] or 'all'} | {r['tokens_per_s']:,.0f} | {r['mfu_4n']:.1%} | "
+                     f"{r['mfu_6n']:.1%} | {pk / 2**30 if pk else float('nan'):.1f} | {r['xla_bytes'] / 2**30:.1f} | "
+                     f"{r['compile_s']:.1f} |")
+        c = case["centralised"]
+        ratio = case["federated_over_centralised"]
+        L.append(f"| {case['name']}: centralised LoRA, same total batch | - | "
+                 f"{c.get('tokens_per_s', float('nan')):,.0f} | {c.get('mfu_4n', float('nan')):.1%} | | | | "
+                 f"{c.get('compile_s', float('nan')):.1f} |")
+        L.append(f"| {case['name']}: best federated / centralised | {case['best_chunk']} | "
+                 f"{f'{ratio:.2f}×' if ratio else 'n/a'} | | | | | |")
+    d = res["compile_depth"]
+    L += ["", f"Compile time of a 2-client local-training step, SmolLM2 shape: {d['layers'][0]} layers "
+          f"{d['compile_s'][0]:.1f} s, {d['layers'][1]} layers {d['compile_s'][1]:.1f} s (ratio {d['ratio']:.2f})."]
+    return "\n".join(L) + "\n"
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -329,6 +487,7 @@ def main(argv=None):
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small sizes, < 5 minutes (default)")
     mode.add_argument("--full", action="store_true", help="the reported sizes")
+    p.add_argument("--gpu", action="store_true", help="accelerator round benchmark (with --quick: small shapes)")
     p.add_argument("--out", type=Path, help="JSON results")
     p.add_argument("--markdown", type=Path, help="write the report (e.g. docs/performance.md)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/PEFT baseline")
@@ -340,6 +499,17 @@ def main(argv=None):
         if not args.update or not args.update.exists():
             p.error("--only needs --update with an existing results JSON")
         return rerun_sections(args)
+    if args.gpu:
+        t0 = time.perf_counter()
+        res = bench_gpu(quick=args.quick)
+        res["seconds"] = time.perf_counter() - t0
+        print(markdown_gpu(res))
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=1))
+        if args.markdown:
+            args.markdown.write_text(markdown_gpu(res))
+        print(f"done in {res['seconds']:.0f} s")
+        return 0
     full = args.full
     t0 = time.perf_counter()
     res = {"mode": "full" if full else "quick", "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
@@ -365,6 +535,8 @@ def main(argv=None):
     res["memory"] = bench_memory([10, 100, 300] if full else [10, 50], chunk=10 if full else 5,
                                  seq=128 if full else 64)
     print(json.dumps(res["memory"]), flush=True)
+    res["compile_depth"] = compile_depth()
+    print(json.dumps({"compile_depth": res["compile_depth"]}), flush=True)
     res["seconds"] = time.perf_counter() - t0
     if args.out:
         args.out.write_text(json.dumps(res, indent=1))

@@ -45,7 +45,11 @@ def test_param_layout(params):
     assert {k: v.shape for k, v in flat.items()} == shapes
     assert shapes["layers.1.self_attn.k_proj"] == (16, 32)  # [K*hd, D]
     assert shapes["layers.0.mlp.down_proj"] == (32, 48)  # [D, I]
-    assert isinstance(params["layers"], list) and len(params["layers"]) == 2
+    # blocks stacked along a leading layer axis (the flat form above has one entry per layer)
+    assert params["layers"]["self_attn"]["k_proj"].shape == (2, 16, 32)
+    assert params["layers"]["input_layernorm"].shape == (2, 32)
+    np.testing.assert_array_equal(np.asarray(flat["layers.1.mlp.up_proj"]),
+                                  np.asarray(params["layers"]["mlp"]["up_proj"][1]))
     rebuilt = unflatten_params(CFG, flat)
     assert jax.tree.structure(rebuilt) == jax.tree.structure(params)
     tied = CFG.replace(tie_word_embeddings=True)
@@ -119,8 +123,8 @@ def test_adapter_equals_merged_delta(params, tokens):
     np.testing.assert_allclose(np.asarray(with_adapter), np.asarray(merged), atol=1e-4)
     assert not np.allclose(np.asarray(with_adapter), np.asarray(fwd(params, tokens)), atol=1e-3)
     # merge_delta leaves its input untouched and rejects unknown modules / shapes
-    assert float(jnp.abs(params["layers"][0]["self_attn"]["v_proj"]
-                         - merge_delta(params, {})["layers"][0]["self_attn"]["v_proj"]).max()) == 0
+    assert float(jnp.abs(params["layers"]["self_attn"]["v_proj"]
+                         - merge_delta(params, {})["layers"]["self_attn"]["v_proj"]).max()) == 0
     with pytest.raises(KeyError, match="layers.7.self_attn.q_proj"):
         merge_delta(params, {"layers.7.self_attn.q_proj": jnp.zeros((32, 32))})
     with pytest.raises(ValueError, match=r"\(32, 16\)"):

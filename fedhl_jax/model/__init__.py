@@ -4,7 +4,7 @@ See ``docs/model.md`` for the parameter layout and conventions.
 """
 
 from fedhl_jax.model.adapters import (adapter_delta, init_adapter, lora_targets, merge_delta,
-                                      resolve_targets)
+                                      per_layer_adapter, resolve_targets, stacked_adapter)
 from fedhl_jax.model.checkpoint import (hf_key_to_path, load_pretrained, load_tokenizer,
                                         path_to_hf_key, resolve_checkpoint)
 from fedhl_jax.model.config import LlamaConfig
@@ -14,16 +14,18 @@ from fedhl_jax.model.gguf import gguf_config, load_gguf
 from fedhl_jax.model.gguf_export import export_gguf
 from fedhl_jax.model.gguf_tokenizer import apply_chat_template, load_gguf_tokenizer
 from fedhl_jax.model.generate import generate, left_pad, sample_logits, strip_after_eos
-from fedhl_jax.model.llama import (LORA_MODULES, flatten_params, forward, forward_cached,
-                                   init_cache, init_params, loss_fn, module_name, module_shapes,
-                                   param_shapes, token_losses, unflatten_params)
+from fedhl_jax.model.llama import (LORA_MODULES, REMAT_POLICIES, flatten_params, forward,
+                                   forward_cached, init_cache, init_params, layer_shapes, loss_fn,
+                                   module_name, module_shapes, param_shapes, token_losses,
+                                   unflatten_params)
 
 __all__ = [
-    "LORA_MODULES", "LlamaConfig", "adapter_delta", "apply_chat_template", "export_gguf",
-    "export_merged", "export_peft", "gguf_config", "load_gguf", "load_gguf_tokenizer",
-    "flatten_params", "forward", "forward_cached", "generate", "hf_key_to_path", "init_adapter",
-    "init_cache", "init_params", "left_pad", "load_peft", "load_pretrained", "load_tokenizer",
-    "lora_factors_from_dense", "lora_targets", "loss_fn", "merge_delta", "module_name",
-    "module_shapes", "param_shapes", "path_to_hf_key", "resolve_checkpoint", "resolve_targets",
-    "sample_logits", "strip_after_eos", "token_losses", "truncate_dense", "unflatten_params",
+    "LORA_MODULES", "LlamaConfig", "REMAT_POLICIES", "adapter_delta", "apply_chat_template",
+    "export_gguf", "export_merged", "export_peft", "flatten_params", "forward", "forward_cached",
+    "generate", "gguf_config", "hf_key_to_path", "init_adapter", "init_cache", "init_params",
+    "layer_shapes", "left_pad", "load_gguf", "load_gguf_tokenizer", "load_peft", "load_pretrained",
+    "load_tokenizer", "lora_factors_from_dense", "lora_targets", "loss_fn", "merge_delta",
+    "module_name", "module_shapes", "param_shapes", "path_to_hf_key", "per_layer_adapter",
+    "resolve_checkpoint", "resolve_targets", "sample_logits", "stacked_adapter", "strip_after_eos",
+    "token_losses", "truncate_dense", "unflatten_params",
 ]

@@ -6,10 +6,12 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedhl_jax.lora import Adapter, lora_scale, rank_mask
 from fedhl_jax.model.config import LlamaConfig
-from fedhl_jax.model.llama import LORA_MODULES, locate_param, module_name, module_shapes
+from fedhl_jax.model.llama import (LORA_MODULES, locate_param, module_name, module_shapes,
+                                   split_layer_path)
 
 
 def resolve_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
@@ -105,14 +107,58 @@ def adapter_delta(adapter: Adapter) -> dict[str, jax.Array]:
             for name in adapter.A}
 
 
+def stacked_adapter(cfg: LlamaConfig, adapter: Adapter) -> Adapter:
+    """Per-layer adapter → the same factors stacked along the layer axis.
+
+    ``{"layers.{i}.self_attn.q_proj": [r, d_in]}`` becomes ``{"q_proj": [L, r,
+    d_in]}`` (``B`` likewise ``[L, d_out, r]``; a leading client axis is kept
+    in front: ``[n, L, r, d_in]``). :func:`fedhl_jax.model.forward` accepts
+    either form and gives the same values. An optimizer over the stacked form
+    has a few leaves whatever the depth, so a client's training step compiles
+    in a time independent of the number of layers; the server math stays per
+    module (:func:`per_layer_adapter` converts back).
+
+    Raises:
+      ValueError: a module type covered in some layers only (it cannot be stacked).
+    """
+    a, b = {}, {}
+    for short in LORA_MODULES:
+        names = [module_name(layer, short) for layer in range(cfg.num_layers)]
+        present = [n in adapter.A for n in names]
+        if not any(present):
+            continue
+        if not all(present):
+            raise ValueError(f"{short} is adapted in some layers only; the stacked form needs "
+                             f"every layer (missing {names[present.index(False)]!r})")
+        a[short] = jnp.stack([adapter.A[n] for n in names], axis=-3)
+        b[short] = jnp.stack([adapter.B[n] for n in names], axis=-3)
+    return adapter._replace(A=a, B=b)
+
+
+def per_layer_adapter(cfg: LlamaConfig, adapter: Adapter) -> Adapter:
+    """Inverse of :func:`stacked_adapter`: ``{"q_proj": [..., L, r, d_in]}`` → per-layer names."""
+    a, b = {}, {}
+    for short in LORA_MODULES:
+        if short not in adapter.A:
+            continue
+        for layer in range(cfg.num_layers):
+            a[module_name(layer, short)] = adapter.A[short][..., layer, :, :]
+            b[module_name(layer, short)] = adapter.B[short][..., layer, :, :]
+    order = list(lora_targets(cfg, "all-linear"))
+    return adapter._replace(A={n: a[n] for n in order if n in a}, B={n: b[n] for n in order if n in b})
+
+
 def merge_delta(params: dict, delta: dict[str, jax.Array]) -> dict:
     """Returns new params with ``W + delta[name]`` for every named module.
 
-    The sum is formed in float32 and cast back to each weight's dtype; the input
-    ``params`` is not modified. Works under ``jax.jit``.
+    ``delta`` is keyed by flat per-layer names (``"layers.3.self_attn.q_proj"``);
+    the deltas of one stacked leaf are applied together (one update of the
+    ``[L, d_out, d_in]`` array, not one per layer). The sum is formed in
+    float32 and cast back to each weight's dtype; the input ``params`` is not
+    modified. Works under ``jax.jit``.
 
     Args:
-      params: base parameters.
+      params: base parameters (stacked layout).
       delta: ``{module_name: [d_out, d_in]}``.
 
     Returns:
@@ -122,7 +168,9 @@ def merge_delta(params: dict, delta: dict[str, jax.Array]) -> dict:
       KeyError / ValueError: naming an unknown module or a shape mismatch.
     """
     merged = jax.tree.map(lambda x: x, params)  # fresh containers, shared leaves
+    groups: dict[tuple[int, str], tuple[dict, str, dict[int, jax.Array]]] = {}
     for name, d in delta.items():
+        layer, _ = split_layer_path(name)
         try:
             parent, leaf = locate_param(merged, name)
             w = parent[leaf]
@@ -131,5 +179,18 @@ def merge_delta(params: dict, delta: dict[str, jax.Array]) -> dict:
         if tuple(w.shape) != tuple(d.shape):
             raise ValueError(f"delta for {name!r} has shape {tuple(d.shape)}, "
                              f"weight has {tuple(w.shape)}")
-        parent[leaf] = (w.astype(jnp.float32) + jnp.asarray(d, jnp.float32)).astype(w.dtype)
+        if layer is None:
+            parent[leaf] = (w.astype(jnp.float32) + jnp.asarray(d, jnp.float32)).astype(w.dtype)
+            continue
+        container = parent.parent  # the dict holding the stacked leaf
+        groups.setdefault((id(container), leaf), (container, leaf, {}))[2][layer] = d
+    for container, leaf, by_layer in groups.values():
+        w = container[leaf]  # [L, d_out, d_in]
+        idx = sorted(by_layer)
+        d = jnp.stack([jnp.asarray(by_layer[i], jnp.float32) for i in idx])
+        if idx == list(range(w.shape[0])):
+            container[leaf] = (w.astype(jnp.float32) + d).astype(w.dtype)
+        else:
+            rows = np.asarray(idx)
+            container[leaf] = w.at[rows].set((w[rows].astype(jnp.float32) + d).astype(w.dtype))
     return merged

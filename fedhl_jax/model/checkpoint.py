@@ -17,7 +17,6 @@ import os
 import re
 from pathlib import Path
 
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
@@ -142,7 +141,7 @@ def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
                 if shape != expected[path]:
                     raise ValueError(f"shape mismatch for {key!r} in {file}: checkpoint has "
                                      f"{shape}, config expects {expected[path]}")
-                flat[path] = jnp.asarray(f.get_tensor(key).astype(np_dtype))
+                flat[path] = f.get_tensor(key).astype(np_dtype)  # stacked on the host below
     missing = [path_to_hf_key(p) for p in expected if p not in flat]
     if missing:
         raise ValueError(f"missing key(s) in checkpoint {folder}: {missing[:8]}"

@@ -21,6 +21,7 @@ from fedhl_jax.model.hub import resolve_checkpoint
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "linear")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = ("none", "dots_saveable", "full")  # see fedhl_jax.model.llama.REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +41,16 @@ class LlamaConfig:
       rope_scaling_factor: linear RoPE position scaling (1.0 = none).
       max_position_embeddings: longest supported sequence.
       tie_word_embeddings: whether the LM head reuses ``embed_tokens``.
-      dtype: parameter and compute dtype, ``"float32"`` or ``"bfloat16"``.
-        RMSNorm statistics, softmax and logits are always float32.
+      dtype: dtype of the base weights, ``"float32"`` or ``"bfloat16"``.
+      compute_dtype: dtype of the activations (``None``: the same as ``dtype``).
+        RMSNorm statistics, softmax, logits and the loss are always float32;
+        LoRA factors keep their own dtype (float32) and are cast to the
+        compute dtype inside each matmul.
+      remat: rematerialisation policy of each scanned decoder block in the
+        backward pass: ``"none"`` (keep every residual), ``"dots_saveable"``
+        (keep the outputs of matmuls without batch dimensions, recompute the
+        rest) or ``"full"`` (keep only each block's input, recompute the block).
+        It changes memory and time, never the values.
       bos_token_id: beginning-of-sequence id (or ``None``).
       eos_token_id: end-of-sequence id (or ``None``); the first one when the
         Hugging Face config lists several.
@@ -61,6 +70,8 @@ class LlamaConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     dtype: str = "float32"
+    compute_dtype: str | None = None
+    remat: str = "none"
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = None
@@ -68,6 +79,11 @@ class LlamaConfig:
     def __post_init__(self):
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.compute_dtype is not None and self.compute_dtype not in _DTYPES:
+            raise ValueError(f"compute_dtype must be None or one of {sorted(_DTYPES)}, "
+                             f"got {self.compute_dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads", "head_dim"):
             if int(getattr(self, name)) <= 0:
@@ -80,11 +96,16 @@ class LlamaConfig:
 
     @property
     def jnp_dtype(self):
-        """The ``jnp`` dtype named by :attr:`dtype`."""
+        """The ``jnp`` dtype of the base weights (:attr:`dtype`)."""
         return _DTYPES[self.dtype]
 
+    @property
+    def jnp_compute_dtype(self):
+        """The ``jnp`` dtype of the activations (:attr:`compute_dtype`, default :attr:`dtype`)."""
+        return _DTYPES[self.compute_dtype or self.dtype]
+
     def replace(self, **changes) -> "LlamaConfig":
-        """Returns a copy with some fields changed (e.g. ``dtype="bfloat16"``)."""
+        """Returns a copy with some fields changed (e.g. ``dtype="bfloat16"``, ``remat="full"``)."""
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ HF I/O

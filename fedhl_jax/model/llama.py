@@ -2,34 +2,45 @@
 
 Parameters are a plain pytree in Hugging Face layout (weights ``[out, in]``),
 named like the HF state dict without the ``model.`` prefix and ``.weight``
-suffix::
+suffix. The decoder blocks are stacked along a leading layer axis ``L`` and
+the forward pass runs them under ``jax.lax.scan``, so compile time does not
+grow with depth::
 
     {
       "embed_tokens": [V, D],
-      "layers": [                       # a Python list, one dict per block
-        {"input_layernorm": [D],
-         "self_attn": {"q_proj": [H*hd, D], "k_proj": [K*hd, D],
-                       "v_proj": [K*hd, D], "o_proj": [D, H*hd]},
-         "post_attention_layernorm": [D],
-         "mlp": {"gate_proj": [I, D], "up_proj": [I, D], "down_proj": [D, I]}},
-        ...
-      ],
+      "layers": {                       # every leaf has a leading layer axis L
+        "input_layernorm": [L, D],
+        "self_attn": {"q_proj": [L, H*hd, D], "k_proj": [L, K*hd, D],
+                      "v_proj": [L, K*hd, D], "o_proj": [L, D, H*hd]},
+        "post_attention_layernorm": [L, D],
+        "mlp": {"gate_proj": [L, I, D], "up_proj": [L, I, D], "down_proj": [L, D, I]},
+      },
       "norm": [D],
       "lm_head": [V, D],                # absent when tie_word_embeddings
     }
 
+The *flat* form ``{dotted_path: array}`` with one entry per layer
+(``"layers.3.self_attn.q_proj": [H*hd, D]``, see :func:`param_shapes`) is the
+external format of loaders and exporters: :func:`unflatten_params` stacks it,
+:func:`flatten_params` unstacks it.
+
 The numerics follow ``transformers``' ``LlamaForCausalLM``: RMSNorm statistics
 in float32, rotate-half RoPE (so HF ``q_proj``/``k_proj`` weights are used as
 they are), grouped-query attention with a float32 softmax, SwiGLU MLP. Logits
-are returned in float32.
+are returned in float32. Weights are stored in ``cfg.dtype`` and activations
+computed in ``cfg.compute_dtype``.
 
 A LoRA adapter (:class:`fedhl_jax.lora.Adapter`) is applied inside every linear
-layer it names: ``y = x Wᵀ + s · ((x Aᵀ) ⊙ mask) Bᵀ``.
+layer it names: ``y = x Wᵀ + s · ((x Aᵀ) ⊙ mask) Bᵀ``. Adapters stay keyed per
+layer (``"layers.3.self_attn.q_proj"``); the forward pass stacks their factors
+along the layer axis to feed the scan (layers an adapter does not cover get
+zero factors).
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +53,17 @@ ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LORA_MODULES = ATTN_MODULES + MLP_MODULES
 
-# A KV cache: one ``(k, v)`` pair per layer, each ``[B, S, K, hd]``.
-KVCache = list
+# A KV cache: ``(k, v)``, each ``[L, B, S, K, hd]`` (all layers stacked).
+KVCache = tuple
+
+# Rematerialisation policies of one scanned block (``LlamaConfig.remat``).
+REMAT_POLICIES = {
+    "none": None,  # no jax.checkpoint: the backward pass keeps every residual
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+}
+
+_LAYER_PATH = re.compile(r"layers\.(\d+)\.(.+)")
 
 
 # --------------------------------------------------------------------------- layout
@@ -61,53 +81,165 @@ def module_name(layer: int, short: str) -> str:
     return f"layers.{layer}.{parent}.{short}"
 
 
+def layer_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """``{path_inside_a_block: shape}`` of one decoder block, in :func:`param_shapes` order.
+
+    E.g. ``{"input_layernorm": (D,), "self_attn.q_proj": (H*hd, D), ...}``; the
+    stacked leaf ``params["layers"]["self_attn"]["q_proj"]`` is ``[L, H*hd, D]``.
+    """
+    d = cfg.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {"input_layernorm": (d,)}
+    for short, shape in module_shapes(cfg).items():
+        shapes[module_name(0, short).split(".", 2)[2]] = shape
+    shapes["post_attention_layernorm"] = (d,)
+    return shapes
+
+
 def param_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Flat ``{dotted_path: shape}`` of every base parameter, in state-dict order.
 
     Paths are HF state-dict keys without ``model.``/``.weight``
-    (``"embed_tokens"``, ``"layers.0.self_attn.q_proj"``, ..., ``"lm_head"``).
+    (``"embed_tokens"``, ``"layers.0.self_attn.q_proj"``, ..., ``"lm_head"``),
+    one entry per layer: this is the external (loader/exporter) format.
     """
     d = cfg.hidden_size
     shapes: dict[str, tuple[int, ...]] = {"embed_tokens": (cfg.vocab_size, d)}
+    block = layer_shapes(cfg)
     for layer in range(cfg.num_layers):
-        shapes[f"layers.{layer}.input_layernorm"] = (d,)
-        for short, shape in module_shapes(cfg).items():
-            shapes[module_name(layer, short)] = shape
-        shapes[f"layers.{layer}.post_attention_layernorm"] = (d,)
+        for sub, shape in block.items():
+            shapes[f"layers.{layer}.{sub}"] = shape
     shapes["norm"] = (d,)
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (cfg.vocab_size, d)
     return shapes
 
 
+def split_layer_path(path: str) -> tuple[int | None, str]:
+    """``"layers.3.self_attn.q_proj"`` → ``(3, "self_attn.q_proj")``; ``"norm"`` → ``(None, "norm")``."""
+    m = _LAYER_PATH.fullmatch(path)
+    return (int(m.group(1)), m.group(2)) if m else (None, path)
+
+
+def _set_nested(tree: dict, dotted: str, value) -> None:
+    *head, leaf = dotted.split(".")
+    for part in head:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
+def _get_nested(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def _stack(values: list):
+    """Stacks per-layer arrays: on the host when they are all NumPy (one device transfer)."""
+    if all(isinstance(v, np.ndarray) for v in values):
+        return jnp.asarray(np.stack(values))
+    return jnp.stack(values)
+
+
 def unflatten_params(cfg: LlamaConfig, flat: dict) -> dict:
-    """``{dotted_path: array}`` (see :func:`param_shapes`) → nested params."""
-    params: dict = {"layers": [{"self_attn": {}, "mlp": {}} for _ in range(cfg.num_layers)]}
+    """``{dotted_path: array}`` (see :func:`param_shapes`) → nested params, blocks stacked.
+
+    Every per-layer entry ``layers.{i}.<sub>`` must be present for all
+    ``i < cfg.num_layers``; they are stacked into ``params["layers"][<sub>]``
+    of shape ``[L, ...]``. NumPy inputs are stacked on the host and moved to
+    the device once.
+
+    Raises:
+      KeyError: a layer index out of range or a per-layer entry missing for
+        some layers (naming the paths).
+    """
+    params: dict = {}
+    per_layer: dict[str, dict[int, object]] = {}
     for path, value in flat.items():
-        parent, leaf = locate_param(params, path)
-        parent[leaf] = value
+        layer, sub = split_layer_path(path)
+        if layer is None:
+            params[path] = jnp.asarray(value) if isinstance(value, np.ndarray) else value
+            continue
+        if layer >= cfg.num_layers:
+            raise KeyError(f"{path!r}: layer {layer} is out of range for {cfg.num_layers} layers")
+        per_layer.setdefault(sub, {})[layer] = value
+    layers: dict = {}
+    for sub, by_layer in per_layer.items():
+        missing = [f"layers.{i}.{sub}" for i in range(cfg.num_layers) if i not in by_layer]
+        if missing:
+            raise KeyError(f"missing per-layer parameter(s) {missing[:4]}"
+                           + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
+        _set_nested(layers, sub, _stack([by_layer[i] for i in range(cfg.num_layers)]))
+    params["layers"] = layers
     return params
 
 
+def _block_items(layers: dict) -> list[tuple[str, jax.Array]]:
+    """``[(path_inside_a_block, stacked leaf)]`` of ``params["layers"]`` in state-dict order."""
+    items = {".".join(str(k.key) for k in kp): leaf
+             for kp, leaf in jax.tree_util.tree_leaves_with_path(layers)}
+    order = ["input_layernorm", *(f"self_attn.{m}" for m in ATTN_MODULES),
+             *(f"mlp.{m}" for m in MLP_MODULES), "post_attention_layernorm"]
+    return [(p, items[p]) for p in order if p in items] + [(p, v) for p, v in items.items()
+                                                            if p not in order]
+
+
 def flatten_params(params: dict) -> dict:
-    """Nested params → ``{dotted_path: array}`` (inverse of :func:`unflatten_params`)."""
+    """Nested params → ``{dotted_path: array}``, one entry per layer (inverse of :func:`unflatten_params`)."""
     flat = {}
-    for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        flat[".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)] = leaf
-    return flat
+    for key, value in params.items():
+        if key != "layers":
+            flat[key] = value
+            continue
+        items = _block_items(value)
+        n_layers = items[0][1].shape[0] if items else 0
+        for layer in range(n_layers):
+            for sub, leaf in items:
+                flat[f"layers.{layer}.{sub}"] = leaf[layer]
+    return {k: flat[k] for k in sorted(flat, key=lambda k: ({"embed_tokens": 0, "norm": 2,
+                                                             "lm_head": 3}.get(k, 1)))}
+
+
+class _LayerSlot:
+    """One layer of a stacked leaf, addressed like a container (see :func:`locate_param`)."""
+
+    def __init__(self, parent: dict, key: str, layer: int):
+        self.parent, self.key, self.layer = parent, key, layer
+
+    def __getitem__(self, leaf):
+        return self.parent[leaf][self.layer]
+
+    def __setitem__(self, leaf, value):
+        w = self.parent[leaf]
+        self.parent[leaf] = w.at[self.layer].set(jnp.asarray(value, w.dtype))
 
 
 def locate_param(params: dict, path: str):
-    """Returns ``(container, last_key)`` addressing ``path`` inside nested params."""
-    *head, leaf = path.split(".")
-    node = params
-    for part in head:
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node, leaf
+    """Returns ``(container, last_key)`` addressing a flat ``path`` inside nested params.
+
+    ``container[last_key]`` reads the parameter; ``container[last_key] = value``
+    replaces it in ``params`` (for a layer path, one slice of the stacked leaf).
+
+    Raises:
+      KeyError / IndexError: an unknown path or a layer out of range.
+    """
+    layer, sub = split_layer_path(path)
+    if layer is None:
+        *head, leaf = path.split(".")
+        return (_get_nested(params, ".".join(head)) if head else params), leaf
+    *head, leaf = sub.split(".")
+    parent = _get_nested(params["layers"], ".".join(head)) if head else params["layers"]
+    n_layers = parent[leaf].shape[0]
+    if not 0 <= layer < n_layers:
+        raise IndexError(f"{path!r}: layer {layer} is out of range for {n_layers} layers")
+    return _LayerSlot(parent, leaf, layer), leaf
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array, *, std: float = 0.02) -> dict:
     """Random base parameters (normal ``std`` weights, unit RMSNorm gains).
+
+    Every flat path draws from its own key (``jax.random.split(key,
+    len(param_shapes(cfg)))`` in state-dict order); the per-layer draws are
+    made directly in the stacked layout.
 
     Args:
       cfg: model config; parameters are created in ``cfg.dtype``.
@@ -118,14 +250,23 @@ def init_params(cfg: LlamaConfig, key: jax.Array, *, std: float = 0.02) -> dict:
       Nested params (see the module docstring).
     """
     shapes = param_shapes(cfg)
-    keys = jax.random.split(key, len(shapes))
-    flat = {}
-    for k, (path, shape) in zip(keys, shapes.items()):
+    all_keys = jax.random.split(key, len(shapes))
+    index = {p: i for i, p in enumerate(shapes)}
+    dtype = cfg.jnp_dtype
+
+    def draw(k, shape):
         if len(shape) == 1:
-            flat[path] = jnp.ones(shape, cfg.jnp_dtype)
-        else:
-            flat[path] = (std * jax.random.normal(k, shape, jnp.float32)).astype(cfg.jnp_dtype)
-    return unflatten_params(cfg, flat)
+            return jnp.ones(shape, dtype)
+        return (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+
+    params: dict = {p: draw(all_keys[index[p]], s) for p, s in shapes.items()
+                    if not p.startswith("layers.")}
+    layers: dict = {}
+    for sub, shape in layer_shapes(cfg).items():
+        layer_keys = all_keys[np.array([index[f"layers.{i}.{sub}"] for i in range(cfg.num_layers)])]
+        _set_nested(layers, sub, jax.vmap(lambda k, s=shape: draw(k, s))(layer_keys))
+    params["layers"] = layers
+    return {k: params[k] for k in ("embed_tokens", "layers", "norm", "lm_head") if k in params}
 
 
 # --------------------------------------------------------------------------- blocks
@@ -157,25 +298,23 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def _linear(x: jax.Array, w: jax.Array, adapter: Adapter | None, name: str) -> jax.Array:
-    """``x Wᵀ`` plus the LoRA term when ``adapter`` covers ``name``.
+def _linear(x: jax.Array, w: jax.Array, lora, gate) -> jax.Array:
+    """``x Wᵀ`` plus the LoRA term when ``lora`` is given.
 
     Args:
       x: ``[..., d_in]`` in the compute dtype.
-      w: ``[d_out, d_in]``.
-      adapter: optional adapter; used when ``name in adapter.A``.
-      name: module name, e.g. ``"layers.0.self_attn.q_proj"``.
+      w: ``[d_out, d_in]`` (one layer's slice).
+      lora: ``(A [r, d_in], B [d_out, r])`` of this layer, or ``None``.
+      gate: ``[r]`` ``mask · scale`` of the adapter.
 
     Returns:
       ``[..., d_out]`` in the compute dtype.
     """
     y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
-    if adapter is None or name not in adapter.A:
+    if lora is None:
         return y
-    a = adapter.A[name].astype(x.dtype)  # [r, d_in]
-    b = adapter.B[name].astype(x.dtype)  # [d_out, r]
-    gate = (adapter.mask * adapter.scale).astype(x.dtype)  # [r]
-    h = jnp.einsum("...i,ri->...r", x, a) * gate  # [..., r]
+    a, b = lora[0].astype(x.dtype), lora[1].astype(x.dtype)  # [r, d_in], [d_out, r]
+    h = jnp.einsum("...i,ri->...r", x, a) * gate.astype(x.dtype)  # [..., r]
     return y + jnp.einsum("...r,or->...o", h, b)
 
 
@@ -202,31 +341,70 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax
     return out.reshape(b, t, h * hd)
 
 
-def _block(cfg: LlamaConfig, lp: dict, layer: int, x: jax.Array, cos: jax.Array, sin: jax.Array,
-           mask: jax.Array, adapter: Adapter | None, cache_kv=None, cache_index=0):
-    """One decoder block on ``x [B, T, D]``; returns ``(x, new_cache_kv)``."""
+def _block(cfg: LlamaConfig, lp: dict, x: jax.Array, cos: jax.Array, sin: jax.Array,
+           mask: jax.Array, lora: dict, gate, kv_fn=None):
+    """One decoder block on ``x [B, T, D]``.
+
+    Args:
+      lp: this layer's slice of ``params["layers"]``.
+      lora: ``{short_name: (A, B)}`` of this layer (modules without LoRA absent).
+      gate: ``[r]`` adapter gate (unused when ``lora`` is empty).
+      kv_fn: optional ``(k, v) -> (k_all, v_all)`` that writes the new keys and
+        values into a cache and returns the keys/values to attend to.
+    """
     b, t, _ = x.shape
-    hd, name = cfg.head_dim, lambda short: module_name(layer, short)
+    hd = cfg.head_dim
     attn_p, mlp_p = lp["self_attn"], lp["mlp"]
+    lin = lambda h, w, short: _linear(h, w, lora.get(short), gate)  # noqa: E731
 
     h = _rms_norm(x, lp["input_layernorm"], cfg.rms_norm_eps)
-    q = _linear(h, attn_p["q_proj"], adapter, name("q_proj")).reshape(b, t, cfg.num_heads, hd)
-    k = _linear(h, attn_p["k_proj"], adapter, name("k_proj")).reshape(b, t, cfg.num_kv_heads, hd)
-    v = _linear(h, attn_p["v_proj"], adapter, name("v_proj")).reshape(b, t, cfg.num_kv_heads, hd)
+    q = lin(h, attn_p["q_proj"], "q_proj").reshape(b, t, cfg.num_heads, hd)
+    k = lin(h, attn_p["k_proj"], "k_proj").reshape(b, t, cfg.num_kv_heads, hd)
+    v = lin(h, attn_p["v_proj"], "v_proj").reshape(b, t, cfg.num_kv_heads, hd)
     q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)  # [B, T, H|K, hd]
-    if cache_kv is not None:  # write the new keys/values at slots cache_index.. and read all S
-        ck, cv = cache_kv  # [B, S, K, hd]
-        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-        cache_kv = (k, v)
+    if kv_fn is not None:
+        k, v = kv_fn(k, v)
     attn = _attention(q, k, v, mask)  # [B, T, H*hd]
-    x = x + _linear(attn, attn_p["o_proj"], adapter, name("o_proj"))
+    x = x + lin(attn, attn_p["o_proj"], "o_proj")
 
     h = _rms_norm(x, lp["post_attention_layernorm"], cfg.rms_norm_eps)
-    gate = _linear(h, mlp_p["gate_proj"], adapter, name("gate_proj"))  # [B, T, I]
-    up = _linear(h, mlp_p["up_proj"], adapter, name("up_proj"))  # [B, T, I]
-    x = x + _linear(jax.nn.silu(gate) * up, mlp_p["down_proj"], adapter, name("down_proj"))
-    return x, cache_kv
+    gate_act = lin(h, mlp_p["gate_proj"], "gate_proj")  # [B, T, I]
+    up = lin(h, mlp_p["up_proj"], "up_proj")  # [B, T, I]
+    return x + lin(jax.nn.silu(gate_act) * up, mlp_p["down_proj"], "down_proj")
+
+
+def scan_lora(cfg: LlamaConfig, adapter: Adapter | None) -> tuple[dict, jax.Array | None]:
+    """An adapter's factors stacked along the layer axis, to feed the scanned blocks.
+
+    Args:
+      cfg: model config.
+      adapter: adapter keyed by module name (``"layers.3.self_attn.q_proj"``),
+        or already in the stacked form of :func:`fedhl_jax.model.stacked_adapter`
+        (keyed by short name, ``"q_proj": [L, r, d_in]``), or ``None``.
+
+    Returns:
+      ``({short_name: (A [L, r, d_in], B [L, d_out, r])}, gate [r])`` for every
+      module type the adapter covers in at least one layer; layers it does not
+      cover get zero factors (so they add exactly nothing). ``({}, None)``
+      without an adapter.
+    """
+    if adapter is None:
+        return {}, None
+    stacked = {}
+    for short in LORA_MODULES:
+        if short in adapter.A:  # already stacked
+            stacked[short] = (adapter.A[short], adapter.B[short])
+            continue
+        names = [module_name(layer, short) for layer in range(cfg.num_layers)]
+        present = [n for n in names if n in adapter.A]
+        if not present:
+            continue
+        a0, b0 = adapter.A[present[0]], adapter.B[present[0]]
+        stacked[short] = (jnp.stack([adapter.A[n] if n in adapter.A else jnp.zeros_like(a0)
+                                     for n in names]),
+                          jnp.stack([adapter.B[n] if n in adapter.B else jnp.zeros_like(b0)
+                                     for n in names]))
+    return stacked, adapter.mask * adapter.scale
 
 
 def _decoder(cfg: LlamaConfig, params: dict, tokens: jax.Array, positions: jax.Array,
@@ -235,12 +413,13 @@ def _decoder(cfg: LlamaConfig, params: dict, tokens: jax.Array, positions: jax.A
 
     Tokens occupy key slots ``cache_index .. cache_index+T-1`` of ``S`` slots
     (``S = T`` without a cache); a query attends to earlier-or-equal slots whose
-    ``kv_valid`` is True.
+    ``kv_valid`` is True. The blocks run under ``jax.lax.scan`` over the layer
+    axis; without a cache, the scan body is rematerialised per ``cfg.remat``.
 
     Returns:
       ``(logits [B, T, V] float32, new_cache)``.
     """
-    dtype = cfg.jnp_dtype
+    dtype = cfg.jnp_compute_dtype
     t, s = tokens.shape[1], kv_valid.shape[1]
     q_slot = cache_index + jnp.arange(t)  # [T]
     causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
@@ -248,12 +427,37 @@ def _decoder(cfg: LlamaConfig, params: dict, tokens: jax.Array, positions: jax.A
 
     x = jnp.take(params["embed_tokens"], tokens, axis=0).astype(dtype)  # [B, T, D]
     cos, sin = _rope_cos_sin(cfg, positions, dtype)
-    new_cache = [] if cache is not None else None
-    for layer, lp in enumerate(params["layers"]):
-        x, kv = _block(cfg, lp, layer, x, cos, sin, mask, adapter,
-                       None if cache is None else cache[layer], cache_index)
-        if cache is not None:
-            new_cache.append(kv)
+    lora, gate = scan_lora(cfg, adapter)
+    layers = params["layers"]
+
+    if cache is None:
+        def body(x, xs):
+            lp, lora_l = xs
+            return _block(cfg, lp, x, cos, sin, mask, lora_l, gate), None
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, (layers, lora))
+        new_cache = None
+    else:
+        def body(carry, xs):
+            x, ck, cv = carry  # [L, B, S, K, hd]
+            lp, lora_l, layer = xs
+
+            def kv_fn(k, v):  # write slots cache_index.. of this layer, read all S
+                nonlocal ck, cv
+                ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None],
+                                                  (layer, 0, cache_index, 0, 0))
+                cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None],
+                                                  (layer, 0, cache_index, 0, 0))
+                return ck[layer], cv[layer]
+
+            x = _block(cfg, lp, x, cos, sin, mask, lora_l, gate, kv_fn)
+            return (x, ck, cv), None
+
+        (x, ck, cv), _ = jax.lax.scan(body, (x, *cache),
+                                      (layers, lora, jnp.arange(cfg.num_layers)))
+        new_cache = (ck, cv)
     x = _rms_norm(x, params["norm"], cfg.rms_norm_eps)
     head = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]  # [V, D]
     logits = jnp.einsum("btd,vd->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
@@ -300,10 +504,9 @@ def forward(cfg: LlamaConfig, params: dict, tokens: jax.Array, *, adapter: Adapt
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> KVCache:
-    """Zero KV cache: a list of ``num_layers`` pairs ``(k, v)``, each ``[B, S, K, hd]``."""
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return [(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
-            for _ in range(cfg.num_layers)]
+    """Zero KV cache ``(k, v)``, each ``[L, B, S, K, hd]`` in the compute dtype."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return (jnp.zeros(shape, cfg.jnp_compute_dtype), jnp.zeros(shape, cfg.jnp_compute_dtype))
 
 
 def forward_cached(cfg: LlamaConfig, params: dict, tokens: jax.Array, positions: jax.Array,

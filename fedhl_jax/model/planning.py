@@ -1,4 +1,4 @@
-"""Memory planning for Llama-2-7B with ``jax.eval_shape`` (no weights are allocated).
+"""Memory planning for Llama-2-7B and SmolLM2-135M from shapes (no weights are allocated).
 
 Regenerate ``docs/memory_planning.md`` with::
 
@@ -9,16 +9,20 @@ Regenerate ``docs/memory_planning.md`` with::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import print_saved_residuals
 
 from fedhl_jax.model.adapters import init_adapter, lora_targets
 from fedhl_jax.model.config import LlamaConfig
-from fedhl_jax.model.llama import init_params
+from fedhl_jax.model.llama import init_params, param_shapes
 
 DEFAULT_RANKS = (4, 8, 16, 32, 64)
 TARGET_SETS = {"q,v": ("q_proj", "v_proj"), "all-linear": "all-linear"}
@@ -61,11 +65,193 @@ def memory_plan(cfg: LlamaConfig | None = None, ranks: Sequence[int] = DEFAULT_R
             "lora": lora, "dense": dense}
 
 
-def render_markdown(plan: dict, cfg: LlamaConfig | None = None) -> str:
+# --------------------------------------------------------------------------- training memory
+_DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "i64": 8, "i32": 4, "u32": 4, "i8": 1,
+                "u8": 1, "bool": 1, "s32": 4, "u64": 8}
+_RESIDUAL = re.compile(r"^(\w+)\[([\d,]*)\] (.*)$")
+
+
+def saved_residual_bytes(fn, *args) -> int:
+    """Bytes the backward pass of ``fn(*args)`` keeps, from ``jax.ad_checkpoint.print_saved_residuals``.
+
+    Arguments, constants and ``stop_gradient`` outputs (the frozen weights) are
+    not counted; only activations. ``args`` may be ``jax.ShapeDtypeStruct`` (nothing is computed).
+    """
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print_saved_residuals(fn, *args)
+    total = 0
+    for line in buf.getvalue().splitlines():
+        m = _RESIDUAL.match(line.strip())
+        if not m or any(w in m.group(3) for w in ("from a constant", "from the argument",
+                                                   "output of stop_gradient")):
+            continue  # inputs: not activations (the frozen weights pass through stop_gradient)
+        dims = [int(x) for x in m.group(2).split(",") if x]
+        total += int(np.prod(dims, dtype=np.int64)) * _DTYPE_BYTES.get(m.group(1), 4)
+    return total
+
+
+def activation_bytes(cfg: LlamaConfig, *, batch: int, seq: int, targets="all-linear", r_max: int = 16,
+                     remat: str | None = None) -> dict:
+    """Activation memory of one client's training step (``batch`` sequences of ``seq`` tokens).
+
+    Traced, not allocated: the residuals that ``jax.grad`` of the loss keeps are
+    counted (:func:`saved_residual_bytes`) on 1- and 2-layer cuts of ``cfg``; their
+    difference is one scanned block's share, the rest the embedding/head/loss share.
+
+    Returns:
+      ``{"per_layer": bytes kept per block, "head": bytes outside the blocks,
+      "block_working": what the block being differentiated holds on top: its
+      residuals without remat (when a policy recomputes them) plus one copy of its
+      weights in the compute dtype (XLA on CPU re-lays the weights out for the
+      backward matmuls; a GPU may not need it, so this errs high), "total":
+      num_layers · per_layer + head + block_working}``.
+    """
+    from fedhl_jax.model.adapters import stacked_adapter
+    from fedhl_jax.model.llama import loss_fn
+
+    remat = cfg.remat if remat is None else remat
+    tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
+    mask = jax.ShapeDtypeStruct((batch, seq + 1), jnp.float32)
+
+    def kept(layers, policy):
+        c = cfg.replace(num_layers=layers, remat=policy)
+        params = jax.eval_shape(lambda k: init_params(c, k), jax.random.key(0))
+        ad = jax.eval_shape(lambda k: stacked_adapter(c, init_adapter(c, targets, r_max, k)),
+                            jax.random.key(0))
+        # the base weights are frozen inputs of the loss, as in local training
+        return saved_residual_bytes(
+            lambda a, p, t, m: loss_fn(c, jax.lax.stop_gradient(p), a, t, m), ad, params, tokens, mask)
+
+    one, two = kept(1, remat), kept(2, remat)
+    per_layer, head = two - one, 2 * one - two
+    working = kept(2, "none") - kept(1, "none") if remat != "none" else 0
+    block = {k: v for k, v in param_shapes(cfg).items() if k.startswith("layers.0.")}
+    working += sum(int(np.prod(s)) for s in block.values()) * np.dtype(cfg.jnp_compute_dtype).itemsize
+    return {"per_layer": per_layer, "head": head, "block_working": working,
+            "total": cfg.num_layers * per_layer + head + working}
+
+
+def training_plan(cfg: LlamaConfig, *, clients: int, clients_per_chunk: int | None, batch: int,
+                  seq: int, local_steps: int = 1, targets="all-linear", r_max: int = 16,
+                  remat: str | None = None, activations: dict | None = None) -> dict:
+    """Device bytes of one vmapped local-training round (``make_clients_train`` + AdamW).
+
+    Terms: the base weights (``cfg.dtype``); every client's float32 factors in and
+    out of the round and its tokens; per chunk of clients being trained, the
+    factors' training state (factors, gradients, two Adam moments, updates: 5×
+    the factors) and the activations of :func:`activation_bytes`.
+
+    Returns:
+      ``{"base", "factors_per_client", "clients_io", "chunk_state", "activations_per_client",
+      "chunk_activations", "total"}`` in bytes.
+    """
+    chunk = clients if clients_per_chunk is None else min(clients_per_chunk, clients)
+    base = _size(jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0)))[1]
+    ad = jax.eval_shape(lambda k: init_adapter(cfg, targets, r_max, k), jax.random.key(0))
+    factors = _size((ad.A, ad.B))[1]
+    acts = activations or activation_bytes(cfg, batch=batch, seq=seq, targets=targets, r_max=r_max,
+                                           remat=remat)
+    tokens = 2 * 4 * local_steps * batch * (seq + 1)  # int32 tokens + float32 loss mask
+    plan = {"base": base, "factors_per_client": factors,
+            "clients_io": clients * (2 * factors + tokens),
+            "chunk_state": chunk * 5 * factors,
+            "activations_per_client": acts["total"],
+            "chunk_activations": chunk * acts["total"]}
+    plan["total"] = plan["base"] + plan["clients_io"] + plan["chunk_state"] + plan["chunk_activations"]
+    return plan
+
+
+def largest_chunk(cfg: LlamaConfig, budget_bytes: float, *, clients: int, batch: int, seq: int,
+                  targets="all-linear", r_max: int = 16, remat: str | None = None,
+                  activations: dict | None = None) -> int:
+    """Largest ``clients_per_chunk`` whose :func:`training_plan` total fits ``budget_bytes`` (0: none)."""
+    acts = activations or activation_bytes(cfg, batch=batch, seq=seq, targets=targets, r_max=r_max,
+                                           remat=remat)
+    plan = training_plan(cfg, clients=clients, clients_per_chunk=1, batch=batch, seq=seq,
+                         targets=targets, r_max=r_max, activations=acts)
+    fixed = plan["base"] + plan["clients_io"]
+    per_client = 5 * plan["factors_per_client"] + acts["total"]
+    return int(max(0, min(clients, (budget_bytes - fixed) // per_client)))
+
+
+def measured_bytes(cfg: LlamaConfig, *, clients: int, clients_per_chunk: int | None, batch: int,
+                   seq: int, local_steps: int = 1, targets="all-linear", r_max: int = 16) -> dict:
+    """XLA's own figure for the same round: ``compiled.memory_analysis()`` of the jitted
+    ``make_clients_train`` program, compiled from shapes (nothing is allocated).
+
+    Returns:
+      ``{"argument", "output", "temp", "alias", "total"}`` bytes, ``total =
+      argument + output + temp - alias`` (the program's peak on this backend).
+    """
+    from fedhl_jax.local import make_clients_train, make_local_train, make_optimizer
+    from fedhl_jax.model.adapters import stacked_adapter
+    from fedhl_jax.model.llama import loss_fn
+
+    params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+    ad = jax.eval_shape(lambda k: stacked_adapter(cfg, jax.vmap(
+        lambda kk: init_adapter(cfg, targets, r_max, kk))(jax.random.split(k, clients))),
+        jax.random.key(0))
+    tokens = jax.ShapeDtypeStruct((clients, local_steps, batch, seq + 1), jnp.int32)
+    mask = jax.ShapeDtypeStruct(tokens.shape, jnp.float32)
+    local = make_local_train(lambda p, a, t, m: loss_fn(cfg, p, a, t, m), make_optimizer("adamw", 1e-4))
+    fn = jax.jit(make_clients_train(local, clients_per_chunk=clients_per_chunk))
+    ma = fn.lower(params, ad, tokens, mask).compile().memory_analysis()
+    out = {"argument": ma.argument_size_in_bytes, "output": ma.output_size_in_bytes,
+           "temp": ma.temp_size_in_bytes, "alias": ma.alias_size_in_bytes}
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+SMOLLM2_135M = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                           num_heads=9, num_kv_heads=3, head_dim=64, tie_word_embeddings=True,
+                           rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192)
+BUDGET = 80e9  # bytes of an 80 GB accelerator
+# (label, model, clients in the round, batch, seq, r_max) of the round tables
+ROUNDS = (("Llama-2-7B (bfloat16 base)", LlamaConfig.llama2_7b(), 10, 4, 512, 64),
+          ("SmolLM2-135M (bfloat16 base)", SMOLLM2_135M.replace(dtype="bfloat16"), 100, 4, 512, 64))
+# (label, model, clients, clients_per_chunk, batch, seq, r_max) checked against XLA
+CHECKS = (("SmolLM2-135M, float32", SMOLLM2_135M, 4, 2, 2, 128, 16),
+          ("7B-shaped, 2 layers, float32", LlamaConfig.llama2_7b(dtype="float32").replace(num_layers=2),
+           2, 1, 1, 128, 16))
+
+
+def round_rows() -> list[dict]:
+    """Planner rows of :data:`ROUNDS` for every remat policy (all-linear LoRA, AdamW)."""
+    rows = []
+    for label, cfg, clients, batch, seq, r_max in ROUNDS:
+        for remat in ("none", "dots_saveable", "full"):
+            c = cfg.replace(remat=remat)
+            acts = activation_bytes(c, batch=batch, seq=seq, r_max=r_max)
+            plan = training_plan(c, clients=clients, clients_per_chunk=1, batch=batch, seq=seq,
+                                 r_max=r_max, activations=acts)
+            rows.append({"model": label, "remat": remat, "clients": clients, "batch": batch, "seq": seq,
+                         "r_max": r_max, **plan, "acts": acts,
+                         "fits": largest_chunk(c, BUDGET, clients=clients, batch=batch, seq=seq,
+                                               r_max=r_max, activations=acts)})
+    return rows
+
+
+def check_rows(checks=CHECKS) -> list[dict]:
+    """Planner total against ``compiled.memory_analysis()`` for :data:`CHECKS` and every policy."""
+    rows = []
+    for label, cfg, clients, chunk, batch, seq, r_max in checks:
+        for remat in ("none", "dots_saveable", "full"):
+            c = cfg.replace(remat=remat)
+            kw = dict(clients=clients, clients_per_chunk=chunk, batch=batch, seq=seq, r_max=r_max)
+            plan, meas = training_plan(c, **kw), measured_bytes(c, **kw)
+            rows.append({"model": label, "remat": remat, **kw, "planned": plan["total"],
+                         "measured": meas["total"], "measured_temp": meas["temp"],
+                         "ratio": plan["total"] / meas["total"]})
+    return rows
+
+
+def render_markdown(plan: dict, cfg: LlamaConfig | None = None, rounds: list | None = None,
+                    checks: list | None = None) -> str:
     """The planning tables of :func:`memory_plan` as Markdown."""
     cfg = cfg or LlamaConfig.llama2_7b()
     lines = [
-        "# Memory planning (Llama-2-7B)",
+        "# Memory planning (Llama-2-7B, SmolLM2-135M)",
         "",
         "Generated by `python -m fedhl_jax.model.planning` from `jax.eval_shape` on the",
         f"Llama-2-7B shape (hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, "
@@ -105,6 +291,53 @@ def render_markdown(plan: dict, cfg: LlamaConfig | None = None) -> str:
     ]
     for label, (n, nbytes) in plan["dense"].items():
         lines.append(f"| {label} | {n:,} | {nbytes / GIB:.2f} |")
+    if rounds:
+        lines += [
+            "",
+            "## A local-training round on an 80 GB accelerator",
+            "",
+            "`training_plan` / `largest_chunk`: one round of `make_clients_train` with AdamW,",
+            "LoRA on all linear layers, float32 factors, bfloat16 base weights and activations",
+            "(`LlamaConfig(dtype=\"bfloat16\")`), one local step of `batch` sequences of `seq`",
+            "tokens per client. Terms:",
+            "",
+            "* *base*: the frozen weights, shared by every client;",
+            "* *round I/O*: every client's factors in and out of the round, and its tokens;",
+            "* *state / client*: a training client's factors, gradients, two Adam moments and",
+            "  updates (5x the factors);",
+            "* *activations / client*: what the backward pass keeps, counted from",
+            "  `print_saved_residuals` on 1- and 2-layer cuts (per block x layers + embedding,",
+            "  head and loss), plus the working set of the block being differentiated;",
+            "* *fits*: the largest `clients_per_chunk` whose total stays under 80 GB (80e9 bytes).",
+            "  JAX preallocates 75% of the device by default: run with",
+            "  `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` (or `XLA_PYTHON_CLIENT_PREALLOCATE=false`).",
+            "",
+            "| model | remat | clients | b x T | r_max | base GiB | round I/O GiB | state / client MiB "
+            "| kept per block MiB | activations / client GiB | fits (clients_per_chunk) |",
+            "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in rounds:
+            lines.append(f"| {r['model']} | `{r['remat']}` | {r['clients']} | {r['batch']} x {r['seq']} | "
+                         f"{r['r_max']} | {r['base'] / GIB:.2f} | {r['clients_io'] / GIB:.2f} | "
+                         f"{5 * r['factors_per_client'] / MIB:.0f} | {r['acts']['per_layer'] / MIB:.1f} | "
+                         f"{r['activations_per_client'] / GIB:.2f} | {r['fits']} |")
+    if checks:
+        lines += [
+            "",
+            "## Planner against XLA (CPU)",
+            "",
+            "`training_plan` against `compiled.memory_analysis()` (argument + output + temp",
+            "bytes) of the same jitted `make_clients_train` program, compiled from shapes on the",
+            "CPU backend (`check_rows`; `tests/test_depth.py` checks a small shape). float32,",
+            "because XLA's CPU backend computes bfloat16 matmuls through float32 copies.",
+            "",
+            "| model | remat | clients / per chunk | b x T | planned MiB | measured MiB | planned / measured |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: |",
+        ]
+        for r in checks:
+            lines.append(f"| {r['model']} | `{r['remat']}` | {r['clients']} / {r['clients_per_chunk']} | "
+                         f"{r['batch']} x {r['seq']} | {r['planned'] / MIB:,.0f} | "
+                         f"{r['measured'] / MIB:,.0f} | {r['ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -114,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DOC_PATH, help="Markdown file to write")
     parser.add_argument("--stdout", action="store_true", help="print instead of writing")
     args = parser.parse_args(argv)
-    text = render_markdown(memory_plan())
+    text = render_markdown(memory_plan(), rounds=round_rows(), checks=check_rows())
     if args.stdout:
         print(text, end="")
     else:
