@@ -21,12 +21,14 @@ from fedhl_jax.algorithms import ALGORITHMS, Algorithm, make_algorithm
 from fedhl_jax.data.federated import DataConfig
 from fedhl_jax.data.partition import PARTITION_KINDS as PARTITIONS
 from fedhl_jax.errors import ConfigError
+from fedhl_jax.model.llama import REMAT_POLICIES
 
 RANK_DISTRIBUTIONS = ("list", "uniform", "heavy_tail_low", "heavy_tail_high", "homogeneous")
 OPTIMIZERS = ("adamw", "sgd")
 # Keys that moved; an old config naming one gets an error that says the new key.
 MOVED_KEYS = {f"fed.{k}": f"fed.options.{k}" for k in
               ("eps", "eps_mode", "power", "weighting", "per_module", "split", "svd_method")}
+MOVED_KEYS["fed.remat"] = "model.remat (none | dots_saveable | full)"
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -46,6 +48,8 @@ class ModelConfig:
 
     name_or_path: str = "auto"
     dtype: str = "float32"
+    compute_dtype: str | None = None
+    remat: str = "none"
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     alpha: float = 16.0
     rslora: bool = False
@@ -59,6 +63,9 @@ class ModelConfig:
 
     def __post_init__(self):
         _require(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        _require(self.compute_dtype in (None, "float32", "bfloat16"),
+                 f"model.compute_dtype must be float32, bfloat16 or null (= model.dtype), got {self.compute_dtype!r}")
+        _require(self.remat in REMAT_POLICIES, f"model.remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
         _require(len(self.targets) > 0, "model.targets must name at least one module")
         _require(self.alpha > 0, f"model.alpha must be > 0, got {self.alpha}")
 
@@ -80,9 +87,8 @@ class FedConfig:
     rank_distribution: str = "uniform"
     ranks: tuple[int, ...] = (2, 4, 8, 16)
     options: dict = field(default_factory=dict)
-    # Memory.
+    # Memory (rematerialisation is model.remat).
     clients_per_chunk: int | None = None
-    remat: bool = False
     # Divergence: stop after this many rounds in a row in which every client update was excluded.
     stop_after_failed_rounds: int = 3
 

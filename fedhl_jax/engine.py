@@ -67,7 +67,8 @@ def add_delta(base: dict, delta: dict) -> dict:
 
 def make_round_step(algorithm: Algorithm, loss: Callable, optimizer: optax.GradientTransformation, *,
                     clients_per_chunk: int | None = None, remat: bool = False,
-                    merge_delta: Callable = add_delta, mesh: Mesh | None = None,
+                    merge_delta: Callable = add_delta, to_client: Callable | None = None,
+                    from_client: Callable | None = None, mesh: Mesh | None = None,
                     probe: Callable | None = None) -> Callable:
     """Builds the pure ``round_step(state, base, inputs) -> (state, info)``.
 
@@ -79,6 +80,10 @@ def make_round_step(algorithm: Algorithm, loss: Callable, optimizer: optax.Gradi
       remat: rematerialise the forward pass in the backward pass.
       merge_delta: ``merge_delta(base, delta) -> base`` for algorithms that move the base
         (``plan.base_delta``); the language model passes ``model.merge_delta``.
+      to_client, from_client: change the layout of a client's adapter for local training and back
+        (the language model stacks its per-layer factors along the layer axis, so the optimizer
+        sees one array per module type and compile time does not grow with depth); the server
+        math always sees one factor per module.
       mesh: a mesh with a ``clients`` axis: the client axis of every per-client array is
         partitioned over it (``jax.vmap(..., spmd_axis_name="clients")`` plus sharding
         constraints on the client inputs and outputs).
@@ -97,7 +102,9 @@ def make_round_step(algorithm: Algorithm, loss: Callable, optimizer: optax.Gradi
     def client_step(base, shared, per_client, mask, scale, *batch):
         # The client builds its starting factors from the broadcast (its slice of the SVD), then trains.
         B, A = algorithm.materialize(shared, per_client, mask)
-        return local_train(base, Adapter(B, A, mask, scale), *batch)
+        adapter = Adapter(B, A, mask, scale)
+        trained, losses = local_train(base, to_client(adapter) if to_client else adapter, *batch)
+        return (from_client(trained) if from_client else trained), losses
 
     clients_train = make_clients_train(client_step, clients_per_chunk=clients_per_chunk, n_shared=2,
                                        spmd_axis_name=CLIENTS if mesh is not None else None)

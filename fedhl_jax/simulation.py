@@ -61,6 +61,7 @@ def load_model(cfg: TrainConfig, texts_for_fallback: list[str]):
     source = resolve_model_source(mc.name_or_path)
     if source.kind != "random":
         model_cfg, params = M.load_pretrained(source.path, dtype=mc.dtype)
+        model_cfg = model_cfg.replace(compute_dtype=mc.compute_dtype)
         return model_cfg, params, M.load_tokenizer(source.path), source
     from fedhl_jax.data.toy_tokenizer import word_level_tokenizer
 
@@ -69,7 +70,7 @@ def load_model(cfg: TrainConfig, texts_for_fallback: list[str]):
                               intermediate_size=mc.random_intermediate_size, num_layers=mc.random_num_layers,
                               num_heads=mc.random_num_heads, num_kv_heads=mc.random_num_kv_heads,
                               head_dim=mc.random_hidden_size // mc.random_num_heads, dtype=mc.dtype,
-                              bos_token_id=1, eos_token_id=2)
+                              compute_dtype=mc.compute_dtype, bos_token_id=1, eos_token_id=2)
     params = M.init_params(model_cfg, jax.random.PRNGKey(cfg.seed))
     desc = (f"random-init Llama (hidden {mc.random_hidden_size}, {mc.random_num_layers} layers) with a "
             f"word-level tokenizer")
@@ -116,10 +117,12 @@ class Simulation:
                                               rslora=cfg.model.rslora, mesh=self.mesh)
         optimizer = make_optimizer(o.optimizer, o.lr, lr_b=o.lr_b, weight_decay=o.weight_decay, momentum=o.momentum,
                                    grad_clip=o.grad_clip, trainable=self.algorithm.trainable)
-        loss = lambda params, adapter, tokens, mask: M.loss_fn(self.model_cfg, params, adapter, tokens, mask)
+        train_cfg = self.model_cfg.replace(remat=cfg.model.remat)  # remat per scanned block, for training
+        loss = lambda params, adapter, tokens, mask: M.loss_fn(train_cfg, params, adapter, tokens, mask)
         self.round_fn = engine.compile_round_step(engine.make_round_step(
-            self.algorithm, loss, optimizer, clients_per_chunk=fed.clients_per_chunk, remat=fed.remat,
-            merge_delta=M.merge_delta, mesh=self.mesh, probe=probe))
+            self.algorithm, loss, optimizer, clients_per_chunk=fed.clients_per_chunk, merge_delta=M.merge_delta,
+            to_client=lambda ad: M.stacked_adapter(self.model_cfg, ad), from_client=M.per_layer_adapter,
+            mesh=self.mesh, probe=probe))
         self.evaluator = None
         if self.data.eval is not None:
             self.evaluator = GlobalEvaluator(self.model_cfg, self.params, self.tokenizer, self.data.eval,
