@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import signal
 import sys
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
 
 def _remove_if_empty(out: Path, created: bool) -> None:
     """A start refused at set-up leaves no run directory behind (only the one it created, if empty)."""
-    if created and out.is_dir() and all(p.name == ".lock" for p in out.iterdir()):
+    if created and out.is_dir() and set(os.listdir(out)) <= {".lock"}:
         shutil.rmtree(out, ignore_errors=True)
 
 

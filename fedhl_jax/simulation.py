@@ -121,7 +121,8 @@ class Simulation:
         loss = lambda params, adapter, tokens, mask: M.loss_fn(train_cfg, params, adapter, tokens, mask)
         self.round_fn = engine.compile_round_step(engine.make_round_step(
             self.algorithm, loss, optimizer, clients_per_chunk=fed.clients_per_chunk, merge_delta=M.merge_delta,
-            to_client=lambda ad: M.stacked_adapter(self.model_cfg, ad), from_client=M.per_layer_adapter,
+            to_client=lambda ad: M.stacked_adapter(self.model_cfg, ad),
+            from_client=lambda ad: M.per_layer_adapter(self.model_cfg, ad),
             mesh=self.mesh, probe=probe))
         self.evaluator = None
         if self.data.eval is not None:

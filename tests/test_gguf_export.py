@@ -32,6 +32,13 @@ def logits(cfg, params):
     return np.asarray(jax.jit(partial(forward, cfg))(params, TOKENS))
 
 
+def _pairs(a, b):
+    """``((path, a_leaf), b_leaf)`` over the flat per-layer parameters of two models of one config."""
+    fa, fb = flatten_params(a), flatten_params(b)
+    assert set(fa) == set(fb)
+    return [((k, fa[k]), fb[k]) for k in fa]
+
+
 def test_f16_roundtrip_is_exact_and_keeps_tokenizer(source, tmp_path):
     path, cfg, params = source
     out = export_gguf(tmp_path / "out" / "model.gguf", cfg, params, dtype="f16", gguf_source=path)
@@ -39,7 +46,7 @@ def test_f16_roundtrip_is_exact_and_keeps_tokenizer(source, tmp_path):
     assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
     cfg2, params2 = load_pretrained(out)
     assert cfg2 == cfg
-    for (k, a), b in zip(flatten_params(params).items(), jax.tree.leaves(params2)):
+    for (k, a), b in _pairs(params, params2):
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=k)
     np.testing.assert_array_equal(logits(cfg2, params2), logits(cfg, params))
     src, new = G.read_metadata(G.open_gguf(path)), G.read_metadata(G.open_gguf(out))
@@ -58,7 +65,7 @@ def test_q8_0_roundtrip_within_quantisation_error(source, tmp_path):
     assert types["blk.1.ffn_down.weight"] == "Q8_0" and types["output_norm.weight"] == "F32"
     cfg2, params2 = load_pretrained(out)
     assert cfg2 == cfg
-    for (k, a), b in zip(flatten_params(params).items(), jax.tree.leaves(params2)):
+    for (k, a), b in _pairs(params, params2):
         a, b = np.asarray(a), np.asarray(b)
         if a.ndim == 1:
             np.testing.assert_array_equal(b, a, err_msg=k)
@@ -80,11 +87,11 @@ def test_delta_is_merged_and_qk_permuted(source, tmp_path):
     out = export_gguf(tmp_path / "d.gguf", cfg, params, delta, dtype="f32", gguf_source=path)
     _, params2 = load_pretrained(out)
     merged = merge_delta(params, delta)
-    for (k, a), b in zip(flatten_params(merged).items(), jax.tree.leaves(params2)):
+    for (k, a), b in _pairs(merged, params2):
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=k)
     # the file itself holds llama.cpp's row order
     _, raw = G.read_tensors(out)
-    q = np.asarray(merged["layers"][0]["self_attn"]["q_proj"])
+    q = np.asarray(flatten_params(merged)["layers.0.self_attn.q_proj"])
     np.testing.assert_array_equal(raw["blk.0.attn_q.weight"], G.permute_qk(q, cfg.num_heads))
 
 
@@ -99,10 +106,12 @@ def test_tied_without_source_and_bf16(tmp_path):
     assert "tokenizer.ggml.tokens" not in meta and meta["tokenizer.ggml.eos_token_id"] == 2
     cfg2, params2 = G.load_gguf(out)
     assert cfg2 == cfg
-    as_bf16 = jax.tree.map(  # matrices rounded to bfloat16, norm gains kept in float32
-        lambda x: x.astype(jnp.bfloat16).astype(jnp.float32) if x.ndim == 2 else x, params)
-    for a, b in zip(jax.tree.leaves(as_bf16), jax.tree.leaves(params2)):
-        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    as_bf16 = {k: x.astype(jnp.bfloat16).astype(jnp.float32) if x.ndim == 2 else x  # matrices rounded,
+               for k, x in flatten_params(params).items()}                          # norm gains kept
+    got = flatten_params(params2)
+    assert set(got) == set(as_bf16)
+    for k, a in as_bf16.items():
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(a), err_msg=k)
 
 
 def test_export_errors(source, tmp_path):

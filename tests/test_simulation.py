@@ -115,3 +115,24 @@ def test_client_axis_shards_over_8_devices(tmp_path):
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "maxdiff null" in res.stdout and "maxdiff 2" in res.stdout
+
+
+def test_remat_and_dtype_are_selected_from_the_config(tmp_path):
+    """model.remat changes what is stored for the backward pass, not the numbers; model.dtype
+    bfloat16 keeps the base in bfloat16 and the server's G in float32."""
+    results = {}
+    for remat in ("none", "dots_saveable", "full"):
+        cfg = load_config(None, tiny_overrides(tmp_path, **{"model.remat": remat, "fed.rounds": 1}))
+        s = Simulation(cfg, log=lambda *_: None)
+        results[remat] = np.asarray(s.run_round(s.init_state(), 0).state.G["layers.0.self_attn.q_proj"])
+    for remat in ("dots_saveable", "full"):
+        np.testing.assert_allclose(results[remat], results["none"], atol=1e-5)
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"model.dtype": "bfloat16", "fed.rounds": 1}))
+    s = Simulation(cfg, log=lambda *_: None)
+    assert s.params["embed_tokens"].dtype == np.dtype("bfloat16")
+    out = s.run_round(s.init_state(), 0)
+    assert out.state.G["layers.0.self_attn.q_proj"].dtype == np.float32 and np.isfinite(out.metrics["train_loss"])
+    with pytest.raises(ConfigError, match="model.remat must be one of"):
+        load_config(None, ["model.remat=some"])
+    with pytest.raises(ConfigError, match="moved to 'model.remat"):
+        load_config(None, ["fed.remat=true"])
