@@ -230,7 +230,7 @@ def _train(args, cfg, run, sim, log) -> int:
     try:
         state = sim.run(state, range(start, total), [evaluate, save, progress, lambda r: last.update(r.metrics)])
     except RunStopped as e:
-        progress.close()
+        progress.close()  # before the message (closing twice is harmless)
         print(str(e), file=sys.stderr if e.code == EXIT_DIVERGED else sys.stdout, flush=True)
         return e.code
     finally:
@@ -263,10 +263,10 @@ def summary(sim, run, last: dict, rounds: int, seconds: float, final: Path) -> s
               f"{final}/peft_adapter/ (PEFT LoRA, rank {rank})"]
     if base is not None:
         lines += ["use it:",
-                  f"  from fedhl_jax import model as M; from safetensors.numpy import load_file",
+                  "  from fedhl_jax import model as M; from safetensors.numpy import load_file",
                   f"  cfg, params = M.load_pretrained({base!r})",
                   f"  delta = load_file({str(final / 'global_adapter.safetensors')!r})",
-                  f"  params = M.merge_delta(params, delta)  # the fine-tuned model, for M.forward / M.generate",
+                  "  params = M.merge_delta(params, delta)  # the fine-tuned model, for M.forward / M.generate",
                   f"  # a merged Hugging Face model: M.export_merged('merged', cfg, M.load_pretrained({base!r})[1], "
                   f"delta, hf_config_source={base!r})",
                   f"  # or with transformers + peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("

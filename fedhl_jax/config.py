@@ -8,7 +8,6 @@ key or a bad value fails before anything is loaded or compiled.
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +18,6 @@ from omegaconf import OmegaConf
 
 from fedhl_jax.algorithms import ALGORITHMS, Algorithm, make_algorithm
 from fedhl_jax.data.federated import DataConfig
-from fedhl_jax.data.partition import PARTITION_KINDS as PARTITIONS
 from fedhl_jax.errors import ConfigError
 from fedhl_jax.model.llama import REMAT_POLICIES
 
