@@ -175,15 +175,9 @@ def largest_chunk(cfg: LlamaConfig, budget_bytes: float, *, clients: int, batch:
     return int(max(0, min(clients, (budget_bytes - fixed) // per_client)))
 
 
-def measured_bytes(cfg: LlamaConfig, *, clients: int, clients_per_chunk: int | None, batch: int,
-                   seq: int, local_steps: int = 1, targets="all-linear", r_max: int = 16) -> dict:
-    """XLA's own figure for the same round: ``compiled.memory_analysis()`` of the jitted
-    ``make_clients_train`` program, compiled from shapes (nothing is allocated).
-
-    Returns:
-      ``{"argument", "output", "temp", "alias", "total"}`` bytes, ``total =
-      argument + output + temp - alias`` (the program's peak on this backend).
-    """
+def round_program(cfg: LlamaConfig, *, clients: int, clients_per_chunk: int | None, batch: int, seq: int,
+                  local_steps: int = 1, targets="all-linear", r_max: int = 16):
+    """The jitted ``make_clients_train`` program of a round and its argument shapes (nothing allocated)."""
     from fedhl_jax.local import make_clients_train, make_local_train, make_optimizer
     from fedhl_jax.model.adapters import stacked_adapter
     from fedhl_jax.model.llama import loss_fn
@@ -195,12 +189,60 @@ def measured_bytes(cfg: LlamaConfig, *, clients: int, clients_per_chunk: int | N
     tokens = jax.ShapeDtypeStruct((clients, local_steps, batch, seq + 1), jnp.int32)
     mask = jax.ShapeDtypeStruct(tokens.shape, jnp.float32)
     local = make_local_train(lambda p, a, t, m: loss_fn(cfg, p, a, t, m), make_optimizer("adamw", 1e-4))
-    fn = jax.jit(make_clients_train(local, clients_per_chunk=clients_per_chunk))
+    return jax.jit(make_clients_train(local, clients_per_chunk=clients_per_chunk)), (params, ad, tokens, mask)
+
+
+def measured_bytes(cfg: LlamaConfig, *, clients: int, clients_per_chunk: int | None, batch: int,
+                   seq: int, local_steps: int = 1, targets="all-linear", r_max: int = 16) -> dict:
+    """XLA's own figure for the same round: ``compiled.memory_analysis()`` of the jitted
+    ``make_clients_train`` program, compiled from shapes (nothing is allocated).
+
+    Returns:
+      ``{"argument", "output", "temp", "alias", "total"}`` bytes, ``total =
+      argument + output + temp - alias`` (the program's peak on this backend).
+    """
+    fn, shapes = round_program(cfg, clients=clients, clients_per_chunk=clients_per_chunk, batch=batch, seq=seq,
+                               local_steps=local_steps, targets=targets, r_max=r_max)
+    params, ad, tokens, mask = shapes
     ma = fn.lower(params, ad, tokens, mask).compile().memory_analysis()
     out = {"argument": ma.argument_size_in_bytes, "output": ma.output_size_in_bytes,
            "temp": ma.temp_size_in_bytes, "alias": ma.alias_size_in_bytes}
     out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
     return out
+
+
+_RSS_SCRIPT = """
+import json, sys, jax, jax.numpy as jnp
+from fedhl_jax.model import planning as P
+from fedhl_jax.model.config import LlamaConfig
+cfg = LlamaConfig(**json.loads(sys.argv[1])); kw = json.loads(sys.argv[2])
+fn, shapes = P.round_program(cfg, **kw)
+compiled = fn.lower(*shapes).compile()
+def status(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS (drops the compiler's peak)
+base = status("VmRSS:")
+args = [jnp.zeros(s.shape, s.dtype) for s in jax.tree.leaves(shapes)]
+args = jax.tree.unflatten(jax.tree.structure(shapes), args)
+jax.block_until_ready(compiled(*args))
+print(json.dumps({"peak": status("VmHWM:") - base}))
+"""
+
+
+def measured_rss_bytes(cfg: LlamaConfig, **kw) -> int:
+    """Peak resident memory of one run of the same program on the CPU, in a fresh process: the peak
+    RSS while its inputs are allocated and it runs, minus the RSS just before (after compiling,
+    with the compiler's own peak reset through ``/proc/self/clear_refs``). Linux only."""
+    import dataclasses
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, json.dumps(dataclasses.asdict(cfg)), json.dumps(kw)],
+                         capture_output=True, text=True, env=env, timeout=1800, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak"]
 
 
 SMOLLM2_135M = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
@@ -247,7 +289,7 @@ def check_rows(checks=CHECKS) -> list[dict]:
 
 
 def render_markdown(plan: dict, cfg: LlamaConfig | None = None, rounds: list | None = None,
-                    checks: list | None = None) -> str:
+                    checks: list | None = None, rss: list | None = None) -> str:
     """The planning tables of :func:`memory_plan` as Markdown."""
     cfg = cfg or LlamaConfig.llama2_7b()
     lines = [
@@ -338,7 +380,38 @@ def render_markdown(plan: dict, cfg: LlamaConfig | None = None, rounds: list | N
             lines.append(f"| {r['model']} | `{r['remat']}` | {r['clients']} / {r['clients_per_chunk']} | "
                          f"{r['batch']} x {r['seq']} | {r['planned'] / MIB:,.0f} | "
                          f"{r['measured'] / MIB:,.0f} | {r['ratio']:.2f} |")
+    if rss:
+        lines += [
+            "",
+            "### Planner against measured peak memory (CPU)",
+            "",
+            "The same programs run once on the CPU in a fresh process (`planning.measured_rss_bytes`): the",
+            "peak resident memory while the inputs are allocated and the round runs, minus the resident memory",
+            "just before (after compiling; the compiler's own peak is reset through `/proc/self/clear_refs`).",
+            "",
+            "| model | remat | clients / per chunk | planned MiB | measured peak RSS MiB | planned / measured |",
+            "| --- | --- | --- | ---: | ---: | ---: |",
+        ]
+        for r in rss:
+            lines.append(f"| {r['model']} | `{r['remat']}` | {r['clients']} / {r['clients_per_chunk']}, "
+                         f"{r['batch']} x {r['seq']} | {r['planned'] / MIB:,.0f} | {r['measured'] / MIB:,.0f} | "
+                         f"{r['ratio']:.2f} |")
+        worst = max(abs(r["ratio"] - 1) for r in rss)
+        lines += ["", f"Both cases are within {worst:.0%} (the target is 20%)."]
     return "\n".join(lines) + "\n"
+
+
+def rss_rows(checks=CHECKS, policies=("none", "full")) -> list[dict]:
+    """Planner total against the measured peak RSS (``measured_rss_bytes``) for :data:`CHECKS`."""
+    rows = []
+    for label, cfg, clients, chunk, batch, seq, r_max in checks:
+        for remat in policies:
+            c = cfg.replace(remat=remat)
+            kw = dict(clients=clients, clients_per_chunk=chunk, batch=batch, seq=seq, r_max=r_max)
+            plan, meas = training_plan(c, **kw)["total"], measured_rss_bytes(c, **kw)
+            rows.append({"model": label, "remat": remat, **kw, "planned": plan, "measured": meas,
+                         "ratio": plan / meas})
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -347,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DOC_PATH, help="Markdown file to write")
     parser.add_argument("--stdout", action="store_true", help="print instead of writing")
     args = parser.parse_args(argv)
-    text = render_markdown(memory_plan(), rounds=round_rows(), checks=check_rows())
+    text = render_markdown(memory_plan(), rounds=round_rows(), checks=check_rows(), rss=rss_rows())
     if args.stdout:
         print(text, end="")
     else:
