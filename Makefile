@@ -26,7 +26,7 @@ bias: venv
 
 # Unit and integration suite (slow experiments excluded).
 test: venv
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q --durations=15
 
 # Everything, slow experiments included.
 test-all: venv

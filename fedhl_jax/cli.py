@@ -53,8 +53,30 @@ def read_config(args):
     if args.resume and args.config is None:
         if not saved.is_file():
             raise ConfigError(f"--resume: {args.out} holds no run (no config.yaml); start it without --resume")
+        refuse_changes(load_config(saved), args.overrides)
         return load_config(saved, args.overrides)
     return load_config(args.config, args.overrides)
+
+
+def refuse_changes(saved_cfg, overrides) -> None:
+    """On resume, overrides may raise ``fed.rounds`` only; any other change is refused, listed."""
+    from omegaconf import OmegaConf
+
+    from fedhl_jax.config import config_diff, to_dict
+
+    try:
+        given = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    except Exception as e:  # OmegaConf parse errors
+        raise ConfigError(f"cannot parse the overrides: {e}") from e
+
+    def restrict(old, new):  # the saved values of the keys the overrides name
+        return {k: restrict(old.get(k, {}), v) if isinstance(v, dict) else old.get(k, "<missing>")
+                for k, v in new.items()}
+
+    diff = [d for d in config_diff(restrict(to_dict(saved_cfg), given), given) if not d.startswith("fed.rounds:")]
+    if diff:
+        raise ConfigError("cannot resume with a different config (only fed.rounds may be raised); "
+                          "differences (saved -> given):\n  " + "\n  ".join(diff))
 
 
 def export_final(sim, state, out: Path, log) -> Path:

@@ -259,8 +259,8 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if f"{prefix}{key}" in MOVED_KEYS:
-            raise ConfigError(f"config key '{prefix}{key}' moved to '{MOVED_KEYS[prefix + key]}' "
-                              f"(options belong to the algorithm that has them)")
+            why = " (options belong to the algorithm that has them)" if "options" in MOVED_KEYS[prefix + key] else ""
+            raise ConfigError(f"config key '{prefix}{key}' moved to '{MOVED_KEYS[prefix + key]}'{why}")
     unknown = sorted(set(data) - set(names))
     if unknown:
         where = f"under '{prefix[:-1]}'" if prefix else "at the top level"

@@ -9,6 +9,19 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One persistent XLA compilation cache for the whole session, shared with the bin/train.py
+# subprocesses the tests start (they inherit the environment): the many small runs of the same
+# tiny configuration compile their round once. Only compile time changes, never a result.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="fedhl-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 SHARED = Path(os.environ.get("FEDHL_SHARED_DIR", REPO.parent / "shared"))
 
 
