@@ -34,7 +34,9 @@ from fedhl_jax import model as M  # noqa: E402
 from fedhl_jax.local import make_clients_train, make_local_train, make_optimizer  # noqa: E402
 from fedhl_jax.lora import Adapter, lora_scale, rank_mask  # noqa: E402
 
-SHARED_MODEL = REPO.parent / "shared" / "models" / "stories260K-hf"
+from fedhl_jax.assets import embedded_model_dir  # noqa: E402
+
+STORIES = embedded_model_dir()  # the embedded stories260K (HF folder)
 TORCH_PYTHON = os.environ.get("FEDHL_TORCH_PYTHON", str(REPO / ".venv-torch" / "bin" / "python"))
 MEDIUM = dict(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
               num_kv_heads=8, head_dim=64, max_position_embeddings=1024)
@@ -52,11 +54,7 @@ def timed(fn, repeat=1):
 
 def load_model(name):
     if name == "stories260K":
-        if SHARED_MODEL.exists():
-            return M.load_pretrained(SHARED_MODEL)
-        cfg = M.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_layers=5, num_heads=8,
-                            num_kv_heads=4, head_dim=8, tie_word_embeddings=True)
-        return cfg, M.init_params(cfg, jax.random.PRNGKey(0))
+        return M.load_pretrained(STORIES)
     cfg = M.LlamaConfig(**MEDIUM)
     return cfg, M.init_params(cfg, jax.random.PRNGKey(0))
 
@@ -135,7 +133,7 @@ def bench_torch(name, clients, steps, batch, seq, ranks=(2, 4, 8, 16), threads=N
            "--batch", str(batch), "--seq", str(seq), "--rounds", "1", "--threads", str(threads or os.cpu_count()),
            "--json", str(out)]
     if name == "stories260K":
-        cmd += ["--model-path", str(SHARED_MODEL)]
+        cmd += ["--model-path", str(STORIES)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if res.returncode != 0:
         return {"skipped": f"torch benchmark failed: {res.stderr[-500:]}"}
