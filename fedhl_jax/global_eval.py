@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import numpy as np
 
 from fedhl_jax import evaluation
 from fedhl_jax import model as M
@@ -74,9 +73,3 @@ class GlobalEvaluator:
 def eval_metric(dataset: str) -> str:
     """The generation metric of a dataset: exact match for GSM8K, ROUGE-L otherwise."""
     return "exact_match" if dataset == "gsm8k" else "rouge_l"
-
-
-def finite_delta(delta: dict) -> bool:
-    """True when every entry of a dense adapter is finite."""
-    return all(bool(np.all(np.isfinite(np.asarray(v)))) for v in delta.values())
-
