@@ -23,7 +23,7 @@ from fedhl_jax.data.partition import (
     make_partition,
     partition_summary,
 )
-from fedhl_jax.data.prompts import TokenizedDataset, tokenize_dataset
+from fedhl_jax.data.prompts import PROMPT_FORMATS, TokenizedDataset, resolve_prompt_format, tokenize_dataset
 
 __all__ = ["DataConfig", "FederatedDataset", "build_federated_dataset", "load_records"]
 
@@ -49,6 +49,8 @@ class DataConfig:
       dirichlet_alpha: concentration of ``dirichlet`` and ``quantity_skew``.
       label_kind: labels of label-based partitions (None: the dataset's default).
       eval_examples: held-out examples (0: none).
+      prompt_format: ``auto`` (the model's chat template when its tokenizer has one, else the
+        Alpaca template), ``alpaca`` or ``chat`` (``prompts.resolve_prompt_format``).
     """
 
     dataset: str = "gsm8k"
@@ -60,6 +62,7 @@ class DataConfig:
     dirichlet_alpha: float = 0.3
     label_kind: str | None = None
     eval_examples: int = 128
+    prompt_format: str = "auto"
 
     def __post_init__(self):
         def require(cond, msg):
@@ -77,6 +80,8 @@ class DataConfig:
         require(self.max_train_examples is None or self.max_train_examples >= 1,
                 f"data.max_train_examples must be >= 1, got {self.max_train_examples}")
         require(self.eval_examples >= 0, f"data.eval_examples must be >= 0, got {self.eval_examples}")
+        require(self.prompt_format in PROMPT_FORMATS,
+                f"data.prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
         require(self.label_kind is None or self.label_kind in LABEL_KINDS,
                 f"data.label_kind must be one of {sorted(LABEL_KINDS)} (or null), got {self.label_kind!r}")
 
@@ -185,7 +190,13 @@ def build_federated_dataset(config: DataConfig, tokenizer: Any, *, num_clients: 
         raise DataError(f"fed.num_clients={num_clients} is more than the {len(train)} training examples of "
                         f"{config.dataset}")
     labels_all = dataset_labels(config.dataset, train, config.label_kind)
-    data = tokenize_dataset(train, tokenizer, config.seq_len, pad_id=pad_id)
+    try:
+        fmt = resolve_prompt_format(config.prompt_format, tokenizer)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    described = "the model's chat template" if fmt == "chat" else "the Alpaca template"
+    log(f"prompts: {described} (data.prompt_format={config.prompt_format}); loss on the response tokens only")
+    data = tokenize_dataset(train, tokenizer, config.seq_len, pad_id=pad_id, prompt_format=fmt)
     log(f"train: {data.truncation_report()}")
     if num_clients > len(data):
         raise DataError(f"fed.num_clients={num_clients} is more than the {len(data)} training examples of "
@@ -197,5 +208,6 @@ def build_federated_dataset(config: DataConfig, tokenizer: Any, *, num_clients: 
                            label_kind=config.label_kind)
     parts = make_partition(pcfg, len(data), labels)
     pcfg = dataclasses.replace(pcfg, ranks=ranks) if config.partition != "rank_correlated" and ranks else pcfg
-    ev = tokenize_dataset(test, tokenizer, config.seq_len, pad_id=pad_id) if test is not None and len(test) else None
+    ev = (tokenize_dataset(test, tokenizer, config.seq_len, pad_id=pad_id, prompt_format=fmt)
+          if test is not None and len(test) else None)
     return FederatedDataset(config, pcfg, train, data, labels, parts, ev)

@@ -1,11 +1,23 @@
-"""Alpaca prompts and one-shot tokenisation into fixed-shape NumPy arrays.
+"""Prompt formats (Alpaca, or the model's own chat template) and one-shot tokenisation into
+fixed-shape NumPy arrays.
 
-Each example ``(instruction, input, output)`` becomes the token sequence::
+With the ``alpaca`` format each example ``(instruction, input, output)`` becomes the token
+sequence::
 
     [BOS] + ids(prompt + output) + [EOS]
 
 where ``prompt`` is the Alpaca template (with or without the ``### Input:``
-section) ending in ``"### Response:\\n"``. The prompt and the full text are
+section) ending in ``"### Response:\\n"``. With the ``chat`` format the example is a two-turn
+conversation rendered by the tokenizer's chat template (user turn = instruction, then the input
+after a blank line; assistant turn = output)::
+
+    ids(template([user, assistant]))  cut after the assistant turn's end-of-turn token
+
+and ``prompt`` is ``template([user])`` with the assistant header (``add_generation_prompt``); the
+template supplies its own BOS and end-of-turn tokens, so none are added, and the targets are the
+response tokens and the end-of-turn (EOS) token that closes the assistant turn.
+``resolve_prompt_format("auto", tokenizer)`` picks ``chat`` when the tokenizer has a chat
+template (an instruction-tuned model) and ``alpaca`` otherwise (a base model). The prompt and the full text are
 tokenised in two batched calls; the prompt/response boundary is the length of
 the common prefix of the two id lists (normally the whole prompt), so the
 target tokens are exactly the ones that follow the prompt in the full
@@ -29,10 +41,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 __all__ = [
+    "PROMPT_FORMATS",
     "PROMPT_NO_INPUT",
     "PROMPT_WITH_INPUT",
     "TokenizedDataset",
     "build_prompt",
+    "chat_messages",
+    "format_examples",
+    "resolve_prompt_format",
     "pad_prompts",
     "tokenize_dataset",
 ]
@@ -68,6 +84,75 @@ def build_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - fiel
     if input and input.strip():
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+#: Values of ``data.prompt_format``.
+PROMPT_FORMATS = ("auto", "alpaca", "chat")
+
+
+def resolve_prompt_format(prompt_format: str, tokenizer: Any) -> str:
+    """``alpaca`` or ``chat`` for a tokenizer.
+
+    Args:
+        prompt_format: ``auto`` (``chat`` when the tokenizer has a chat template, else
+            ``alpaca``), ``alpaca`` or ``chat``.
+        tokenizer: The model's tokenizer.
+
+    Returns:
+        ``"alpaca"`` or ``"chat"``.
+
+    Raises:
+        ValueError: An unknown format, or ``chat`` for a tokenizer without a chat template.
+    """
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"data.prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format == "auto":
+        return "chat" if has_template else "alpaca"
+    if prompt_format == "chat" and not has_template:
+        raise ValueError("data.prompt_format=chat, but the model's tokenizer has no chat template; "
+                         "use data.prompt_format=alpaca (or auto)")
+    return prompt_format
+
+
+def chat_messages(instruction: str, input: str = "", output: str | None = None) -> list[dict]:  # noqa: A002
+    """The conversation of one example: the user turn (instruction, then the input after a blank
+    line when there is one) and, when ``output`` is given, the assistant turn."""
+    user = f"{instruction}\n\n{input}" if input and input.strip() else instruction
+    messages = [{"role": "user", "content": user}]
+    if output is not None:
+        messages.append({"role": "assistant", "content": output})
+    return messages
+
+
+def format_examples(instructions: Sequence[str], inputs: Sequence[str], outputs: Sequence[str],
+                    tokenizer: Any, prompt_format: str) -> tuple[list[str], list[str]]:
+    """Prompt texts and full texts (prompt + response) of the examples in one format.
+
+    Args:
+        instructions, inputs, outputs: The examples' fields.
+        tokenizer: The model's tokenizer (its chat template for ``chat``).
+        prompt_format: ``alpaca`` or ``chat`` (see :func:`resolve_prompt_format`).
+
+    Returns:
+        ``(prompts, fulls)``: lists of strings; with ``chat`` a full text ends with the template's
+        text after the assistant turn (cut later at the end-of-turn token).
+    """
+    if prompt_format == "alpaca":
+        prompts = [build_prompt(i, x) for i, x in zip(instructions, inputs)]
+        return prompts, [p + o for p, o in zip(prompts, outputs)]
+    if prompt_format != "chat":
+        raise ValueError(f"prompt_format must be 'alpaca' or 'chat', got {prompt_format!r}")
+    from fedhl_jax.model.gguf_tokenizer import render_chat_template
+
+    specials = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    specials = {k: v for k, v in specials.items() if v is not None}
+    template = tokenizer.chat_template
+    prompts = [render_chat_template(template, chat_messages(i, x), add_generation_prompt=True, **specials)
+               for i, x in zip(instructions, inputs)]
+    fulls = [render_chat_template(template, chat_messages(i, x, o), add_generation_prompt=False, **specials)
+             for i, x, o in zip(instructions, inputs, outputs)]
+    return prompts, fulls
 
 
 @dataclasses.dataclass
@@ -163,6 +248,7 @@ def tokenize_dataset(
     pad_id: int | None = None,
     add_bos: bool = True,
     drop_empty: bool = True,
+    prompt_format: str = "alpaca",
 ) -> TokenizedDataset:
     """Tokenises all examples once into fixed-shape arrays.
 
@@ -174,9 +260,10 @@ def tokenize_dataset(
         seq_len: Sequence length ``T`` of the output arrays.
         pad_id: Padding id; default ``tokenizer.pad_token_id`` or, when the
             tokenizer has none, its EOS id. Padding is always masked out.
-        add_bos: Prepend the BOS id.
+        add_bos: Prepend the BOS id (``alpaca`` only: a chat template writes its own).
         drop_empty: Drop examples left with no target token after truncation
             (otherwise they are kept with an all-zero ``loss_mask`` row).
+        prompt_format: ``alpaca``, ``chat`` or ``auto`` (see :func:`resolve_prompt_format`).
 
     Returns:
         A :class:`TokenizedDataset`; a warning is logged when examples were
@@ -191,6 +278,9 @@ def tokenize_dataset(
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError("tokenizer has no eos_token_id")
+    prompt_format = resolve_prompt_format(prompt_format, tokenizer)
+    chat = prompt_format == "chat"
+    add_bos = add_bos and not chat
     bos_id = tokenizer.bos_token_id if add_bos else None
     if add_bos and bos_id is None:
         raise ValueError("tokenizer has no bos_token_id (pass add_bos=False)")
@@ -201,8 +291,7 @@ def tokenize_dataset(
     n = len(instructions)
     if n == 0:
         raise ValueError("no examples to tokenize")
-    prompts = [build_prompt(i, x) for i, x in zip(instructions, inputs)]
-    fulls = [p + o for p, o in zip(prompts, outputs)]
+    prompts, fulls = format_examples(instructions, inputs, outputs, tokenizer, prompt_format)
     # verbose=False: lengths above the tokenizer's model_max_length are
     # expected here (we truncate ourselves) and need no warning.
     p_ids = tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
@@ -221,7 +310,11 @@ def tokenize_dataset(
         if f[:k] != p:
             n_mismatch += 1
             k = _common_prefix(p, f)
-        seq = head + f + [eos_id]
+        if chat:  # the assistant turn ends at its end-of-turn token; the template's tail is dropped
+            ends = [j for j in range(k, len(f)) if f[j] == eos_id]
+            seq = f[: ends[0] + 1] if ends else f + [eos_id]
+        else:
+            seq = head + f + [eos_id]
         start = len(head) + k  # first target position
         full_lengths[i] = len(seq)
         m = min(len(seq), seq_len)

@@ -19,6 +19,7 @@ llama.cpp's table for the names it lists.
 
 from __future__ import annotations
 
+import functools
 import os
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -181,13 +182,18 @@ def render_chat_template(template: str, messages: list[dict], *,
     Returns:
       The prompt text.
     """
+    return _compiled_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                               **kwargs)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_template(template: str):
+    """The template compiled once in the sandbox (formatting a dataset renders it per example)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise_exception
-    return env.from_string(template).render(messages=messages,
-                                            add_generation_prompt=add_generation_prompt,
-                                            **kwargs)
+    return env.from_string(template)
 
 
 def apply_chat_template(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True,
