@@ -9,6 +9,7 @@ its last good checkpoint; Ctrl-C stops after the current round, saved, with exit
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -213,6 +214,8 @@ def _train(args, cfg, run, sim, log) -> int:
     total = cfg.fed.rounds
     if start >= total:
         log(f"the run already finished {total} rounds")
+    if cfg.eval.zero_shot and start == 0 and sim.evaluator is not None:
+        zero_shot(sim, state, run.path, log)
 
     interrupted = []
     watchdog = Watchdog(cfg.fed.stop_after_failed_rounds, log)
@@ -275,6 +278,11 @@ def summary(sim, run, last: dict, rounds: int, seconds: float, final: Path) -> s
     cfg = sim.cfg
     lines = [f"done: {cfg.fed.algorithm}, {cfg.fed.rounds} rounds"
              + (f" ({rounds} in this call, {seconds:.1f} s, {seconds / rounds:.1f} s/round)" if rounds else "")]
+    zs = _read_json(run.path / ZERO_SHOT_FILE)
+    for key, name in (("eval_exact_match", "exact match"), ("eval_rouge_l", "ROUGE-L")):
+        if key in last:
+            lines.append(f"{name} on {last.get('eval_generated', '?')} held-out prompts: {last[key]:.4f}"
+                         + (f" (zero-shot {zs[key]:.4f})" if zs and key in zs else ""))
     if "eval_loss" in last:
         per_rank = {k[len("eval_loss_rank"):]: v for k, v in last.items() if k.startswith("eval_loss_rank")}
         lines.append(f"held-out loss {last['eval_loss']:.4f}" + (" (truncated to rank " + ", ".join(
@@ -294,6 +302,35 @@ def summary(sim, run, last: dict, rounds: int, seconds: float, final: Path) -> s
                   f"  # or with transformers + peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
                   f"{base!r}), {str(final / 'peft_adapter')!r})"]
     return "\n".join(lines)
+
+
+ZERO_SHOT_FILE = "zero_shot.json"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def zero_shot(sim, state, path: Path, log) -> dict:
+    """Evaluates the starting global model (generation included) into ``zero_shot.json``, once per run."""
+    out = path / ZERO_SHOT_FILE
+    if (res := _read_json(out)) is not None:
+        return res
+    log("zero-shot: evaluating the starting model (eval.zero_shot)")
+    t0 = time.perf_counter()
+    res = {k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "dtype") else v)
+           for k, v in sim.evaluate(state, 0, generate=True).items()}
+    res["eval_seconds"] = time.perf_counter() - t0
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1) + "\n")
+    os.replace(tmp, out)
+    shown = ", ".join(f"{k[5:]} {v:.4f}" for k, v in res.items() if k.startswith("eval_") and isinstance(v, float)
+                      and k not in ("eval_ppl", "eval_generated") and not k.startswith("eval_loss_rank"))
+    log(f"zero-shot: {shown} ({res['eval_seconds']:.0f} s)")
+    return res
 
 
 def write_partition(sim, path: Path, log) -> None:

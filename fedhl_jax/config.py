@@ -158,16 +158,46 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation of the global model every ``every`` rounds (and after the last)."""
+    """Evaluation of the global model every ``every`` rounds (and after the last).
+
+    Attributes:
+      every: evaluate after every ``every``-th round and after the last.
+      batch_size: rows per held-out loss batch (and per generation batch, unless
+        ``generate_batch_size`` is set).
+      per_rank: also the loss of each rank's truncation of the global adapter.
+      generate_examples: greedy answers to the first this many held-out prompts, scored with
+        exact match (GSM8K) or ROUGE-L (0: no generation).
+      max_new_tokens: generated tokens per answer.
+      loss_examples: held-out loss on the first this many held-out rows (null: all of them), so a
+        large generation set does not make every loss evaluation slow.
+      generate_batch_size: prompts per generation batch (null: ``batch_size``); decoding reads
+        every weight per token, so larger batches are cheaper per answer, while the held-out loss
+        holds ``[batch, T, vocab]`` logits and wants smaller ones.
+      generate_every: generate only after every ``generate_every``-th round and after the last
+        (0: after the last round only; null: at every evaluation).
+      zero_shot: before the first round of a fresh run, evaluate the starting global model (for
+        FedHL and the peers, the base model) with generation, into ``zero_shot.json``.
+    """
 
     every: int = 1
     batch_size: int = 16
     per_rank: bool = False
     generate_examples: int = 0
     max_new_tokens: int = 48
+    loss_examples: int | None = None
+    generate_batch_size: int | None = None
+    generate_every: int | None = None
+    zero_shot: bool = False
 
     def __post_init__(self):
         _require(self.every >= 1, f"eval.every must be >= 1, got {self.every}")
+        _require(self.loss_examples is None or self.loss_examples >= 1,
+                 f"eval.loss_examples must be >= 1 (or null: every held-out row), got {self.loss_examples}")
+        _require(self.generate_batch_size is None or self.generate_batch_size >= 1,
+                 f"eval.generate_batch_size must be >= 1 (or null: eval.batch_size), got {self.generate_batch_size}")
+        _require(self.generate_every is None or self.generate_every >= 0,
+                 f"eval.generate_every must be >= 0 (0: after the last round only; null: at every evaluation), "
+                 f"got {self.generate_every}")
         _require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
         _require(self.generate_examples >= 0, f"eval.generate_examples must be >= 0, got {self.generate_examples}")
         _require(self.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -200,6 +230,9 @@ class TrainConfig:
 
     def __post_init__(self):
         _require(self.export_rank is None or self.export_rank >= 1, f"export_rank must be >= 1, got {self.export_rank}")
+        _require(self.eval.generate_examples <= self.data.eval_examples,
+                 f"eval.generate_examples={self.eval.generate_examples} is more than the "
+                 f"data.eval_examples={self.data.eval_examples} held-out rows it draws from; raise data.eval_examples")
 
 
 # --------------------------------------------------------------------------- dict <-> dataclass

@@ -30,15 +30,24 @@ class GlobalEvaluator:
         self.algorithm, self.cfg, self.metric = algorithm, eval_cfg, metric
         self.ranks = sorted(set(int(r) for r in ranks))
         self.alpha, self.rslora, self.r_max = alpha, rslora, r_max
+        n_loss = len(data) if eval_cfg.loss_examples is None else min(eval_cfg.loss_examples, len(data))
+        self.loss_tokens, self.loss_mask = data.tokens[:n_loss], data.loss_mask[:n_loss]
         self.loss_fn = jax.jit(lambda p, delta, t, m: M.token_losses(model_cfg, M.merge_delta(p, delta), None, t, m))
+        # Generation shapes fixed for the run: one prompt width (the longest prompt, rounded up to 32)
+        # and one batch size, so the decode program compiles once, not once per batch.
+        self.n_generate = min(eval_cfg.generate_examples, len(data))
+        self.generate_batch = min(self.n_generate, eval_cfg.generate_batch_size or eval_cfg.batch_size)
+        lengths = data.prompt_lengths[: self.n_generate]
+        self.prompt_width = int(-(-int(lengths.max()) // 32) * 32) if self.n_generate else 0
 
     def loss(self, delta: dict) -> dict:
         """``{"loss", "ppl"}`` of the base plus ``delta`` on the held-out response tokens."""
-        return evaluation.heldout_loss(lambda t, m: self.loss_fn(self.params, delta, t, m), self.data.tokens,
-                                       self.data.loss_mask, self.cfg.batch_size)
+        return evaluation.heldout_loss(lambda t, m: self.loss_fn(self.params, delta, t, m), self.loss_tokens,
+                                       self.loss_mask, self.cfg.batch_size)
 
-    def __call__(self, state, key: jax.Array) -> dict:
-        """``eval_loss``, ``eval_ppl``, per-rank ``eval_loss_rank{r}`` and generation metrics as configured."""
+    def __call__(self, state, key: jax.Array, *, generate: bool = True) -> dict:
+        """``eval_loss``, ``eval_ppl``, per-rank ``eval_loss_rank{r}`` and (with ``generate``) generation
+        metrics as configured."""
         delta = self.algorithm.global_delta(state)
         res = self.loss(delta)
         out = {"eval_loss": res["loss"], "eval_ppl": res["ppl"]}
@@ -49,25 +58,34 @@ class GlobalEvaluator:
                 start = self.algorithm.broadcast(state, mask, scale, key)
                 out[f"eval_loss_rank{r}"] = self.loss({k: scale[0] * start.B[k][0] @ start.A[k][0]
                                                        for k in start.B})["loss"]
-        if self.cfg.generate_examples:
+        if generate and self.n_generate:
             out.update(self.generation(delta))
         return out
 
     def generation(self, delta: dict, n: int | None = None) -> dict:
-        """Exact match (GSM8K) or ROUGE-L (others) of greedy answers to the first ``n`` held-out prompts."""
+        """Exact match (GSM8K) or ROUGE-L (others) of greedy answers to the first ``n`` held-out prompts.
+
+        Every batch has the run's fixed prompt width and batch size (the last one is filled with
+        copies of its first prompt, whose answers are dropped), so generation compiles once per run.
+        """
         ec = self.cfg
-        n = min(ec.generate_examples if n is None else n, len(self.data))
+        n = self.n_generate if n is None else min(n, self.n_generate)
         params = M.merge_delta(self.params, delta)
         eos = self.tokenizer.eos_token_id
+        size = self.generate_batch
 
         def gen(batch):
-            toks = M.generate(self.model_cfg, params, [list(map(int, p)) for p in batch],
-                              max_new_tokens=ec.max_new_tokens, eos_id=eos)
-            return [self.tokenizer.decode(r, skip_special_tokens=True) for r in M.strip_after_eos(toks, eos)]
+            rows = [list(map(int, p)) for p in batch]
+            rows += [rows[0]] * (size - len(rows))
+            toks = M.generate(self.model_cfg, params, rows, max_new_tokens=ec.max_new_tokens, eos_id=eos,
+                              pad_to=self.prompt_width)
+            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in M.strip_after_eos(toks, eos)]
+            return texts[: len(batch)]
 
         res = evaluation.generation_eval(gen, self.data.prompt_ids[:n], self.data.references[:n], self.metric,
-                                         batch_size=min(n, ec.batch_size))
-        return {f"eval_{self.metric}": res["score"], "eval_sample": res["predictions"][0] if n else ""}
+                                         batch_size=size)
+        return {f"eval_{self.metric}": res["score"], "eval_generated": n,
+                "eval_sample": res["predictions"][0] if n else ""}
 
 
 def eval_metric(dataset: str) -> str:

@@ -145,9 +145,21 @@ class Simulation:
         self.run(state, [t], [out.append])
         return out[0]
 
-    def evaluate(self, state, t: int = 0) -> dict:
-        """Held-out metrics of the global model after round ``t`` ({} without held-out data)."""
-        return {} if self.evaluator is None else self.evaluator(state, self.schedule.key(t))
+    def evaluate(self, state, t: int = 0, *, generate: bool | None = None) -> dict:
+        """Held-out metrics of the global model after round ``t`` ({} without held-out data).
+
+        Args:
+          state: the server state.
+          t: the round just finished (0-based).
+          generate: run the generation metrics; None: when ``eval.generate_every`` says so (every
+            evaluation when it is null, else every ``generate_every``-th round and the last; 0: the last only).
+        """
+        if self.evaluator is None:
+            return {}
+        if generate is None:
+            every = self.cfg.eval.generate_every
+            generate = every is None or (every > 0 and (t + 1) % every == 0) or t + 1 == self.cfg.fed.rounds
+        return self.evaluator(state, self.schedule.key(t), generate=generate)
 
     def global_delta(self, state) -> dict:
         return self.algorithm.global_delta(state)

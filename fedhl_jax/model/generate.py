@@ -22,7 +22,7 @@ from fedhl_jax.model.llama import forward_cached, init_cache, positions_from_mas
 
 
 def left_pad(prompts: Sequence[Sequence[int]] | np.ndarray, lengths=None, *, pad_id: int = 0,
-             pad_to_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+             pad_to_multiple: int = 1, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Left-pads prompts into one array.
 
     Args:
@@ -32,13 +32,16 @@ def left_pad(prompts: Sequence[Sequence[int]] | np.ndarray, lengths=None, *, pad
       pad_id: id written into padding slots.
       pad_to_multiple: round the padded length up to a multiple of this (fewer
         recompilations across batches).
+      pad_to: pad to exactly this length (one shape for every batch of a run: one compile);
+        a longer prompt is an error.
 
     Returns:
       ``(tokens [B, P'], mask [B, P'])`` int32, prompts right-aligned, ``mask``
       1 on real tokens.
 
     Raises:
-      ValueError: an empty prompt, or an array without ``lengths``.
+      ValueError: an empty prompt, a prompt longer than ``pad_to``, or an array without
+        ``lengths``.
     """
     if isinstance(prompts, (np.ndarray, jax.Array)):
         arr = np.asarray(prompts)
@@ -53,6 +56,10 @@ def left_pad(prompts: Sequence[Sequence[int]] | np.ndarray, lengths=None, *, pad
         if not row:
             raise ValueError(f"prompt {i} is empty; generation needs at least one token (e.g. BOS)")
     width = max(map(len, rows))
+    if pad_to is not None:
+        if width > pad_to:
+            raise ValueError(f"a prompt of {width} tokens is longer than pad_to={pad_to}")
+        width = pad_to
     width = -(-width // pad_to_multiple) * pad_to_multiple
     tokens = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
@@ -136,7 +143,7 @@ def generate(cfg: LlamaConfig, params: dict, prompts, *, max_new_tokens: int, le
              adapter: Adapter | None = None, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, key: jax.Array | None = None,
              eos_id: int | None | str = "config", pad_id: int | None = None,
-             pad_to_multiple: int = 8) -> jax.Array:
+             pad_to_multiple: int = 8, pad_to: int | None = None) -> jax.Array:
     """Generates continuations for a batch of prompts.
 
     Args:
@@ -156,6 +163,8 @@ def generate(cfg: LlamaConfig, params: dict, prompts, *, max_new_tokens: int, le
       pad_id: written after a row's EOS and into prompt padding; default
         ``cfg.pad_token_id`` or 0.
       pad_to_multiple: bucket the prompt length (see :func:`left_pad`).
+      pad_to: fixed prompt width (see :func:`left_pad`); with a fixed batch size, every call
+        reuses one compiled program.
 
     Returns:
       ``[B, N]`` int32 new tokens; a row that emitted EOS keeps it and is
@@ -173,7 +182,7 @@ def generate(cfg: LlamaConfig, params: dict, prompts, *, max_new_tokens: int, le
         eos_id = cfg.eos_token_id
     if pad_id is None:
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-    tokens, mask = left_pad(prompts, lengths, pad_id=pad_id, pad_to_multiple=pad_to_multiple)
+    tokens, mask = left_pad(prompts, lengths, pad_id=pad_id, pad_to_multiple=pad_to_multiple, pad_to=pad_to)
     key = jax.random.key(0) if key is None else key
     return _generate_padded(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), adapter, key,
                             max_new_tokens=int(max_new_tokens), temperature=float(temperature),
