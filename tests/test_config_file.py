@@ -74,3 +74,16 @@ def test_not_utf8(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(tmp_path / "absent.yaml")
+
+
+CONFIGS = sorted(p for p in (__import__("pathlib").Path(__file__).parents[1] / "configs").glob("*.yaml")
+                 if p.name not in ("results.yaml", "synthetic.yaml"))  # other schemas: the results suite, bin/bias_experiment.py
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.fed.rounds >= 1 and cfg.eval.generate_examples <= cfg.data.eval_examples
+    if path.name.startswith("smollm2_"):  # the real instruction model, chat-formatted
+        assert cfg.model.name_or_path.endswith("smollm2-135m-instruct-gguf") and cfg.data.prompt_format == "auto"
+        assert cfg.eval.zero_shot and cfg.eval.generate_every == 0
