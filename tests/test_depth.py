@@ -114,6 +114,18 @@ def test_scan_matches_the_per_layer_loop():
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
 
 
+@pytest.mark.parametrize("unroll_layers", [0, 8])
+def test_scanned_and_unrolled_layers_agree_with_the_per_layer_loop(unroll_layers):
+    """Shallow models unroll the layer scan (no loop in the program); both give the reference values."""
+    cfg = CFG.replace(unroll_layers=unroll_layers)
+    ad = adapter()
+    f = jax.jit(lambda p, a: M.forward(cfg, p, TOKENS, adapter=a))
+    hlo = f.lower(PARAMS, ad).as_text()
+    assert ("while" in hlo) == (unroll_layers < cfg.num_layers), unroll_layers
+    np.testing.assert_allclose(np.asarray(f(PARAMS, ad)),
+                               np.asarray(reference_forward(cfg, M.flatten_params(PARAMS), TOKENS, ad)), atol=1e-5)
+
+
 def test_stacked_adapter_form_gives_the_same_values():
     ad = adapter()
     st = M.stacked_adapter(CFG, ad)
@@ -153,7 +165,7 @@ def test_remat_policies_give_the_same_loss_and_gradients():
     tokens = jnp.stack([TOKENS, TOKENS[::-1]])
     out = {}
     for remat in M.REMAT_POLICIES:
-        cfg = CFG.replace(remat=remat)
+        cfg = CFG.replace(remat=remat, unroll_layers=0)  # the same scanned program under each policy
         f = jax.jit(jax.vmap(jax.value_and_grad(lambda a, t: M.loss_fn(cfg, PARAMS, a, t, jnp.ones(t.shape)))))
         out[remat] = f(ads, tokens)
     for remat in ("dots_saveable", "full"):

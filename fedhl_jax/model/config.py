@@ -51,6 +51,12 @@ class LlamaConfig:
         (keep the outputs of matmuls without batch dimensions, recompute the
         rest) or ``"full"`` (keep only each block's input, recompute the block).
         It changes memory and time, never the values.
+      unroll_layers: models with at most this many layers unroll the layer scan
+        (``lax.scan(..., unroll=L)``): on shallow models the scan's per-layer
+        loop overhead costs more than the compile time it saves; deeper models
+        keep one compiled block (0: always scan). A remat policy other than
+        ``"none"`` keeps the scan for training (unrolled, XLA would undo the
+        recomputation).
       bos_token_id: beginning-of-sequence id (or ``None``).
       eos_token_id: end-of-sequence id (or ``None``); the first one when the
         Hugging Face config lists several.
@@ -72,6 +78,7 @@ class LlamaConfig:
     dtype: str = "float32"
     compute_dtype: str | None = None
     remat: str = "none"
+    unroll_layers: int = 8
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = None

@@ -414,7 +414,9 @@ def _decoder(cfg: LlamaConfig, params: dict, tokens: jax.Array, positions: jax.A
     Tokens occupy key slots ``cache_index .. cache_index+T-1`` of ``S`` slots
     (``S = T`` without a cache); a query attends to earlier-or-equal slots whose
     ``kv_valid`` is True. The blocks run under ``jax.lax.scan`` over the layer
-    axis; without a cache, the scan body is rematerialised per ``cfg.remat``.
+    axis (unrolled for models of at most ``cfg.unroll_layers`` layers when no remat
+    policy is asked for); without a
+    cache, the scan body is rematerialised per ``cfg.remat``.
 
     Returns:
       ``(logits [B, T, V] float32, new_cache)``.
@@ -429,6 +431,9 @@ def _decoder(cfg: LlamaConfig, params: dict, tokens: jax.Array, positions: jax.A
     cos, sin = _rope_cos_sin(cfg, positions, dtype)
     lora, gate = scan_lora(cfg, adapter)
     layers = params["layers"]
+    # Shallow models without remat: no loop overhead. (Unrolled, XLA would common-subexpression away
+    # the recomputation a remat policy asks for, so remat keeps the scan.)
+    unroll = cfg.num_layers if cfg.num_layers <= cfg.unroll_layers and (cfg.remat == "none" or cache is not None) else 1
 
     if cache is None:
         def body(x, xs):
@@ -437,7 +442,7 @@ def _decoder(cfg: LlamaConfig, params: dict, tokens: jax.Array, positions: jax.A
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, (layers, lora))
+        x, _ = jax.lax.scan(body, x, (layers, lora), unroll=unroll)
         new_cache = None
     else:
         def body(carry, xs):
@@ -456,7 +461,7 @@ def _decoder(cfg: LlamaConfig, params: dict, tokens: jax.Array, positions: jax.A
             return (x, ck, cv), None
 
         (x, ck, cv), _ = jax.lax.scan(body, (x, *cache),
-                                      (layers, lora, jnp.arange(cfg.num_layers)))
+                                      (layers, lora, jnp.arange(cfg.num_layers)), unroll=unroll)
         new_cache = (ck, cv)
     x = _rms_norm(x, params["norm"], cfg.rms_norm_eps)
     head = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]  # [V, D]
