@@ -157,14 +157,16 @@ class Simulation:
         self.schedule = engine.ClientSchedule(self.ranks, self.data.num_examples, fed.r_max, cfg.model.alpha,
                                               fed.clients_per_round, cfg.seed, batches=batcher,
                                               rslora=cfg.model.rslora, mesh=self.mesh)
-        optimizer = make_optimizer(o.optimizer, o.lr, lr_b=o.lr_b, weight_decay=o.weight_decay, momentum=o.momentum,
-                                   grad_clip=o.grad_clip, trainable=self.algorithm.trainable)
+        # The clients' optimizer, loss and adapter layout (also used by a deployed node, fedhl_jax.deploy).
+        self.optimizer = make_optimizer(o.optimizer, o.lr, lr_b=o.lr_b, weight_decay=o.weight_decay,
+                                        momentum=o.momentum, grad_clip=o.grad_clip, trainable=self.algorithm.trainable)
         train_cfg = self.model_cfg.replace(remat=cfg.model.remat)  # remat per scanned block, for training
-        loss = lambda params, adapter, tokens, mask: M.loss_fn(train_cfg, params, adapter, tokens, mask)
+        self.loss = lambda params, adapter, tokens, mask: M.loss_fn(train_cfg, params, adapter, tokens, mask)
+        self.to_client = lambda ad: M.stacked_adapter(self.model_cfg, ad)
+        self.from_client = lambda ad: M.per_layer_adapter(self.model_cfg, ad)
         self.round_fn = engine.compile_round_step(engine.make_round_step(
-            self.algorithm, loss, optimizer, clients_per_chunk=fed.clients_per_chunk, merge_delta=M.merge_delta,
-            to_client=lambda ad: M.stacked_adapter(self.model_cfg, ad),
-            from_client=lambda ad: M.per_layer_adapter(self.model_cfg, ad),
+            self.algorithm, self.loss, self.optimizer, clients_per_chunk=fed.clients_per_chunk,
+            merge_delta=M.merge_delta, to_client=self.to_client, from_client=self.from_client,
             mesh=self.mesh, probe=probe))
         self.evaluator = None
         if self.data.eval is not None:
