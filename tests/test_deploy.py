@@ -160,3 +160,113 @@ def test_a_missing_reply_is_left_out_and_the_weights_renormalised(setup, task_id
     np.testing.assert_allclose(m["p"][keep], np.asarray(info["p"]), rtol=1e-5)
     for k in shapes:
         np.testing.assert_allclose(np.asarray(strategy.state.G[k]), np.asarray(ref.G[k]), atol=1e-6)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def stop(procs) -> None:
+    """Kills the started processes, their process groups and anything they started."""
+    pids = [q for p in procs for q in [p.pid, *descendants(p.pid)]]
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        p.wait(timeout=30)
+
+
+def test_local_deployment_matches_the_simulation(setup, tmp_path):
+    """A real local federation: ``flower-superlink``, three ``flower-supernode`` processes (one per
+    partition, ranks 1, 2, 4 in their node config) and ``flwr run deploy/flower``. The first call
+    runs round 1 and stops; the second, with ``fed.rounds=2``, resumes the server from its
+    checkpoint and runs round 2. The global adapter is the in-process simulation's, and the bytes
+    of every round are the algorithm's ``comm_bytes`` and the simulation's accounting."""
+    from safetensors.numpy import load_file
+
+    tmp, cfg, want, metrics = setup
+    cfg_path, out, home = tmp_path / "run.yaml", tmp_path / "server", tmp_path / "flwr-home"
+    save_config(cfg, cfg_path)
+    home.mkdir()
+    port = free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    bindir = Path(sys.executable).parent
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", JAX_PLATFORMS="cpu",
+               PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO))
+    procs, logs = [], []
+
+    def start(name, *args):
+        log = open(tmp_path / f"{name}.log", "w")
+        logs.append(tmp_path / f"{name}.log")
+        procs.append(subprocess.Popen([str(bindir / name.split(".")[0]), *args], env=env, cwd=tmp_path, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+
+    t0 = time.perf_counter()
+    try:
+        start("flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+              "--disable-runtime-dependency-installation", "--database", str(tmp_path / "state.db"))
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline and procs[0].poll() is None, (tmp_path / "flower-superlink.log").read_text()
+                time.sleep(0.5)
+        for pid, rank in enumerate(RANKS):
+            start(f"flower-supernode.{pid}", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port",
+                  str(free_port()), "--node-config", f"partition-id={pid} rank={rank}")
+        outputs = []
+        for rounds in (1, 2):
+            res = subprocess.run([str(bindir / "flwr"), "run", str(REPO / "deploy" / "flower"), "local-test", "--stream",
+                                  "--run-config", f"config='{cfg_path}' out='{out}' overrides='fed.rounds={rounds}'"],
+                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+            outputs.append(res.stdout + res.stderr)
+            assert res.returncode == 0 and "exported the global adapter" in outputs[-1], outputs[-1][-4000:]
+    except BaseException:
+        for path in logs:
+            print(f"--- {path.name}\n{path.read_text()[-3000:]}")
+        raise
+    finally:
+        stop(procs)
+    seconds = time.perf_counter() - t0
+    assert "resuming after round 1" in outputs[1]
+    got = load_file(str(out / "final" / "global_adapter.safetensors"))
+    diff = max(float(np.abs(got[k] - want[k]).max()) for k in want)
+    lines = [__import__("json").loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    print(f"Flower deployment vs simulation: maxdiff {diff:.3g}; bytes per round "
+          f"{[(m['bytes_down'], m['bytes_up']) for m in lines]}; {seconds:.0f} s")
+    assert diff < 1e-5
+    assert [m["round"] for m in lines] == [0, 1] and all(not m["missing"] for m in lines)
+    for m, sim_m in zip(lines, metrics):
+        assert m["bytes_down"] == m["comm_bytes_down"] == sim_m["bytes_down"] > 0
+        assert m["bytes_up"] == m["comm_bytes_up"] == sim_m["bytes_up"] > 0
+    assert sorted(os.listdir(out / "checkpoints")) == ["1", "2"]
