@@ -1,8 +1,8 @@
 """A real federation with Flower: the strategy and the nodes against the in-process simulation,
 a node that does not answer, and a local deployment (SuperLink, 3 SuperNodes, ``flwr run``)."""
 
+import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -122,6 +122,50 @@ def test_strategy_and_nodes_match_the_simulation(setup, task_identity):
         np.testing.assert_allclose(m["train_loss"], sim_m["train_loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm,ranks", [("flora", "[1,2,4]"), ("ffa_lora", "[2,2,2]")])
+def test_algorithms_that_move_the_base_or_freeze_a_factor(tmp_path, task_identity, algorithm, ranks):
+    """FLoRA (the nodes also receive the base update ``base_delta``) and FFA-LoRA (only ``B``
+    comes back) through the strategy and the nodes equal their simulation."""
+    cfg = load_config(None, tiny_overrides(tmp_path, **{**FEDERATION, "fed.algorithm": algorithm, "fed.ranks": ranks,
+                                                        "fed.rounds": 2}))
+    sim = Simulation(cfg, log=lambda *_: None, mesh=None)
+    state, sim_metrics = sim.init_state(), []
+    for t in range(2):
+        record = sim.run_round(state, t)
+        state, sim_metrics = record.state, sim_metrics + [record.metrics]
+    want = sim.global_delta(state)
+    save_config(cfg, tmp_path / "run.yaml")
+    import jax
+
+    shapes = lora_shapes(cfg)
+    strategy = FedLoRAStrategy(cfg, shapes, cfg.fed.build_algorithm().init(shapes, jax.random.PRNGKey(cfg.seed)))
+    node_ranks = [int(r) for r in sim.ranks]
+    for pid, rank in enumerate(node_ranks):
+        strategy.register(pid, 100 + pid, rank)
+    for server_round in (1, 2):
+        msgs = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid=None)
+        replies = []
+        for msg in msgs:
+            pid = int(msg.content["config"]["partition-id"])
+            ctx = Context(run_id=1, node_id=100 + pid, node_config={"partition-id": pid, "rank": node_ranks[pid]},
+                          state=RecordDict(), run_config={"config": str(tmp_path / "run.yaml"), "overrides": ""})
+            replies.append(client_app.train(msg, ctx))
+        strategy.aggregate_train(server_round, replies)
+    got = strategy.algorithm.global_delta(strategy.state)
+    diff = max(float(np.abs(np.asarray(got[k]) - np.asarray(want[k])).max()) for k in want)
+    print(f"{algorithm}: in-process federation vs simulation: maxdiff {diff:.3g}")
+    assert diff < 1e-5
+    for m, sim_m in zip(strategy.history, sim_metrics):
+        assert m["bytes_up"] == m["comm_bytes_up"] == sim_m["bytes_up"]
+        if algorithm == "ffa_lora":
+            assert m["bytes_down"] == sim_m["bytes_down"] and m["bytes_up"] < m["bytes_down"]  # B only comes back
+        else:  # FLoRA: the dense base update travels instead of the stacked factors comm_bytes assumes
+            n = len(m["clients"])
+            own = sim_m["bytes_down"] // (1 + n)  # comm_bytes: own factors + everyone's stack, per client
+            assert m["bytes_down"] == own + n * sum(4 * a * b for a, b in shapes.values())
+
+
 def test_a_missing_reply_is_left_out_and_the_weights_renormalised(setup, task_identity):
     """Round 2 gets 2 of 3 replies: the aggregate is the algorithm's over the two that answered
     (weights renormalised over them), the missing client has weight 0, and the log says so."""
@@ -203,6 +247,72 @@ def stop(procs) -> None:
         p.wait(timeout=30)
 
 
+class LocalFederation:
+    """``flower-superlink`` and one ``flower-supernode`` per partition on localhost (free ports), each
+    in its own process group; ``run`` is ``flwr run deploy/flower``. ``close`` kills them all."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp = tmp_path
+        self.port = free_port()
+        home = tmp_path / "flwr-home"
+        home.mkdir()
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
+                                          f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        self.bindir = Path(sys.executable).parent
+        self.env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+                        JAX_PLATFORMS="cpu", PATH=f"{self.bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+                        PYTHONPATH=str(REPO))
+        self.procs, self.logs, self.nodes = [], [], {}
+
+    def _start(self, name: str, *args) -> subprocess.Popen:
+        path = self.tmp / f"{name}.log"
+        self.logs.append(path)
+        proc = subprocess.Popen([str(self.bindir / name.split(".")[0]), *args], env=self.env, cwd=self.tmp,
+                                stdout=open(path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start(self, ranks) -> None:
+        link = self._start("flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+                           "--disable-runtime-dependency-installation", "--database", str(self.tmp / "state.db"))
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline and link.poll() is None, (self.tmp / "flower-superlink.log").read_text()
+                time.sleep(0.5)
+        for pid, rank in enumerate(ranks):
+            self.nodes[pid] = self._start(f"flower-supernode.{pid}", "--insecure", "--superlink",
+                                          f"127.0.0.1:{self.port}", "--port", str(free_port()), "--node-config",
+                                          f"partition-id={pid} rank={rank}")
+
+    def run(self, run_config: str, **kw) -> subprocess.Popen:
+        """``flwr run deploy/flower local-test --stream --run-config ...`` (output: ``.communicate()``)."""
+        return subprocess.Popen([str(self.bindir / "flwr"), "run", str(REPO / "deploy" / "flower"), "local-test",
+                                 "--stream", "--run-config", run_config], env=self.env, cwd=self.tmp, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+
+    def kill_node(self, pid: int) -> None:
+        stop([self.nodes[pid]])
+
+    def dump_logs(self) -> None:
+        for path in self.logs:
+            print(f"--- {path.name}\n{path.read_text()[-3000:]}")
+
+    def close(self) -> None:
+        stop(self.procs)
+
+
+def flwr_run(federation: LocalFederation, run_config: str, timeout: float = 300) -> str:
+    proc = federation.run(run_config)
+    federation.procs.append(proc)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0 and "exported the global adapter" in out, out[-4000:]
+    return out
+
+
 def test_local_deployment_matches_the_simulation(setup, tmp_path):
     """A real local federation: ``flower-superlink``, three ``flower-supernode`` processes (one per
     partition, ranks 1, 2, 4 in their node config) and ``flwr run deploy/flower``. The first call
@@ -212,56 +322,24 @@ def test_local_deployment_matches_the_simulation(setup, tmp_path):
     from safetensors.numpy import load_file
 
     tmp, cfg, want, metrics = setup
-    cfg_path, out, home = tmp_path / "run.yaml", tmp_path / "server", tmp_path / "flwr-home"
+    cfg_path, out = tmp_path / "run.yaml", tmp_path / "server"
     save_config(cfg, cfg_path)
-    home.mkdir()
-    port = free_port()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
-                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-    bindir = Path(sys.executable).parent
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", JAX_PLATFORMS="cpu",
-               PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO))
-    procs, logs = [], []
-
-    def start(name, *args):
-        log = open(tmp_path / f"{name}.log", "w")
-        logs.append(tmp_path / f"{name}.log")
-        procs.append(subprocess.Popen([str(bindir / name.split(".")[0]), *args], env=env, cwd=tmp_path, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True))
-
+    federation = LocalFederation(tmp_path)
     t0 = time.perf_counter()
     try:
-        start("flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-              "--disable-runtime-dependency-installation", "--database", str(tmp_path / "state.db"))
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline and procs[0].poll() is None, (tmp_path / "flower-superlink.log").read_text()
-                time.sleep(0.5)
-        for pid, rank in enumerate(RANKS):
-            start(f"flower-supernode.{pid}", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port",
-                  str(free_port()), "--node-config", f"partition-id={pid} rank={rank}")
-        outputs = []
-        for rounds in (1, 2):
-            res = subprocess.run([str(bindir / "flwr"), "run", str(REPO / "deploy" / "flower"), "local-test", "--stream",
-                                  "--run-config", f"config='{cfg_path}' out='{out}' overrides='fed.rounds={rounds}'"],
-                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-            outputs.append(res.stdout + res.stderr)
-            assert res.returncode == 0 and "exported the global adapter" in outputs[-1], outputs[-1][-4000:]
+        federation.start(RANKS)
+        outputs = [flwr_run(federation, f"config='{cfg_path}' out='{out}' overrides='fed.rounds={rounds}'")
+                   for rounds in (1, 2)]
     except BaseException:
-        for path in logs:
-            print(f"--- {path.name}\n{path.read_text()[-3000:]}")
+        federation.dump_logs()
         raise
     finally:
-        stop(procs)
+        federation.close()
     seconds = time.perf_counter() - t0
     assert "resuming after round 1" in outputs[1]
     got = load_file(str(out / "final" / "global_adapter.safetensors"))
     diff = max(float(np.abs(got[k] - want[k]).max()) for k in want)
-    lines = [__import__("json").loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     print(f"Flower deployment vs simulation: maxdiff {diff:.3g}; bytes per round "
           f"{[(m['bytes_down'], m['bytes_up']) for m in lines]}; {seconds:.0f} s")
     assert diff < 1e-5
@@ -270,3 +348,42 @@ def test_local_deployment_matches_the_simulation(setup, tmp_path):
         assert m["bytes_down"] == m["comm_bytes_down"] == sim_m["bytes_down"] > 0
         assert m["bytes_up"] == m["comm_bytes_up"] == sim_m["bytes_up"] > 0
     assert sorted(os.listdir(out / "checkpoints")) == ["1", "2"]
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_round(setup, tmp_path, task_identity):
+    """The node of partition 1 is killed (SIGKILL, with its processes) as round 2 starts: Flower
+    reports it unavailable, the round aggregates the two other replies with renormalised weights
+    and says so, and the result is the in-process strategy's with that reply dropped."""
+    from safetensors.numpy import load_file
+
+    tmp, cfg, _, _ = setup
+    cfg_path, out = tmp_path / "run.yaml", tmp_path / "server"
+    save_config(cfg, cfg_path)
+    reference = strategy_for(cfg)
+    run_in_process(reference, cfg_path, 2, drop={(2, 1)})
+    want = {k: np.asarray(v) for k, v in reference.algorithm.global_delta(reference.state).items()}
+    federation = LocalFederation(tmp_path)
+    try:
+        federation.start(RANKS)
+        proc = federation.run(f"config='{cfg_path}' out='{out}' round-timeout=240")
+        federation.procs.append(proc)
+        deadline = time.time() + 300
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 1):
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        federation.kill_node(1)
+        output, _ = proc.communicate(timeout=400)
+        assert proc.returncode == 0, output[-4000:]
+    except BaseException:
+        federation.dump_logs()
+        raise
+    finally:
+        federation.close()
+    assert "aggregated 2 of 3 replies; clients [1] did not answer" in output, output[-4000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["missing"] == [1] and lines[1]["p"][1] == 0 and abs(sum(lines[1]["p"]) - 1) < 1e-6
+    got = load_file(str(out / "final" / "global_adapter.safetensors"))
+    diff = max(float(np.abs(got[k] - want[k]).max()) for k in want)
+    print(f"killed node: maxdiff {diff:.3g} against the in-process round without its reply")
+    assert diff < 1e-5
