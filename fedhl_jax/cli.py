@@ -154,7 +154,7 @@ def export_final(sim, state, out: Path, log) -> Path:
         save_file({k: np.asarray(v, np.float32) for k, v in delta.items()}, str(folder / "global_adapter.safetensors"))
         M.export_peft(folder / "peft_adapter", delta, rank, sim.cfg.model.alpha, base, rslora=sim.cfg.model.rslora)
 
-    final = write_final(out, jax.device_get(sim.global_delta(state)), write)
+    final = write_final(out, jax.device_get(sim.global_delta(sim.host_state(state))), write)
     log(f"exported the global adapter to {final}/ (dense, and PEFT rank {rank})")
     return final
 

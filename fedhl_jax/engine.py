@@ -201,7 +201,6 @@ class ClientSchedule:
             per_client = jax.device_put(per_client, NamedSharding(self.mesh, P(CLIENTS)))
         return RoundInputs(*per_client, self.key(t)), ids
 
-
     def process_local_inputs(self, t: int, ids: np.ndarray) -> RoundInputs:
         """Round ``t``'s inputs as global arrays over a multi-process mesh.
 
@@ -256,7 +255,9 @@ def make_mesh(clients: int, model: int = 1, devices: Sequence | None = None) -> 
     Args:
       clients: size of the ``clients`` axis (the round's client axis is split over it).
       model: size of the ``model`` axis (the frozen base weights are sharded over it).
-      devices: the devices, ``clients * model`` of them.
+      devices: the devices, ``clients * model`` of them, in ``jax.devices()`` order: the ``model``
+        axis runs over neighbouring devices (those of one process first), so the base weights'
+        gathers stay within a host whenever ``model`` is at most its device count.
 
     Raises:
       ValueError: ``clients * model`` differs from the device count (the message names both).

@@ -173,6 +173,8 @@ class Simulation:
             self.evaluator = GlobalEvaluator(self.model_cfg, self.params, self.tokenizer, self.data.eval,
                                              self.algorithm, self.ranks, cfg.eval, eval_metric(dc.dataset),
                                              alpha=cfg.model.alpha, rslora=cfg.model.rslora, r_max=fed.r_max)
+            if self.multi_process:
+                self.evaluator = _OnHostState(self.evaluator, self)
 
     def init_state(self):
         """The server state before round 0 (random choices from the run's seed)."""
@@ -184,7 +186,7 @@ class Simulation:
         return engine.replicate(state, self.mesh) if self.multi_process else state
 
     def host_state(self, state):
-        """The state for work that one process does alone (evaluation, export): host copies of
+        """The state for work that each process does alone (evaluation, export): host copies of
         the replicated arrays when the mesh spans several processes, else the state itself."""
         return jax.device_get(state) if self.multi_process else state
 
@@ -201,8 +203,21 @@ class Simulation:
 
     def evaluate(self, state, t: int = 0) -> dict:
         """Held-out metrics of the global model after round ``t`` ({} without held-out data)."""
-        return {} if self.evaluator is None else self.evaluator(self.host_state(state), self.schedule.key(t))
+        return {} if self.evaluator is None else self.evaluator(state, self.schedule.key(t))
 
     def global_delta(self, state) -> dict:
-        """``{module: [d_out, d_in]}`` dense update of the global model."""
-        return self.algorithm.global_delta(self.host_state(state))
+        return self.algorithm.global_delta(state)
+
+
+class _OnHostState:
+    """An evaluator called with host copies of the state: with several processes, each one
+    evaluates alone on its own copy of the base (the round's state is replicated over them)."""
+
+    def __init__(self, evaluator, sim: Simulation):
+        self.evaluator, self.sim = evaluator, sim
+
+    def __call__(self, state, *args, **kwargs):
+        return self.evaluator(self.sim.host_state(state), *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.evaluator, name)
