@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage reports from the tests (read at Flower's import)
 flwr = pytest.importorskip("flwr", reason="flwr (Flower) is not installed; pip install -r requirements.txt")
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
@@ -260,6 +261,7 @@ class LocalFederation:
                                           f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
         self.bindir = Path(sys.executable).parent
         self.env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+                        FLWR_TELEMETRY_ENABLED="0",
                         JAX_PLATFORMS="cpu", PATH=f"{self.bindir}{os.pathsep}{os.environ.get('PATH', '')}",
                         PYTHONPATH=str(REPO))
         self.procs, self.logs, self.nodes = [], [], {}
