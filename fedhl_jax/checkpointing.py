@@ -412,6 +412,9 @@ class RunDir:
       resume: continue a run found there; without it, an existing run is refused
         (nothing already written is touched).
       log: where messages go.
+      primary: False in the processes other than process 0 of a multi-host run: they neither
+        lock, check nor write the directory's files, and take part in the checkpoints' saves and
+        restores only (Orbax coordinates the processes).
 
     The directory's lock (:func:`acquire_run_lock`) is taken first, before anything
     is written, and held until :meth:`close` (or ``with``, or the process's end).
@@ -424,10 +427,19 @@ class RunDir:
         run already exists and ``resume`` is false.
     """
 
-    def __init__(self, out_dir: str | Path, cfg: TrainConfig, *, resume: bool, log: Callable = print):
+    def __init__(self, out_dir: str | Path, cfg: TrainConfig, *, resume: bool, log: Callable = print,
+                 primary: bool = True):
         self.path = Path(out_dir)
         self.log = log
         self.lock = None
+        self.primary = primary
+        self.cfg = cfg
+        self.max_to_keep = cfg.checkpoint.max_to_keep
+        self.manager = None
+        if not primary:  # another process of a multi-host run: process 0 holds the lock and writes the files
+            self.config_path, self.metrics_path = self.path / "config.yaml", self.path / "metrics.jsonl"
+            self.ckpt_path, self.extended_from = (self.path / "checkpoints").resolve(), None
+            return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self.lock = acquire_run_lock(self.path)
@@ -444,9 +456,6 @@ class RunDir:
         except BaseException:
             self.lock.release()
             raise
-        self.cfg = cfg
-        self.max_to_keep = cfg.checkpoint.max_to_keep
-        self.manager = None
 
     def _check_existing(self, cfg: TrainConfig, resume: bool) -> None:
         self.config_path = self.path / "config.yaml"
@@ -463,6 +472,9 @@ class RunDir:
 
             old = OmegaConf.to_container(OmegaConf.load(self.config_path))
             new = to_dict(cfg)
+            # The device layout (mesh) may change between calls: it moves arrays, not the numbers.
+            old.pop("mesh", None)
+            new.pop("mesh", None)
             old_rounds = old.get("fed", {}).get("rounds")
             diff = config_diff({**old, "fed": {**old.get("fed", {}), "rounds": None}},
                                {**new, "fed": {**new["fed"], "rounds": None}})
@@ -491,7 +503,7 @@ class RunDir:
 
         Called once the run is known to start, so a run refused at set-up leaves nothing behind.
         """
-        if not self.config_path.exists() or self.extended_from is not None:
+        if self.primary and (not self.config_path.exists() or self.extended_from is not None):
             save_config(self.cfg, self.config_path)  # a new run, or fed.rounds raised on resume
         self.manager = self._open_manager()
 
@@ -542,7 +554,9 @@ class RunDir:
           match its checksum is moved into ``checkpoints_unreadable/`` with one log line,
           and the previous one is tried. Orbax/TensorStore noise is kept off stderr.
         """
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), _flatten(template))
+        several = jax.process_count() > 1  # restore straight into the template's (global) layout
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            np.shape(x), x.dtype, sharding=getattr(x, "sharding", None) if several else None), _flatten(template))
         result = (None, 0)
         bad = False
         for step in sorted(self.manager.all_steps(), reverse=True):
@@ -583,6 +597,8 @@ class RunDir:
 
     def truncate_metrics(self, rounds_done: int) -> None:
         """Keeps the metrics of rounds ``< rounds_done`` only (atomic rewrite)."""
+        if not self.primary:
+            return
         rows = [r for r in self.read_metrics() if r.get("round", -1) < rounds_done]
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         with open(tmp, "w") as f:
@@ -593,6 +609,8 @@ class RunDir:
         os.replace(tmp, self.metrics_path)
 
     def append_metrics(self, record: dict) -> None:
+        if not self.primary:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
             f.flush()

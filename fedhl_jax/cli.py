@@ -44,8 +44,66 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (reads --out/config.yaml)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    g = p.add_argument_group("several hosts (jax.distributed; or the environment variables JAX_COORDINATOR_ADDRESS, "
+                             "JAX_NUM_PROCESSES, JAX_PROCESS_ID, JAX_LOCAL_DEVICE_IDS)")
+    g.add_argument("--coordinator-address", default=None, help="host:port of process 0's coordinator service")
+    g.add_argument("--num-processes", type=int, default=None, help="how many processes take part")
+    g.add_argument("--process-id", type=int, default=None, help="this process's id, 0 .. num-processes-1")
+    g.add_argument("--local-device-ids", default=None, help="comma-separated ids of the local devices this process uses")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     return p.parse_args(argv)
+
+
+def distributed_settings(args, environ=os.environ) -> dict | None:
+    """``jax.distributed.initialize`` arguments from the flags, else the environment; None for one process.
+
+    Raises:
+      ConfigError: some settings are given and others missing, or a value is out of range (the
+        message names them).
+    """
+    def pick(flag, env, kind):
+        value = getattr(args, flag)
+        if value is None and environ.get(env) not in (None, ""):
+            try:
+                value = kind(environ[env])
+            except ValueError:
+                raise ConfigError(f"{env}={environ[env]!r} is not a valid value") from None
+        return value
+
+    got = {"coordinator_address": pick("coordinator_address", "JAX_COORDINATOR_ADDRESS", str),
+           "num_processes": pick("num_processes", "JAX_NUM_PROCESSES", int),
+           "process_id": pick("process_id", "JAX_PROCESS_ID", int)}
+    ids = pick("local_device_ids", "JAX_LOCAL_DEVICE_IDS", str)
+    if all(v is None for v in got.values()):
+        if ids is not None:
+            raise ConfigError("--local-device-ids needs --coordinator-address, --num-processes and --process-id")
+        return None
+    missing = [k for k, v in got.items() if v is None]
+    if missing:
+        raise ConfigError("several processes need all of --coordinator-address, --num-processes, --process-id "
+                          f"(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); missing: "
+                          + ", ".join("--" + k.replace("_", "-") for k in missing))
+    if got["num_processes"] < 1:
+        raise ConfigError(f"--num-processes must be >= 1, got {got['num_processes']}")
+    if not 0 <= got["process_id"] < got["num_processes"]:
+        raise ConfigError(f"--process-id must be in [0, {got['num_processes']}), got {got['process_id']}")
+    if ids is not None:
+        try:
+            got["local_device_ids"] = [int(i) for i in str(ids).split(",") if i.strip()]
+        except ValueError:
+            raise ConfigError(f"--local-device-ids must be comma-separated integers, got {ids!r}") from None
+    return got
+
+
+def init_distributed(settings: dict | None) -> None:
+    """Joins the processes of a multi-host run (``jax.distributed.initialize``; CPU collectives
+    over gloo). Must run before anything touches a JAX device."""
+    if settings is None:
+        return
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**settings)
 
 
 def read_config(args):
@@ -60,7 +118,8 @@ def read_config(args):
 
 
 def refuse_changes(saved_cfg, overrides) -> None:
-    """On resume, overrides may raise ``fed.rounds`` only; any other change is refused, listed."""
+    """On resume, overrides may raise ``fed.rounds`` (and change the device ``mesh``) only; any other
+    change is refused, listed."""
     from omegaconf import OmegaConf
 
     from fedhl_jax.config import config_diff, to_dict
@@ -74,7 +133,7 @@ def refuse_changes(saved_cfg, overrides) -> None:
         return {k: restrict(old.get(k, {}), v) if isinstance(v, dict) else old.get(k, "<missing>")
                 for k, v in new.items()}
 
-    diff = [d for d in config_diff(restrict(to_dict(saved_cfg), given), given) if not d.startswith("fed.rounds:")]
+    diff = [d for d in config_diff(restrict(to_dict(saved_cfg), given), given) if not d.startswith(("fed.rounds:", "mesh."))]
     if diff:
         raise ConfigError("cannot resume with a different config (only fed.rounds may be raised); "
                           "differences (saved -> given):\n  " + "\n  ".join(diff))
@@ -96,7 +155,7 @@ def export_final(sim, state, out: Path, log) -> Path:
         save_file({k: np.asarray(v, np.float32) for k, v in delta.items()}, str(folder / "global_adapter.safetensors"))
         M.export_peft(folder / "peft_adapter", delta, rank, sim.cfg.model.alpha, base, rslora=sim.cfg.model.rslora)
 
-    final = write_final(out, jax.device_get(sim.global_delta(state)), write)
+    final = write_final(out, jax.device_get(sim.global_delta(sim.host_state(state))), write)
     log(f"exported the global adapter to {final}/ (dense, and PEFT rank {rank})")
     return final
 
@@ -165,14 +224,20 @@ def main(argv=None) -> int:
     import warnings
 
     args = parse_args(argv)
-    log = lambda msg: print(msg, flush=True)
     # The run log says which clients were excluded (Watchdog); the library's warning would repeat it.
     warnings.filterwarnings("ignore", message=r"clients \[.*\] sent non-finite", category=RuntimeWarning)
     try:
         cfg = read_config(args)
+        settings = distributed_settings(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    init_distributed(settings)
+    primary = settings is None or settings["process_id"] == 0
+    # Several processes: process 0 alone logs and writes the run's files (checkpoints: every process).
+    log = (lambda msg: print(msg, flush=True)) if primary else (lambda msg: None)
+    if not primary:
+        args.no_progress = True
 
     from fedhl_jax.checkpointing import RunDir
     from fedhl_jax.simulation import Simulation
@@ -180,13 +245,14 @@ def main(argv=None) -> int:
     created = not args.out.exists()
     run = None
     try:
-        run = RunDir(args.out, cfg, resume=args.resume, log=log)  # the lock comes first
+        run = RunDir(args.out, cfg, resume=args.resume, log=log, primary=primary)  # the lock comes first
         sim = Simulation(cfg, log=log)
     except (ConfigError, OSError, ValueError) as e:  # OSError: files, permissions, network, the lock
         print(f"error: {e}", file=sys.stderr)
         if run is not None:
             run.close()
-        _remove_if_empty(args.out, created)
+        if primary:
+            _remove_if_empty(args.out, created)
         return EXIT_BAD_INPUT
     with run:
         return _train(args, cfg, run, sim, log)
@@ -200,13 +266,14 @@ def _remove_if_empty(out: Path, created: bool) -> None:
 
 def _train(args, cfg, run, sim, log) -> int:
     run.begin()
-    write_partition(sim, run.path, log)
+    if run.primary:
+        write_partition(sim, run.path, log)
     state = sim.init_state()
     start = 0
     if args.resume:
         restored, start = run.restore(state)
         if restored is not None:
-            state = restored
+            state = sim.place_state(restored)
             log(f"resuming after round {start} from {run.ckpt_path}")
         run.truncate_metrics(start)
         if run.extended_from is not None:
@@ -264,6 +331,8 @@ def _train(args, cfg, run, sim, log) -> int:
     seconds = time.perf_counter() - t_run
     from fedhl_jax.checkpointing import NonFiniteError
 
+    if not run.primary:  # process 0 exports
+        return 0
     try:
         final = export_final(sim, state, run.path, log)
     except NonFiniteError as e:

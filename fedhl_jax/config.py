@@ -216,6 +216,29 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh: ``clients`` (the vmapped client axis) × ``model`` (the frozen base weights
+    are sharded over it, FSDP-style, when they do not fit one device).
+
+    ``clients: null`` (the default) with ``model: 1`` keeps the automatic layout: every device on
+    the client axis when the round's clients split evenly over them, else one device. Otherwise
+    ``clients × model`` must equal the device count (of all processes), checked at start.
+    """
+
+    clients: int | None = None
+    model: int = 1
+
+    def __post_init__(self):
+        _require(self.clients is None or self.clients >= 1, f"mesh.clients must be >= 1 (or null), got {self.clients}")
+        _require(self.model >= 1, f"mesh.model must be >= 1, got {self.model}")
+
+    @property
+    def explicit(self) -> bool:
+        """True when the config asks for a mesh shape (not the automatic client layout)."""
+        return self.clients is not None or self.model != 1
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A whole run."""
 
@@ -226,6 +249,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     export_rank: int | None = None
 
     def __post_init__(self):

@@ -37,6 +37,8 @@ from fedhl_jax.lora import Adapter, lora_scale, rank_mask
 
 #: Mesh axis of the simulated clients.
 CLIENTS = "clients"
+#: Mesh axis over which the frozen base weights are sharded (FSDP-style).
+MODEL = "model"
 #: ``fold_in`` stream of the round key that the server's aggregation draws from (``plan`` uses the key itself).
 AGGREGATE_STREAM = 0x5EED
 
@@ -114,6 +116,12 @@ def make_round_step(algorithm: Algorithm, loss: Callable, optimizer: optax.Gradi
             return tree
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(CLIENTS))), tree)
 
+    def everywhere(tree):
+        # Several processes: the new state and the info are replicated, so every process reads them whole.
+        if mesh is None or not mesh.is_multi_process:
+            return tree
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P())), tree)
+
     def round_step(state, base, inputs: RoundInputs):
         mask, scale, num_examples, batch = on_clients((inputs.mask, inputs.scale, inputs.num_examples,
                                                        tuple(inputs.batch)))
@@ -129,7 +137,7 @@ def make_round_step(algorithm: Algorithm, loss: Callable, optimizer: optax.Gradi
                         leaf, callback=lambda s, name=name, shape=leaf.shape: probe(name, shape, s))
         key = jax.random.fold_in(inputs.key, AGGREGATE_STREAM)
         state, info = algorithm.aggregate(state, B, A, mask, scale, num_examples, key=key)
-        return state, dict(info, losses=losses)
+        return everywhere((state, dict(info, losses=losses)))
 
     return round_step
 
@@ -177,15 +185,59 @@ class ClientSchedule:
         return jax.random.fold_in(jax.random.PRNGKey(self.seed), t)
 
     def __call__(self, t: int) -> tuple[RoundInputs, np.ndarray]:
-        """Round ``t``'s inputs and its client ids."""
+        """Round ``t``'s inputs and its client ids.
+
+        On a mesh that spans several processes, each process builds the batches of the clients
+        its own devices hold only, and the inputs are global arrays (``process_local_inputs``).
+        """
         ids = self.sample(t)
         ranks = self.ranks[ids]
+        if self.mesh is not None and self.mesh.is_multi_process:
+            return self.process_local_inputs(t, ids), ids
         batch = tuple(jnp.asarray(b) for b in self.batches(t, ids)) if self.batches is not None else ()
         per_client = (rank_mask(ranks, self.r_max), lora_scale(ranks, self.alpha, rslora=self.rslora),
                       jnp.asarray(self.num_examples[ids], jnp.float32), batch)
         if self.mesh is not None:
             per_client = jax.device_put(per_client, NamedSharding(self.mesh, P(CLIENTS)))
         return RoundInputs(*per_client, self.key(t)), ids
+
+    def process_local_inputs(self, t: int, ids: np.ndarray) -> RoundInputs:
+        """Round ``t``'s inputs as global arrays over a multi-process mesh.
+
+        The client axis ``[n]`` is split over the mesh's ``clients`` axis; this process calls
+        ``batches`` for the rows its addressable devices hold and no others
+        (``jax.make_array_from_callback``). Masks, scales, sizes and the key are cheap and are
+        computed whole by every process (the same values everywhere).
+        """
+        n = len(ids)
+        clients = NamedSharding(self.mesh, P(CLIENTS))
+        rows = sorted({i for idx in clients.addressable_devices_indices_map((n,)).values() for i in range(n)[idx[0]]})
+        where = {row: k for k, row in enumerate(rows)}
+
+        def spread(local: np.ndarray, local_rows: bool) -> jax.Array:
+            local = np.asarray(local)
+            pick = (lambda idx: [where[i] for i in range(n)[idx[0]]]) if local_rows else (lambda idx: idx[0])
+            return jax.make_array_from_callback((n,) + local.shape[1:], clients,
+                                                lambda idx: local[pick(idx)])
+
+        ranks = self.ranks[ids]
+        host = (rank_mask(ranks, self.r_max), lora_scale(ranks, self.alpha, rslora=self.rslora),
+                np.asarray(self.num_examples[ids], np.float32))
+        batch = self.batches(t, ids[rows]) if self.batches is not None else ()
+        key = np.asarray(self.key(t))
+        return RoundInputs(*(spread(x, False) for x in host), tuple(spread(b, True) for b in batch),
+                           replicate(key, self.mesh))
+
+
+def replicate(tree, mesh: Mesh):
+    """``tree``'s host values (the same in every process) as arrays replicated over ``mesh``."""
+    everywhere = NamedSharding(mesh, P())
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, everywhere, lambda idx: x[idx])
+
+    return jax.tree.map(put, tree)
 
 
 def client_mesh(clients_per_round: int, devices: Sequence | None = None) -> Mesh | None:
@@ -195,6 +247,67 @@ def client_mesh(clients_per_round: int, devices: Sequence | None = None) -> Mesh
     if len(devices) > 1 and clients_per_round % len(devices) == 0:
         return Mesh(np.array(devices), (CLIENTS,))
     return None
+
+
+def make_mesh(clients: int, model: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A 2-axis ``(clients, model)`` mesh over ``devices`` (default: every device of every process).
+
+    Args:
+      clients: size of the ``clients`` axis (the round's client axis is split over it).
+      model: size of the ``model`` axis (the frozen base weights are sharded over it).
+      devices: the devices, ``clients * model`` of them, in ``jax.devices()`` order: the ``model``
+        axis runs over neighbouring devices (those of one process first), so the base weights'
+        gathers stay within a host whenever ``model`` is at most its device count.
+
+    Raises:
+      ValueError: ``clients * model`` differs from the device count (the message names both).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if clients * model != len(devices):
+        raise ValueError(f"mesh clients={clients} x model={model} = {clients * model} devices, but there are "
+                         f"{len(devices)} devices; the product must equal the device count")
+    return Mesh(np.array(devices, dtype=object).reshape(clients, model), (CLIENTS, MODEL))
+
+
+def fsdp_spec(shape: Sequence[int], size: int) -> P:
+    """The ``PartitionSpec`` of one frozen base weight over a ``model`` axis of ``size`` devices.
+
+    The largest dimension that ``size`` divides is split over ``model`` (the first of equal ones);
+    a weight with no such dimension (norm gains of odd sizes, scalars) is replicated.
+    """
+    if size <= 1:
+        return P()
+    dims = [d for d in range(len(shape)) if shape[d] % size == 0 and shape[d] >= size]
+    if not dims:
+        return P()
+    best = max(dims, key=lambda d: (shape[d], -d))
+    return P(*([None] * best + [MODEL]))
+
+
+def base_shardings(base, mesh: Mesh):
+    """``NamedSharding`` of every leaf of the frozen base on ``mesh`` (``fsdp_spec`` over its
+    ``model`` axis, replicated over ``clients``; fully replicated on a mesh without ``model``)."""
+    size = mesh.shape.get(MODEL, 1)
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), size)), base)
+
+
+def place_base(base, mesh: Mesh | None):
+    """The frozen base laid out on ``mesh`` (``base_shardings``); unchanged without a mesh.
+
+    On a mesh of several processes each process reads the shards of its own devices from its
+    copy of the base (every process loads the same weights).
+    """
+    if mesh is None:
+        return base
+    shardings = base_shardings(base, mesh)
+    if not mesh.is_multi_process:
+        return jax.device_put(base, shardings)
+
+    def put(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(put, base, shardings)
 
 
 @dataclasses.dataclass

@@ -77,20 +77,54 @@ def load_model(cfg: TrainConfig, texts_for_fallback: list[str]):
     return model_cfg, params, tokenizer, dataclasses.replace(source, description=desc)
 
 
+def mesh_from_config(mesh_cfg, clients_per_round: int):
+    """The run's device mesh from the config's ``mesh`` section, checked before anything loads.
+
+    Args:
+      mesh_cfg: ``MeshConfig`` (``clients: null`` and ``model: 1`` = the automatic layout).
+      clients_per_round: the round's client count ``n`` (split evenly over the ``clients`` axis).
+
+    Returns:
+      ``None`` (one device), the automatic 1-axis ``clients`` mesh (``engine.client_mesh``), or a
+      ``(clients, model)`` mesh (``engine.make_mesh``); with several processes, always a mesh over
+      every device of every process.
+
+    Raises:
+      ConfigError: ``clients × model`` is not the device count, or ``n`` does not split evenly
+        over the ``clients`` axis (the message names the values and the device count).
+    """
+    count = jax.device_count()
+    if not mesh_cfg.explicit and jax.process_count() == 1:
+        return engine.client_mesh(clients_per_round)
+    model = mesh_cfg.model
+    clients = mesh_cfg.clients if mesh_cfg.clients is not None else max(1, count // model)
+    if clients * model != count:
+        given = f"mesh.clients={mesh_cfg.clients}" if mesh_cfg.clients is not None else "mesh.clients=null"
+        raise ConfigError(f"{given} x mesh.model={model} = {clients * model} devices, but there are {count} "
+                          f"devices ({jax.process_count()} process(es)); clients x model must equal the device count")
+    if clients_per_round % clients:
+        raise ConfigError(f"the {clients_per_round} clients of a round (fed.num_clients x fed.participation) do not "
+                          f"split evenly over mesh.clients={clients} devices; choose a mesh.clients that divides "
+                          f"{clients_per_round}")
+    return engine.make_mesh(clients, model)
+
+
 class Simulation:
     """Everything a run needs, built and validated before any training.
 
     Args:
       cfg: the run's config.
       log: where progress messages go.
-      mesh: a ``clients`` mesh; by default every device when there are several and the round's
-        clients split evenly over them (``engine.client_mesh``); None: one device.
+      mesh: a ``clients`` or ``(clients, model)`` mesh; by default the config's ``mesh`` section
+        (``mesh_from_config``: every device on ``clients`` when there are several and the round's
+        clients split evenly over them); None: one device.
       probe: passed to ``engine.make_round_step`` (shardings of the client factors, for tests).
     """
 
     def __init__(self, cfg: TrainConfig, *, log: Callable = print, mesh=_AUTO_MESH, probe: Callable | None = None):
         self.cfg, self.log = cfg, log
         fed, dc, o = cfg.fed, cfg.data, cfg.optim
+        self.mesh = mesh_from_config(cfg.mesh, fed.clients_per_round) if mesh is _AUTO_MESH else mesh
         self.algorithm = fed.build_algorithm()
         records = load_records(dc, cfg.seed, log)
         if fed.num_clients > len(records[0]):
@@ -108,35 +142,57 @@ class Simulation:
         self.algorithm.check_ranks(self.ranks)
         self.data = build_federated_dataset(dc, self.tokenizer, num_clients=fed.num_clients, seed=cfg.seed,
                                             ranks=self.ranks, records=records, log=log)
-        self.mesh = engine.client_mesh(fed.clients_per_round) if mesh is _AUTO_MESH else mesh
+        self.multi_process = self.mesh is not None and self.mesh.is_multi_process
+        self.base = self.params
         if self.mesh is not None:
-            log(f"sharding the client axis over {self.mesh.size} devices")
+            model_axis = self.mesh.shape.get(engine.MODEL, 1)
+            log(f"sharding the client axis over {self.mesh.shape[engine.CLIENTS]} devices"
+                + (f" and the base weights over {model_axis}" if model_axis > 1 else "")
+                + (f" ({jax.process_count()} processes)" if self.multi_process else ""))
+            if model_axis > 1 or self.multi_process:
+                self.base = engine.place_base(self.params, self.mesh)
+                if not self.multi_process:
+                    self.params = self.base  # one copy of the base, sharded (evaluation follows its layout)
         batcher = self.data.batcher(local_steps=o.local_steps, batch_size=o.batch_size, seed=cfg.seed)
         self.schedule = engine.ClientSchedule(self.ranks, self.data.num_examples, fed.r_max, cfg.model.alpha,
                                               fed.clients_per_round, cfg.seed, batches=batcher,
                                               rslora=cfg.model.rslora, mesh=self.mesh)
-        optimizer = make_optimizer(o.optimizer, o.lr, lr_b=o.lr_b, weight_decay=o.weight_decay, momentum=o.momentum,
-                                   grad_clip=o.grad_clip, trainable=self.algorithm.trainable)
+        # The clients' optimizer, loss and adapter layout (also used by a deployed node, fedhl_jax.deploy).
+        self.optimizer = make_optimizer(o.optimizer, o.lr, lr_b=o.lr_b, weight_decay=o.weight_decay,
+                                        momentum=o.momentum, grad_clip=o.grad_clip, trainable=self.algorithm.trainable)
         train_cfg = self.model_cfg.replace(remat=cfg.model.remat)  # remat per scanned block, for training
-        loss = lambda params, adapter, tokens, mask: M.loss_fn(train_cfg, params, adapter, tokens, mask)
+        self.loss = lambda params, adapter, tokens, mask: M.loss_fn(train_cfg, params, adapter, tokens, mask)
+        self.to_client = lambda ad: M.stacked_adapter(self.model_cfg, ad)
+        self.from_client = lambda ad: M.per_layer_adapter(self.model_cfg, ad)
         self.round_fn = engine.compile_round_step(engine.make_round_step(
-            self.algorithm, loss, optimizer, clients_per_chunk=fed.clients_per_chunk, merge_delta=M.merge_delta,
-            to_client=lambda ad: M.stacked_adapter(self.model_cfg, ad),
-            from_client=lambda ad: M.per_layer_adapter(self.model_cfg, ad),
+            self.algorithm, self.loss, self.optimizer, clients_per_chunk=fed.clients_per_chunk,
+            merge_delta=M.merge_delta, to_client=self.to_client, from_client=self.from_client,
             mesh=self.mesh, probe=probe))
         self.evaluator = None
         if self.data.eval is not None:
             self.evaluator = GlobalEvaluator(self.model_cfg, self.params, self.tokenizer, self.data.eval,
                                              self.algorithm, self.ranks, cfg.eval, eval_metric(dc.dataset),
                                              alpha=cfg.model.alpha, rslora=cfg.model.rslora, r_max=fed.r_max)
+            if self.multi_process:
+                self.evaluator = _OnHostState(self.evaluator, self)
 
     def init_state(self):
         """The server state before round 0 (random choices from the run's seed)."""
-        return self.algorithm.init(self.shapes, jax.random.PRNGKey(self.cfg.seed))
+        return self.place_state(self.algorithm.init(self.shapes, jax.random.PRNGKey(self.cfg.seed)))
+
+    def place_state(self, state):
+        """A server state (e.g. restored from a checkpoint) where the round expects it: replicated
+        over the mesh when it spans several processes, else as it is."""
+        return engine.replicate(state, self.mesh) if self.multi_process else state
+
+    def host_state(self, state):
+        """The state for work that each process does alone (evaluation, export): host copies of
+        the replicated arrays when the mesh spans several processes, else the state itself."""
+        return jax.device_get(state) if self.multi_process else state
 
     def run(self, state, rounds: Iterable[int], callbacks: Sequence[Callable] = ()):
         """Runs ``rounds`` through ``engine.run_rounds``; returns the final state."""
-        return engine.run_rounds(self.round_fn, state, self.params, self.schedule, rounds,
+        return engine.run_rounds(self.round_fn, state, self.base, self.schedule, rounds,
                                  algorithm=self.algorithm, shapes=self.shapes, callbacks=callbacks)
 
     def run_round(self, state, t: int) -> engine.RoundRecord:
@@ -163,3 +219,17 @@ class Simulation:
 
     def global_delta(self, state) -> dict:
         return self.algorithm.global_delta(state)
+
+
+class _OnHostState:
+    """An evaluator called with host copies of the state: with several processes, each one
+    evaluates alone on its own copy of the base (the round's state is replicated over them)."""
+
+    def __init__(self, evaluator, sim: Simulation):
+        self.evaluator, self.sim = evaluator, sim
+
+    def __call__(self, state, *args, **kwargs):
+        return self.evaluator(self.sim.host_state(state), *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.evaluator, name)
