@@ -37,6 +37,8 @@ from fedhl_jax.lora import Adapter, lora_scale, rank_mask  # noqa: E402
 from fedhl_jax.assets import embedded_model_dir  # noqa: E402
 
 STORIES = embedded_model_dir()  # the embedded stories260K (HF folder)
+# SmolLM2-135M-Instruct as a GGUF file (or a folder holding one): README, "A real instruction model".
+SMOLLM2 = Path(os.environ.get("FEDHL_SMOLLM2", REPO.parent / "shared" / "models" / "smollm2-135m-instruct-gguf"))
 TORCH_PYTHON = os.environ.get("FEDHL_TORCH_PYTHON", str(REPO / ".venv-torch" / "bin" / "python"))
 MEDIUM = dict(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
               num_kv_heads=8, head_dim=64, max_position_embeddings=1024)
@@ -55,6 +57,10 @@ def timed(fn, repeat=1):
 def load_model(name):
     if name == "stories260K":
         return M.load_pretrained(STORIES)
+    if name == "smollm2":
+        if not SMOLLM2.exists():
+            raise SystemExit(f"no SmolLM2 GGUF at {SMOLLM2} (set FEDHL_SMOLLM2; README: A real instruction model)")
+        return M.load_pretrained(SMOLLM2)
     cfg = M.LlamaConfig(**MEDIUM)
     return cfg, M.init_params(cfg, jax.random.PRNGKey(0))
 
@@ -132,12 +138,38 @@ def bench_torch(name, clients, steps, batch, seq, ranks=(2, 4, 8, 16), threads=N
            "--clients", str(clients), "--ranks", ",".join(map(str, ranks)), "--local-steps", str(steps),
            "--batch", str(batch), "--seq", str(seq), "--rounds", "1", "--threads", str(threads or os.cpu_count()),
            "--json", str(out)]
-    if name == "stories260K":
-        cmd += ["--model-path", str(STORIES)]
+    if name in ("stories260K", "smollm2"):
+        cmd += ["--model-path", str(STORIES if name == "stories260K" else SMOLLM2)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if res.returncode != 0:
         return {"skipped": f"torch benchmark failed: {res.stderr[-500:]}"}
     return json.loads(out.read_text())
+
+
+# The engine against the PyTorch + PEFT loop, same workload, one run (clients, K, batch, seq).
+PEFT_CASES = {"stories260K": ("stories260K", 100, 5, 4, 128),  # the embedded 5-layer model
+              "smollm2": ("smollm2", 8, 1, 2, 128)}            # SmolLM2-135M-Instruct GGUF, 2,048 tokens
+
+
+def bench_peft(models=("stories260K", "smollm2"), no_torch=False):
+    """Tokens/s of the engine (one vmap, and chunks of 2) against the PEFT per-client loop.
+
+    SmolLM2 is the GGUF file dequantised to float32 by each side (``M.load_pretrained`` here;
+    transformers' ``from_pretrained(..., gguf_file=)`` in the torch Python)."""
+    rows = []
+    for name in models:
+        if name == "smollm2" and not SMOLLM2.exists():
+            print(f"skipping smollm2: no GGUF at {SMOLLM2} (set FEDHL_SMOLLM2)", flush=True)
+            continue
+        case = PEFT_CASES[name]
+        torch_row = {"skipped": "--no-torch"} if no_torch else bench_torch(*case)
+        for chunk in (None, 2):
+            row = bench_local(*case, chunk=chunk, repeat=2)
+            row["torch"] = torch_row
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return {"rows": rows, "date": date.today().isoformat(), "peak_flops": matmul_peak(),
+            "smollm2_file": SMOLLM2.name}
 
 
 # --------------------------------------------------------------------------- 4: server
@@ -472,6 +504,23 @@ def markdown(res) -> str:
             L.append(f"| {row['clients']} | {row['chunk']} | error | |")
         else:
             L.append(f"| {row['clients']} | {row['chunk'] or 'all (one vmap)'} | {row['peak_rss_mb']:,.0f} | {row['seconds']:.2f} |")
+    if "peft" in res:
+        pe = res["peft"]
+        L += ["", "## The engine against the PEFT loop (stories260K and SmolLM2-135M-Instruct)", "",
+              f"One run on {pe['date']} (matmul peak in the run {pe['peak_flops'] / 1e9:.0f} GFLOP/s): "
+              "`python benchmarks/run.py --only peft --update docs/performance.json --markdown docs/performance.md`. "
+              "LoRA on q and v, ranks 2/4/8/16 (r_max 16), AdamW, random tokens. SmolLM2 is "
+              f"`{pe['smollm2_file']}` (30 layers, hidden 576, vocabulary 49,152) dequantised to float32 by each "
+              "side: `M.load_pretrained` here, transformers' `from_pretrained(..., gguf_file=)` under PEFT in a "
+              "separate torch Python.", "",
+              "| model | clients × K × b × T | engine (clients_per_chunk) | engine tok/s | loop tok/s | PEFT tok/s | engine / PEFT | compile (s) |",
+              "|---|---|---|---|---|---|---|---|"]
+        for row in pe["rows"]:
+            ttok = row.get("torch", {}).get("tokens_per_s")
+            L.append(f"| {row['model']} | {row['clients']}×{row['local_steps']}×{row['batch']}×{row['seq']} | "
+                     f"{row['chunk'] or 'all'} | {row['vmap_tok_s']:,.0f} | {row['loop_tok_s']:,.0f} | "
+                     f"{f'{ttok:,.0f}' if ttok else 'n/a'} | {f'{row['vmap_tok_s'] / ttok:.2f}×' if ttok else 'n/a'} | "
+                     f"{row['compile_s']:.1f} |")
     if "compile_depth" in res:
         d = res["compile_depth"]
         L += ["", "## Compile time against depth", "",
@@ -506,6 +555,10 @@ def rerun_sections(args) -> int:
                                      seq=128 if full else 64)
     if "local" in args.only:
         raise SystemExit("rerun the local-training section with a whole run (its ratios need the same run)")
+    if "peft" in args.only:
+        res["peft"] = bench_peft(no_torch=args.no_torch)
+    if "compile_depth" in args.only:
+        res["compile_depth"] = compile_depth()
     res["seconds_rerun"] = time.perf_counter() - t0
     res.setdefault("reruns", []).append({"sections": args.only, "date": date.today().isoformat()})
     args.update.write_text(json.dumps(res, indent=1))
@@ -524,7 +577,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, help="JSON results")
     p.add_argument("--markdown", type=Path, help="write the report (e.g. docs/performance.md)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/PEFT baseline")
-    p.add_argument("--only", nargs="+", choices=["local", "server", "rsvd", "memory"],
+    p.add_argument("--only", nargs="+", choices=["local", "server", "rsvd", "memory", "peft", "compile_depth"],
                    help="rerun these sections only, keeping the others from --update")
     p.add_argument("--update", type=Path, help="results JSON whose other sections are kept (with --only)")
     args = p.parse_args(argv)

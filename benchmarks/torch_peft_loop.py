@@ -42,9 +42,10 @@ MEDIUM_CONFIG = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("stories260K", "medium"), default="stories260K")
+    p.add_argument("--model", choices=("stories260K", "smollm2", "medium"), default="stories260K")
     p.add_argument("--model-path", default=None,
-                   help="Hugging Face model folder (required for stories260K; unused for medium)")
+                   help="Hugging Face model folder (stories260K), or a GGUF file or a folder holding "
+                        "one (smollm2: transformers dequantises it to float32); unused for medium")
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--ranks", default="2,4,8,16", help="comma-separated ranks, cycled over clients")
     p.add_argument("--local-steps", type=int, default=5)
@@ -83,12 +84,28 @@ def build_base(args):
             raise SystemExit("--model-path is required for --model stories260K")
         model = LlamaForCausalLM.from_pretrained(args.model_path, dtype=torch.float32, use_safetensors=True,
                                                  attn_implementation=args.attn)
+    elif args.model == "smollm2":
+        if not args.model_path:
+            raise SystemExit("--model-path (a .gguf file or its folder) is required for --model smollm2")
+        folder, name = gguf_location(args.model_path)
+        model = LlamaForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                 attn_implementation=args.attn)
     else:
         torch.manual_seed(args.seed)
         cfg = LlamaConfig(**MEDIUM_CONFIG, attn_implementation=args.attn)
         model = LlamaForCausalLM(cfg).to(torch.float32)
     model.config.use_cache = False
     return model
+
+
+def gguf_location(path: str) -> tuple[str, str]:
+    """``(folder, file name)`` of a GGUF file given as the file or as a folder holding one."""
+    if os.path.isdir(path):
+        names = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if not names:
+            raise SystemExit(f"no .gguf file in {path}")
+        return path, names[0]
+    return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
 
 
 def attach_adapters(base, ranks: list[int], alpha: float, targets: list[str]):
