@@ -152,3 +152,16 @@ def test_generation_compiles_once_per_run(chat_tok):
     finally:
         evaluation.generation_eval = orig
     assert texts[6] == chat_tok.decode(alone, skip_special_tokens=True)
+
+
+def test_truncation_is_reported_once(chat_tok, caplog):
+    """The run's log gets one truncation line per split, and no duplicate logging warning."""
+    rows = [{"instruction": "hello " * 8, "input": "", "output": "world " * 12} for _ in range(8)]
+    lines = []
+    with caplog.at_level("WARNING"):
+        build_federated_dataset(DataConfig(dataset="gsm8k", seq_len=44, eval_examples=4), chat_tok, num_clients=2,
+                                records=(_dataset(rows), _dataset(rows[:4])), log=lines.append)
+    assert "truncation" not in caplog.text
+    train = [x for x in lines if x.startswith("train: ")]
+    held = [x for x in lines if x.startswith("held-out: ")]
+    assert len(train) == len(held) == 1 and "8 truncated" in train[0] and "4 truncated" in held[0]

@@ -196,7 +196,7 @@ def build_federated_dataset(config: DataConfig, tokenizer: Any, *, num_clients: 
         raise DataError(str(e)) from None
     described = "the model's chat template" if fmt == "chat" else "the Alpaca template"
     log(f"prompts: {described} (data.prompt_format={config.prompt_format}); loss on the response tokens only")
-    data = tokenize_dataset(train, tokenizer, config.seq_len, pad_id=pad_id, prompt_format=fmt)
+    data = tokenize_dataset(train, tokenizer, config.seq_len, pad_id=pad_id, prompt_format=fmt, warn=False)
     log(f"train: {data.truncation_report()}")
     if num_clients > len(data):
         raise DataError(f"fed.num_clients={num_clients} is more than the {len(data)} training examples of "
@@ -208,6 +208,8 @@ def build_federated_dataset(config: DataConfig, tokenizer: Any, *, num_clients: 
                            label_kind=config.label_kind)
     parts = make_partition(pcfg, len(data), labels)
     pcfg = dataclasses.replace(pcfg, ranks=ranks) if config.partition != "rank_correlated" and ranks else pcfg
-    ev = (tokenize_dataset(test, tokenizer, config.seq_len, pad_id=pad_id, prompt_format=fmt)
+    ev = (tokenize_dataset(test, tokenizer, config.seq_len, pad_id=pad_id, prompt_format=fmt, warn=False)
           if test is not None and len(test) else None)
+    if ev is not None:
+        log(f"held-out: {ev.truncation_report()}")
     return FederatedDataset(config, pcfg, train, data, labels, parts, ev)

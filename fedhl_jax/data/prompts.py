@@ -249,6 +249,7 @@ def tokenize_dataset(
     add_bos: bool = True,
     drop_empty: bool = True,
     prompt_format: str = "alpaca",
+    warn: bool = True,
 ) -> TokenizedDataset:
     """Tokenises all examples once into fixed-shape arrays.
 
@@ -264,6 +265,8 @@ def tokenize_dataset(
         drop_empty: Drop examples left with no target token after truncation
             (otherwise they are kept with an all-zero ``loss_mask`` row).
         prompt_format: ``alpaca``, ``chat`` or ``auto`` (see :func:`resolve_prompt_format`).
+        warn: log a warning when examples were truncated or dropped (callers that report
+            ``truncation_report()`` themselves pass False).
 
     Returns:
         A :class:`TokenizedDataset`; a warning is logged when examples were
@@ -349,7 +352,7 @@ def tokenize_dataset(
         bos_id=None if bos_id is None else int(bos_id),
         eos_id=int(eos_id),
     )
-    if out.n_truncated or out.n_dropped:
+    if warn and (out.n_truncated or out.n_dropped):
         log.warning("truncation: %s", out.truncation_report())
     return out
 
