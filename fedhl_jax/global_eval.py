@@ -65,25 +65,22 @@ class GlobalEvaluator:
     def generation(self, delta: dict, n: int | None = None) -> dict:
         """Exact match (GSM8K) or ROUGE-L (others) of greedy answers to the first ``n`` held-out prompts.
 
-        Every batch has the run's fixed prompt width and batch size (the last one is filled with
-        copies of its first prompt, whose answers are dropped), so generation compiles once per run.
+        Every batch has the run's fixed prompt width and batch size (``generation_eval`` fills the
+        last one with copies of its last prompt and drops their answers), so generation compiles
+        once per run.
         """
         ec = self.cfg
         n = self.n_generate if n is None else min(n, self.n_generate)
         params = M.merge_delta(self.params, delta)
         eos = self.tokenizer.eos_token_id
-        size = self.generate_batch
 
         def gen(batch):
-            rows = [list(map(int, p)) for p in batch]
-            rows += [rows[0]] * (size - len(rows))
-            toks = M.generate(self.model_cfg, params, rows, max_new_tokens=ec.max_new_tokens, eos_id=eos,
-                              pad_to=self.prompt_width)
-            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in M.strip_after_eos(toks, eos)]
-            return texts[: len(batch)]
+            toks = M.generate(self.model_cfg, params, [list(map(int, p)) for p in batch],
+                              max_new_tokens=ec.max_new_tokens, eos_id=eos, pad_to=self.prompt_width)
+            return [self.tokenizer.decode(r, skip_special_tokens=True) for r in M.strip_after_eos(toks, eos)]
 
         res = evaluation.generation_eval(gen, self.data.prompt_ids[:n], self.data.references[:n], self.metric,
-                                         batch_size=size)
+                                         batch_size=self.generate_batch)
         return {f"eval_{self.metric}": res["score"], "eval_generated": n,
                 "eval_sample": res["predictions"][0] if n else ""}
 
