@@ -143,10 +143,9 @@ def format_examples(instructions: Sequence[str], inputs: Sequence[str], outputs:
         return prompts, [p + o for p, o in zip(prompts, outputs)]
     if prompt_format != "chat":
         raise ValueError(f"prompt_format must be 'alpaca' or 'chat', got {prompt_format!r}")
-    from fedhl_jax.model.gguf_tokenizer import render_chat_template
+    from fedhl_jax.model.gguf_tokenizer import render_chat_template, template_variables
 
-    specials = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-    specials = {k: v for k, v in specials.items() if v is not None}
+    specials = template_variables(tokenizer)
     template = tokenizer.chat_template
     prompts = [render_chat_template(template, chat_messages(i, x), add_generation_prompt=True, **specials)
                for i, x in zip(instructions, inputs)]

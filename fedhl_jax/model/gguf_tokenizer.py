@@ -196,6 +196,13 @@ def _compiled_template(template: str):
     return env.from_string(template)
 
 
+def template_variables(tokenizer) -> dict[str, str]:
+    """The special tokens a chat template may use (``bos_token``, ``eos_token``, ``pad_token``,
+    ``unk_token``), those the tokenizer has."""
+    specials = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    return {k: v for k, v in specials.items() if v is not None}
+
+
 def apply_chat_template(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True,
                         tokenize: bool = False):
     """Formats a conversation with the tokenizer's own chat template.
@@ -217,10 +224,8 @@ def apply_chat_template(tokenizer, messages: list[dict], *, add_generation_promp
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise ValueError("the tokenizer has no chat template")
-    specials = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token",
-                                                         "unk_token")}
     text = render_chat_template(template, messages, add_generation_prompt=add_generation_prompt,
-                                **{k: v for k, v in specials.items() if v is not None})
+                                **template_variables(tokenizer))
     if not tokenize:
         return text
     return tokenizer(text, add_special_tokens=False)["input_ids"]
