@@ -150,6 +150,12 @@ def compile_round_step(round_step: Callable) -> Callable:
 # --------------------------------------------------------------------------- host side
 
 
+def round_key(seed: int, t: int) -> jax.Array:
+    """Round ``t``'s PRNG key: the plan draws from it, the aggregation from its ``AGGREGATE_STREAM``
+    fold (a simulation and a deployment of the same seed use the same keys)."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), t)
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientSchedule:
     """Who trains in round ``t``, with which rank and data (host side, NumPy).
@@ -182,7 +188,7 @@ class ClientSchedule:
         return sample_clients(len(self.ranks), self.clients_per_round, t, self.seed)
 
     def key(self, t: int) -> jax.Array:
-        return jax.random.fold_in(jax.random.PRNGKey(self.seed), t)
+        return round_key(self.seed, t)
 
     def __call__(self, t: int) -> tuple[RoundInputs, np.ndarray]:
         """Round ``t``'s inputs and its client ids.
@@ -229,15 +235,17 @@ class ClientSchedule:
                            replicate(key, self.mesh))
 
 
+def _global_array(x, sharding: NamedSharding) -> jax.Array:
+    """A host value that every process holds whole, as a global array with ``sharding`` (each
+    process puts the shards of its own devices)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
 def replicate(tree, mesh: Mesh):
     """``tree``'s host values (the same in every process) as arrays replicated over ``mesh``."""
     everywhere = NamedSharding(mesh, P())
-
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, everywhere, lambda idx: x[idx])
-
-    return jax.tree.map(put, tree)
+    return jax.tree.map(lambda x: _global_array(x, everywhere), tree)
 
 
 def client_mesh(clients_per_round: int, devices: Sequence | None = None) -> Mesh | None:
@@ -302,12 +310,7 @@ def place_base(base, mesh: Mesh | None):
     shardings = base_shardings(base, mesh)
     if not mesh.is_multi_process:
         return jax.device_put(base, shardings)
-
-    def put(x, sharding):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-    return jax.tree.map(put, base, shardings)
+    return jax.tree.map(_global_array, base, shardings)
 
 
 @dataclasses.dataclass

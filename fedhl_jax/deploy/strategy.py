@@ -8,7 +8,7 @@ A round runs the same pure functions as the simulation's round (``engine.make_ro
     ...the nodes train (deploy.node.NodeTrainer)...
     state     = algorithm.aggregate(state, B, A, mask, scale, n_i, fold_in(key_t, AGGREGATE_STREAM))
 
-with ``key_t = fold_in(PRNGKey(seed), t)`` and the global round ``t = start_round + server_round - 1``
+with ``key_t = engine.round_key(seed, t)`` and the global round ``t = start_round + server_round - 1``
 (Flower counts the rounds of each call from 1; a resumed server continues after its checkpoint).
 The replies are padded back into the ``[n, ...]`` client axis with the round's masks, so the
 aggregation compiles once. A node that does not answer (killed, timed out, or replying with an
@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import Strategy
 from fedhl_jax.config import ConfigError, TrainConfig
 from fedhl_jax.data.batching import sample_clients
 from fedhl_jax.deploy.node import BASE_KEY, pack, unpack
-from fedhl_jax.engine import AGGREGATE_STREAM
+from fedhl_jax.engine import AGGREGATE_STREAM, round_key
 from fedhl_jax.lora import lora_scale, rank_mask
 
 #: Message types besides Flower's ``train``: the node says who it is (partition id, rank).
@@ -137,7 +137,7 @@ class FedLoRAStrategy(Strategy):
         ranks = np.array([self.nodes[int(i)][1] for i in ids])
         mask = rank_mask(ranks, self.r_max)  # [n, r_max]
         scale = lora_scale(ranks, self.cfg.model.alpha, rslora=self.cfg.model.rslora)  # [n]
-        key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), t)
+        key = round_key(self.cfg.seed, t)
         start = jax.device_get(self._broadcast(self.state, mask, scale, key))
         base_delta = {BASE_KEY + k: np.asarray(v, np.float32) for k, v in (start.base_delta or {}).items()}
         messages, down, wire = [], 0, 0
