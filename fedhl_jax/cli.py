@@ -390,14 +390,15 @@ def zero_shot(sim, state, path: Path, log) -> dict:
         return res
     log("zero-shot: evaluating the starting model (eval.zero_shot)")
     t0 = time.perf_counter()
-    res = {k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "dtype") else v)
-           for k, v in sim.evaluate(state, 0, generate=True).items()}
+    from fedhl_jax.checkpointing import _jsonable  # the metrics' own conversion to JSON values
+
+    res = _jsonable(sim.evaluate(state, 0, generate=True))
     res["eval_seconds"] = time.perf_counter() - t0
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1) + "\n")
     os.replace(tmp, out)
     shown = ", ".join(f"{k[5:]} {v:.4f}" for k, v in res.items() if k.startswith("eval_") and isinstance(v, float)
-                      and k not in ("eval_ppl", "eval_generated") and not k.startswith("eval_loss_rank"))
+                      and k != "eval_ppl" and not k.startswith("eval_loss_rank"))
     log(f"zero-shot: {shown} ({res['eval_seconds']:.0f} s)")
     return res
 

@@ -55,6 +55,21 @@ def test_outputs_of_a_run(reference):
     assert set(final_adapter(out)) == {f"layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")}
 
 
+def test_zero_shot_once_and_generation_after_the_last_round(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"eval.zero_shot": "true", "eval.generate_examples": 3,
+                                            "eval.generate_every": 0, "eval.max_new_tokens": 4, "eval.every": 1})
+    res = train(tmp_path / "run", overrides)
+    zs = json.loads((tmp_path / "run" / "zero_shot.json").read_text())
+    assert np.isfinite(zs["eval_loss"]) and 0.0 <= zs["eval_exact_match"] <= 1.0 and zs["eval_generated"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert ["eval_exact_match" in r for r in rows] == [False, False, False, True]  # generate_every=0: last only
+    assert all("eval_loss" in r for r in rows)
+    assert f"exact match on 3 held-out prompts: {rows[-1]['eval_exact_match']:.4f} (zero-shot " in res.stdout
+    stamp = (tmp_path / "run" / "zero_shot.json").stat().st_mtime_ns
+    train(tmp_path / "run", [], "--resume", "fed.rounds=5")  # a resumed run keeps the first zero-shot file
+    assert (tmp_path / "run" / "zero_shot.json").stat().st_mtime_ns == stamp
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(reference, tmp_path):
     ref_out, overrides = reference
     out = tmp_path / "run"
