@@ -177,10 +177,16 @@ def largest_chunk(cfg: LlamaConfig, budget_bytes: float, *, clients: int, batch:
 
 def round_program(cfg: LlamaConfig, *, clients: int, clients_per_chunk: int | None, batch: int, seq: int,
                   local_steps: int = 1, targets="all-linear", r_max: int = 16):
-    """The jitted ``make_clients_train`` program of a round and its argument shapes (nothing allocated)."""
+    """The jitted ``make_clients_train`` program of a round and its argument shapes (nothing allocated).
+
+    The layers stay under ``lax.scan`` whatever the depth (``unroll_layers=0``): the plan models the
+    scanned program that deep models run, and the few-layer cuts checked here stand in for them.
+    """
     from fedhl_jax.local import make_clients_train, make_local_train, make_optimizer
     from fedhl_jax.model.adapters import stacked_adapter
     from fedhl_jax.model.llama import loss_fn
+
+    cfg = cfg.replace(unroll_layers=0)
 
     params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
     ad = jax.eval_shape(lambda k: stacked_adapter(cfg, jax.vmap(
