@@ -4,6 +4,7 @@ with --quick) with its plots.
 
   python bin/results.py --quick      # one seed, few rounds, Fed-GSM8K main table + sections
   python bin/results.py              # the full suite (3 seeds, every dataset)
+  python bin/results.py --config configs/results_smollm2.yaml   # SmolLM2: docs/results_smollm2.md
 
 Finished (cell, seed) runs are cached in docs/results_<mode>.jsonl, so an interrupted suite resumes.
 """
@@ -18,6 +19,7 @@ sys.path.insert(0, str(REPO))
 
 from omegaconf import OmegaConf  # noqa: E402
 
+from fedhl_jax.experiments import methods_suite as MS  # noqa: E402
 from fedhl_jax.experiments import results as R  # noqa: E402
 
 
@@ -36,6 +38,8 @@ def main(argv=None) -> int:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     spec = OmegaConf.to_container(OmegaConf.load(args.config))
+    if spec.get("suite") == "methods":  # one dataset, methods × seeds (configs/results_smollm2.yaml)
+        return run_methods_suite(spec, args)
     mode = "quick" if args.quick else "full"
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / f"results_{mode}.jsonl"
@@ -45,6 +49,20 @@ def main(argv=None) -> int:
     seconds = sum(r["seconds"] for r in unique.values())
     md = R.render(spec, results, args.out, quick=args.quick, seconds=seconds)
     page = args.out / ("results_quick.md" if args.quick else "results.md")
+    page.write_text(R.keep_discussion(page.read_text() if page.exists() else None, md))
+    print(f"wrote {page} ({time.perf_counter() - t0:.0f} s this call)")
+    return 0
+
+
+def run_methods_suite(spec: dict, args) -> int:
+    stem = args.config.stem
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    res = MS.run_suite(spec, args.out / f"{stem}.jsonl", only=args.only)
+    runs = [r for c in res["cells"].values() for r in c["runs"].values()] + [res["zero_shot"] or {}]
+    seconds = sum(r.get("seconds", 0.0) for r in runs)
+    md = MS.render(spec, res, args.out, seconds=seconds, stem=stem)
+    page = args.out / f"{stem}.md"
     page.write_text(R.keep_discussion(page.read_text() if page.exists() else None, md))
     print(f"wrote {page} ({time.perf_counter() - t0:.0f} s this call)")
     return 0

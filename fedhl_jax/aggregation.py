@@ -18,7 +18,7 @@ import numpy as np
 
 from fedhl_jax.truncation import SVD, masked_factors, svd, weighted_delta, weighted_product
 
-WEIGHTINGS = ("optimal", "uniform", "data_size", "optimal_data_size")
+WEIGHTINGS = ("optimal", "uniform", "data_size", "optimal_data_size", "balanced")
 EPS_MODES = ("absolute", "relative")
 #: The one default of FedHL's ε and its mode, shared by ``fedhl_weights``, ``fedhl_aggregate``,
 #: ``algorithms.FedHLOptions`` and the configs: ``ε_eff = 1e-2 · mean(r̂^power)`` (docs/algorithms.md).
@@ -40,7 +40,7 @@ def check_eps(eps) -> float:
 def check_weighting(weighting: str, num_examples) -> None:
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
-    if weighting in ("data_size", "optimal_data_size") and num_examples is None:
+    if weighting in ("data_size", "optimal_data_size", "balanced") and num_examples is None:
         raise ValueError(f"weighting={weighting!r} needs num_examples")
 
 
@@ -115,8 +115,9 @@ def fedhl_weights(errors: jax.Array, *, eps: float = DEFAULT_EPS, eps_mode: str 
       eps: ε > 0.
       eps_mode: ``"relative"`` (default, ``DEFAULT_EPS_MODE``) or ``"absolute"``.
       power: exponent applied to ``r̂_i``.
-      weighting: ``"optimal"`` (default), ``"uniform"``, ``"data_size"`` (∝ n_i)
-        or ``"optimal_data_size"`` (∝ n_i/(r̂_i^power + ε)).
+      weighting: ``"optimal"`` (default), ``"uniform"``, ``"data_size"`` (∝ n_i),
+        ``"optimal_data_size"`` (∝ n_i/(r̂_i^power + ε)) or ``"balanced"``
+        (∝ n_i/(r̂_i^power + m), see :func:`balanced_weights`; ``eps`` and ``eps_mode`` unused).
       num_examples: ``[n]`` local data sizes, needed by the data-size variants.
       valid: ``[n]`` bool; invalid clients (and clients whose ``r̂_i`` is not finite) get weight 0.
 
@@ -146,6 +147,8 @@ def fedhl_weights(errors: jax.Array, *, eps: float = DEFAULT_EPS, eps_mode: str 
     xmin = jnp.where(jnp.isfinite(xmin), xmin, 0.0)
     den = x + eps_eff
     opt = jnp.where(den > 0, (xmin + eps_eff) / jnp.where(den > 0, den, 1.0), 1.0)  # in (0, 1]
+    if weighting == "balanced":
+        return balanced_weights(errors, num_examples, power=power, valid=valid)
     if weighting == "optimal":
         w = opt
     elif weighting == "uniform":
@@ -154,6 +157,85 @@ def fedhl_weights(errors: jax.Array, *, eps: float = DEFAULT_EPS, eps_mode: str 
         size = jnp.asarray(num_examples, x.dtype)
         w = size if weighting == "data_size" else size * opt
     return normalise(w, valid)
+
+
+def balanced_weights(errors: jax.Array, num_examples: jax.Array, *, power: float = 2.0,
+                     valid: jax.Array | None = None) -> jax.Array:
+    """Drift-and-data weights with no tuned ε: ``p_i ∝ n_i / (x_i + m)``, ``x_i = r̂_i^power``.
+
+    ``m = Σ_j n_j x_j / Σ_j n_j`` is the data-weighted mean of the clients' drift terms in this
+    round. The weights minimise ``Σ_i p_i² (x_i + m) / n_i`` subject to ``Σ_i p_i = 1``: FedHL's
+    drift term ``Σ p_i² x_i`` (Eq. 12) plus FedAvg's sampling term ``Σ p_i² σ²/n_i``, with the
+    noise scale ``σ²`` tied to the round's drift (``σ² / n_i ≈ m / n_i``) instead of a tuned ε.
+
+    Properties (tested): scaling every ``r̂`` by one constant leaves the weights unchanged; equal
+    errors (as in round 1, where ``G = 0``) give the data-size weights exactly; and no client can be
+    driven to ~0 weight: since ``m ≥ q_i x_i`` with ``q_i = n_i / Σ n``, for any two clients
+    ``(p_i / n_i) / (p_j / n_j) = (x_j + m)/(x_i + m) ≥ q_i / (1 + q_i)``. (FedHL's optimal weights
+    gave the rank-2 clients < 0.5% of the weight in docs/results.md.)
+
+    Args:
+      errors: ``[n]`` truncation errors ``r̂_i``.
+      num_examples: ``[n]`` local data sizes ``n_i``.
+      power: exponent applied to ``r̂_i`` (FedHL's ``power``).
+      valid: ``[n]`` bool; invalid (or non-finite ``r̂``) clients get weight 0.
+
+    Returns:
+      ``[n]`` weights: finite, ≥ 0, summing to 1 over the clients kept.
+    """
+    n = errors.shape[0]
+    valid = jnp.ones((n,), bool) if valid is None else valid
+    r = jnp.maximum(errors, 0.0)
+    valid = valid & jnp.isfinite(r)
+    r = jnp.where(valid, r, 0.0)
+    top = jnp.max(r)
+    x = (r / jnp.where(top > 0, top, 1.0)) ** power  # [n], scale-free: the weights are invariant
+    size = jnp.where(valid, jnp.asarray(num_examples, x.dtype), 0.0)
+    m = jnp.sum(size * x) / jnp.maximum(jnp.sum(size), jnp.finfo(x.dtype).tiny)
+    den = x + m
+    w = size * jnp.where(den > 0, (jnp.min(jnp.where(valid, x, jnp.inf)) + m) / jnp.where(den > 0, den, 1.0), 1.0)
+    return normalise(jnp.where(jnp.isfinite(w), w, 0.0), valid)
+
+
+def rank_rarity(mask: jax.Array, num_examples: jax.Array, valid: jax.Array) -> jax.Array:
+    """RB-LoRA's rank-rarity factors ``β_r = Σ_k n_k / Σ_{k: r_k > r} n_k`` over the valid clients.
+
+    Rank column ``r`` held by clients with a share ``q_r`` of the round's data gets ``β_r = 1/q_r``,
+    so with the data shares ``α_k = n_k / Σ n`` the weights ``γ_r^(k) = α_k β_r`` of the clients
+    holding column ``r`` sum to 1. Columns nobody holds get 0.
+
+    Args:
+      mask: ``[n, r_max]`` rank masks.
+      num_examples: ``[n]`` data sizes.
+      valid: ``[n]`` bool.
+
+    Returns:
+      ``[r_max]`` float32.
+    """
+    size = jnp.where(valid, jnp.asarray(num_examples, jnp.float32), 0.0)  # [n]
+    held = jnp.einsum("n,nr->r", size, (mask > 0).astype(jnp.float32))  # [r_max]
+    return jnp.where(held > 0, jnp.sum(size) / jnp.where(held > 0, held, 1.0), 0.0)
+
+
+def rb_lora_aggregate(G: jax.Array, B: jax.Array, A: jax.Array, mask: jax.Array, scale: jax.Array, *,
+                      num_examples: jax.Array | None = None) -> jax.Array:
+    """RB-LoRA on one module: ``G ← Σ_k Σ_{r < r_k} α_k β_r s_k b_r^(k) a_r^(k)ᵀ``.
+
+    Each client's update is split into its rank-one components (column ``r`` of ``B_k`` times row
+    ``r`` of ``A_k``); component ``r`` is averaged over the clients that hold it, with data-size
+    weights (``α_k β_r``, :func:`rank_rarity`). Clients receive SVD truncations of ``G``, so
+    column ``r`` of every client is aligned with the ``r``-th singular direction of ``G``.
+
+    Returns:
+      ``[d_out, d_in]``; ``G`` unchanged when no client is valid.
+    """
+    check_client_shapes(G.shape, B, A, mask, scale)
+    valid = finite_clients(B, A, mask, scale)
+    warn_excluded(valid)
+    sizes = num_examples_or_ones(num_examples, mask.shape[0])
+    p = data_weights(sizes, valid)
+    beta = rank_rarity(mask, sizes, valid)
+    return jnp.where(jnp.any(valid), weighted_product(B * beta[None, None, :], A, mask, scale, p), G)
 
 
 def data_weights(num_examples: jax.Array, valid: jax.Array) -> jax.Array:

@@ -360,6 +360,33 @@ def flexlora(r_max: int, options: SVDOptions | dict | None = None, **overrides) 
     return _dense_family("flexlora", r_max, o, combine)
 
 
+def rb_lora(r_max: int, options: SVDOptions | dict | None = None, **overrides) -> Algorithm:
+    """RB-LoRA (Ha, Oh and Jeon, "RB-LoRA: Rank-Balanced Aggregation for Low-Rank Adaptation with
+    Federated Fine-Tuning", Findings of EACL 2026).
+
+    Each client's update is split into rank-one components ``b_r a_rᵀ``; component ``r`` gets
+    the weight ``γ_r^(k) = α_k β_r`` with data shares ``α_k = n_k / Σ n`` and rank rarity
+    ``β_r = Σ_k n_k / Σ_{k: r_k > r} n_k`` (the authors' ``compute_column_weights_from_ranks``), so
+    each component is the data-weighted average over the clients that hold it:
+    ``G ← Σ_k Σ_{r < r_k} α_k β_r s_k b_r^(k) a_r^(k)ᵀ``. The aggregate is then projected onto each
+    client's rank by SVD, as FlexLoRA (this module's dense-G family). Clients that were handed
+    ``G``'s truncations and did not move give back ``G`` truncated to the largest rank held (no
+    shrinkage of the components only high-rank clients hold), unlike FlexLoRA; the tail past that
+    rank is dropped, unlike FedHL.
+    """
+    o = _options(SVDOptions, options, overrides)
+
+    def combine(state, B, A, mask, scale, num_examples, valid, errors):
+        p = agg.data_weights(num_examples, valid)
+        beta = agg.rank_rarity(mask, num_examples, valid)  # [r_max]
+        keep = jnp.any(valid)
+        G = {k: jnp.where(keep, weighted_product(B[k] * beta[None, None, :], A[k], mask, scale, p), g)
+             for k, g in state.G.items()}
+        return G, {"p": p}
+
+    return _dense_family("rb_lora", r_max, o, combine)
+
+
 def flora(r_max: int, options: NoOptions | dict | None = None, **overrides) -> Algorithm:
     """FLoRA (Wang et al., 2024): stack the clients' factors, merge ``Σ p_i s_i B_i A_i`` into the base.
 
@@ -503,6 +530,7 @@ def fedex_lora(r_max: int, options: NoOptions | dict | None = None, **overrides)
 ALGORITHMS = {
     "fedhl": fedhl,
     "flexlora": flexlora,
+    "rb_lora": rb_lora,
     "flora": flora,
     "hetlora": hetlora,
     "fedit": fedit,

@@ -258,3 +258,108 @@ def test_bad_inputs_name_the_value():
         F.fedhl_aggregate(G, B, A, mask, scale, eps=1.0, weighting="data_size")
     with pytest.raises(ValueError, match=r"scale has shape \(3,\)"):
         F.fedhl_aggregate(G, B, A, mask, scale[:3], eps=1.0)
+
+
+# --------------------------------------------------------------------------- RB-LoRA and balanced weights
+
+
+def np_rb_lora(B, A, ranks, scale, sizes):
+    """float64 oracle of RB-LoRA: rank-one components averaged over the clients holding them."""
+    sizes = np.asarray(sizes, np.float64)
+    out = 0.0
+    for r in range(max(ranks)):
+        holders = [k for k, rk in enumerate(ranks) if rk > r]
+        tot = sum(sizes[k] for k in holders)
+        for k in holders:
+            b = np.asarray(B[k], np.float64)[:, r]
+            a = np.asarray(A[k], np.float64)[r]
+            out = out + sizes[k] / tot * float(scale[k]) * np.outer(b, a)
+    return out
+
+
+def test_rb_lora_matches_numpy():
+    G, mask, scale, _, _, B, A = setup()
+    sizes = jnp.array([10.0, 3, 7, 1, 5])
+    got = F.rb_lora_aggregate(G, B, A, mask, scale, num_examples=sizes)
+    np.testing.assert_allclose(got, np_rb_lora(B, A, RANKS, scale, sizes), atol=2e-5)
+    # the tree-level algorithm applies the same rule to every module
+    alg = F.make_algorithm("rb_lora", R_MAX)
+    state = alg.init({"m": G.shape})
+    state = state.replace(G={"m": G}, dec={"m": F.svd(G, R_MAX)})
+    new, _ = alg.aggregate(state, {"m": B}, {"m": A}, mask, scale, sizes)
+    np.testing.assert_allclose(new.G["m"], np_rb_lora(B, A, RANKS, scale, sizes), atol=2e-5)
+
+
+def test_rank_rarity_weights_of_holders_sum_to_one():
+    mask = F.rank_mask(RANKS, R_MAX)
+    sizes = jnp.array([10.0, 3, 7, 1, 5])
+    valid = jnp.array([True, True, True, False, True])
+    beta = np.asarray(F.rank_rarity(mask, sizes, valid), np.float64)
+    alpha = np.where(valid, sizes, 0) / np.sum(np.where(valid, sizes, 0))
+    held = np.asarray(mask, bool) & np.asarray(valid)[:, None]
+    np.testing.assert_allclose((alpha[:, None] * held * beta[None]).sum(0), 1.0, rtol=1e-6)
+
+
+def test_rb_lora_keeps_untrained_truncations_flexlora_shrinks_them():
+    """Clients that return G's truncations unchanged: RB-LoRA gives back G_{r_max held}."""
+    G, mask, scale, B0, A0, _, _ = setup()
+    sizes = jnp.array([10.0, 3, 7, 1, 5])
+    rb = F.rb_lora_aggregate(G, B0, A0, mask, scale, num_examples=sizes)
+    np.testing.assert_allclose(rb, np_truncate(G, int(RANKS.max())), atol=1e-5)
+    flex = F.flexlora_aggregate(G, B0, A0, mask, scale, num_examples=sizes)
+    assert np.linalg.norm(np.asarray(flex) - np_truncate(G, int(RANKS.max()))) > 0.1
+
+
+def test_rb_lora_is_flexlora_with_homogeneous_ranks():
+    ranks = np.array([3, 3, 3])
+    G, mask, scale, _, _, B, A = setup(ranks=ranks)
+    sizes = jnp.array([2.0, 5, 1])
+    chex.assert_trees_all_close(F.rb_lora_aggregate(G, B, A, mask, scale, num_examples=sizes),
+                                F.flexlora_aggregate(G, B, A, mask, scale, num_examples=sizes), atol=1e-6)
+
+
+def np_balanced(err, sizes, power=2.0):
+    x = np.asarray(err, np.float64) ** power
+    n = np.asarray(sizes, np.float64)
+    m = (n * x).sum() / n.sum()
+    w = n / (x + m) if m > 0 else n
+    return w / w.sum()
+
+
+def test_balanced_weights_match_numpy_and_fedhl_uses_them():
+    G, mask, scale, _, _, B, A = setup()
+    sizes = jnp.array([10.0, 3, 7, 1, 5])
+    err = np.array([np_tail(G, r) for r in RANKS])
+    np.testing.assert_allclose(F.balanced_weights(jnp.asarray(err, jnp.float32), sizes), np_balanced(err, sizes),
+                               rtol=2e-5)
+    got, p = F.fedhl_aggregate(G, B, A, mask, scale, num_examples=sizes, weighting="balanced")
+    np.testing.assert_allclose(p, np_balanced(err, sizes), rtol=2e-4, atol=1e-6)
+    p64 = np_balanced(err, sizes)
+    want = np.asarray(G, np.float64) + sum(
+        p64[i] * (float(scale[i]) * np.asarray(B[i], np.float64)[:, :r] @ np.asarray(A[i], np.float64)[:r]
+                  - np_truncate(G, r)) for i, r in enumerate(RANKS))
+    np.testing.assert_allclose(got, want, atol=2e-4)
+
+
+@settings(deadline=None, max_examples=40)
+@given(hnp.arrays(np.float64, 6, elements=st.floats(0, 1e3)), hnp.arrays(np.float64, 6, elements=st.floats(1, 100)),
+       st.floats(1e-6, 1e6))
+def test_balanced_weights_properties(err, sizes, c):
+    p = np.asarray(F.balanced_weights(jnp.asarray(err, jnp.float32), jnp.asarray(sizes, jnp.float32)), np.float64)
+    assert np.all(p > 0) and abs(p.sum() - 1) < 1e-5
+    # scale-free: no ε to tune
+    pc = np.asarray(F.balanced_weights(jnp.asarray(err * c, jnp.float32), jnp.asarray(sizes, jnp.float32)))
+    np.testing.assert_allclose(pc, p, rtol=1e-3, atol=1e-7)
+    # no client is driven to ~0: (p_i/n_i)/(p_j/n_j) ≥ q_i/(1+q_i), q_i = n_i/Σn
+    q = sizes / sizes.sum()
+    ratio = (p / sizes)[:, None] / (p / sizes)[None, :]
+    assert np.all(ratio >= (q / (1 + q))[:, None] * (1 - 1e-4))
+
+
+def test_balanced_weights_equal_errors_are_data_size():
+    sizes = jnp.array([4.0, 1, 3, 2])
+    for e in (0.0, 2.5):
+        np.testing.assert_allclose(F.balanced_weights(jnp.full((4,), e), sizes), np.asarray(sizes) / 10, rtol=1e-6)
+    # an invalid client gets 0 and the others are renormalised
+    p = F.balanced_weights(jnp.array([1.0, 2, 3, 4]), sizes, valid=jnp.array([True, False, True, True]))
+    assert float(p[1]) == 0.0 and abs(float(p.sum()) - 1) < 1e-6

@@ -12,7 +12,7 @@ from tests.conftest import np_truncate
 SHAPES = {"layers.0.self_attn.q_proj": (8, 6), "layers.0.self_attn.v_proj": (4, 6)}
 R_MAX = 4
 RANKS = np.array([1, 2, 4, 3])
-ALL = ["fedhl", "flexlora", "flora", "hetlora", "fedit", "ffa_lora", "fedex_lora"]
+ALL = ["fedhl", "flexlora", "rb_lora", "flora", "hetlora", "fedit", "ffa_lora", "fedex_lora"]
 HOMOGENEOUS = {"fedit", "ffa_lora", "fedex_lora"}
 
 
@@ -82,6 +82,9 @@ def test_untrained_clients_change_nothing(name):
     diff = max(float(jnp.max(jnp.abs(after[k] - before[k]))) for k in SHAPES)
     if name in ("flexlora", "hetlora"):
         assert diff > 1e-2
+    elif name == "rb_lora":  # keeps every component a client holds, drops the tail past the largest rank
+        for k in SHAPES:
+            np.testing.assert_allclose(after[k], np_truncate(before[k], int(max(ranks))), atol=1e-5)
     else:
         assert diff < 1e-5, diff
 

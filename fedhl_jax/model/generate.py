@@ -115,7 +115,7 @@ def _generate_padded(cfg: LlamaConfig, params: dict, tokens: jax.Array, prompt_m
     kv_valid = jnp.zeros((b, p + n), bool).at[:, :p].set(prompt_mask.astype(bool))  # [B, S]
     positions = positions_from_mask(prompt_mask)  # [B, P]
     logits, cache = forward_cached(cfg, params, tokens, positions, kv_valid,
-                                   init_cache(cfg, b, p + n), 0, adapter=adapter)
+                                   init_cache(cfg, b, p + n), 0, adapter=adapter, last_only=True)
     key, sub = jax.random.split(key)
     tok = sample(logits[:, -1], sub)  # [B]
     out = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)

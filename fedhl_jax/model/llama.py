@@ -408,7 +408,8 @@ def scan_lora(cfg: LlamaConfig, adapter: Adapter | None) -> tuple[dict, jax.Arra
 
 
 def _decoder(cfg: LlamaConfig, params: dict, tokens: jax.Array, positions: jax.Array,
-             kv_valid: jax.Array, adapter: Adapter | None, cache: KVCache | None, cache_index):
+             kv_valid: jax.Array, adapter: Adapter | None, cache: KVCache | None, cache_index,
+             last_only: bool = False):
     """Shared body of :func:`forward` and :func:`forward_cached`.
 
     Tokens occupy key slots ``cache_index .. cache_index+T-1`` of ``S`` slots
@@ -418,8 +419,10 @@ def _decoder(cfg: LlamaConfig, params: dict, tokens: jax.Array, positions: jax.A
     policy is asked for); without a
     cache, the scan body is rematerialised per ``cfg.remat``.
 
+    With ``last_only`` the LM head runs on the last position only (a prefill needs nothing else).
+
     Returns:
-      ``(logits [B, T, V] float32, new_cache)``.
+      ``(logits [B, T, V] float32, new_cache)``; ``T = 1`` with ``last_only``.
     """
     dtype = cfg.jnp_compute_dtype
     t, s = tokens.shape[1], kv_valid.shape[1]
@@ -463,6 +466,8 @@ def _decoder(cfg: LlamaConfig, params: dict, tokens: jax.Array, positions: jax.A
         (x, ck, cv), _ = jax.lax.scan(body, (x, *cache),
                                       (layers, lora, jnp.arange(cfg.num_layers)), unroll=unroll)
         new_cache = (ck, cv)
+    if last_only:
+        x = x[:, -1:]  # [B, 1, D]
     x = _rms_norm(x, params["norm"], cfg.rms_norm_eps)
     head = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]  # [V, D]
     logits = jnp.einsum("btd,vd->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
@@ -516,7 +521,7 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> KVCache:
 
 def forward_cached(cfg: LlamaConfig, params: dict, tokens: jax.Array, positions: jax.Array,
                    kv_valid: jax.Array, cache: KVCache, cache_index, *,
-                   adapter: Adapter | None = None) -> tuple[jax.Array, KVCache]:
+                   adapter: Adapter | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache]:
     """Forward pass that writes keys/values into a KV cache (for decoding).
 
     Args:
@@ -529,11 +534,13 @@ def forward_cached(cfg: LlamaConfig, params: dict, tokens: jax.Array, positions:
       cache: from :func:`init_cache` (``S`` slots).
       cache_index: scalar int slot of ``tokens[:, 0]`` (may be traced).
       adapter: optional LoRA adapter.
+      last_only: logits of the last position only (``T = 1``): a prefill needs no more, and
+        skips a ``[B, T, V]`` buffer and the LM head's FLOPs on the other positions.
 
     Returns:
       ``(logits [B, T, V] float32, updated cache)``.
     """
-    return _decoder(cfg, params, tokens, positions, kv_valid, adapter, cache, cache_index)
+    return _decoder(cfg, params, tokens, positions, kv_valid, adapter, cache, cache_index, last_only)
 
 
 # --------------------------------------------------------------------------- losses
