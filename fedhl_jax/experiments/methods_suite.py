@@ -170,8 +170,9 @@ def render(spec: dict, res: dict, out_dir: Path, *, seconds: float, stem: str) -
          f"{zs['eval_loss']:.3f})." if zs.get("eval_loss") is not None else "", "",
          f"{metric_name.capitalize()}: greedy answers to the first {n_gen} test questions, chat-formatted, "
          f"at most {e.get('max_new_tokens')} new tokens; on seed{'s' if len(gen_seeds) > 1 else ''} "
-         f"{', '.join(map(str, gen_seeds))} only (one pass over {n_gen} questions costs about "
-         f"{spec.get('generation_minutes', '?')} min here). Zero-shot: "
+         f"{', '.join(map(str, gen_seeds))}"
+         + (f" only (one pass over {n_gen} questions costs about {spec['generation_minutes']} min here)"
+            if "generation_minutes" in spec and len(gen_seeds) < len(seeds) else "") + ". Zero-shot: "
          + (f"**{zs[metric]:.3f}**" if metric in zs else "–") + ".", "",
          "Paired differences: mean ± standard deviation over seeds of (method − reference) on the same seed, "
          "hence the same data split; `*`: |mean| exceeds the standard deviation; (k/n below): seeds on which the "
