@@ -185,18 +185,30 @@ def render(spec: dict, res: dict, out_dir: Path, *, seconds: float, stem: str) -
         runs = cells_.get(cid, {}).get("runs", {})
         em = [r[metric] for r in runs.values() if r.get(metric) is not None]
         mb = [r["bytes"] / 2**20 for r in runs.values()]
-        L.append(f"| {m} | {_fmt(_stats(cells_, cid))} | "
-                 f"{_fmt_paired(_paired(cells_, cid, main['fedhl'])) if m != 'fedhl' else ''} | "
-                 f"{_fmt_paired(_paired(cells_, cid, main['flexlora'])) if m != 'flexlora' else ''} | "
-                 f"{np.mean(em):.3f}" * bool(em) + ("–" if not em else "") + " | "
-                 + (f"{np.mean(mb) / len(next(iter(runs.values()))['eval_loss']):.2f} | {np.mean(mb):.1f}" if mb
-                    else "– | –") + " |")
+        rounds = len(next(iter(runs.values()))["eval_loss"]) if runs else 0
+        L.append(" | ".join([
+            f"| {m}", _fmt(_stats(cells_, cid)),
+            _fmt_paired(_paired(cells_, cid, main["fedhl"])) if m != "fedhl" else "",
+            _fmt_paired(_paired(cells_, cid, main["flexlora"])) if m != "flexlora" else "",
+            f"{np.mean(em):.3f}" if em else "–",
+            f"{np.mean(mb) / rounds:.1f}" if mb else "–",
+            f"{np.mean(mb):.0f}" if mb else "–"]) + " |")
     pairs = spec.get("pairs") or []
     if pairs:
         L += ["", "## Paired comparisons named in the discussion", "", "| comparison | paired difference of held-out loss |",
               "|---|---|"]
         for a, bb in pairs:
             L.append(f"| {a} − {bb} | {_fmt_paired(_paired(cells_, main[a], main[bb]))} |")
+        rounds = spec["base"]["fed"]["rounds"]
+        L += ["", "The same pairs round by round (held-out loss after each round, paired by seed):", "",
+              "| comparison | " + " | ".join(f"round {t + 1}" for t in range(rounds)) + " |",
+              "|---" * (rounds + 1) + "|"]
+        for a, bb in pairs:
+            ra, rb = cells_.get(main[a], {}).get("runs", {}), cells_.get(main[bb], {}).get("runs", {})
+            common = sorted(set(ra) & set(rb))
+            row = [_fmt_paired(np.asarray([ra[s_]["eval_loss"][t] - rb[s_]["eval_loss"][t] for s_ in common])
+                               if common else None) for t in range(rounds)]
+            L.append(f"| {a} − {bb} | " + " | ".join(row) + " |")
     for name, sec in (spec.get("sections") or {}).items():
         L += ["", f"## {sec.get('title', name)}", "", sec.get("text", "").strip(), "",
               "| method | held-out loss | − same method in the main table (paired) |", "|---|---|---|"]
