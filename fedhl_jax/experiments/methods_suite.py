@@ -111,10 +111,8 @@ def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable
 # --------------------------------------------------------------------------- report
 
 
-def _paired(cells_, a, b, key="final_eval_loss"):
-    ra, rb = cells_.get(a, {}).get("runs", {}), cells_.get(b, {}).get("runs", {})
-    d = [ra[s][key] - rb[s][key] for s in sorted(set(ra) & set(rb))]
-    return np.asarray(d) if d else None
+_paired = R._paired  # per-seed differences over the seeds both cells have run
+_stats = R._stats
 
 
 def _fmt_paired(d, digits=3):
@@ -125,11 +123,6 @@ def _fmt_paired(d, digits=3):
     m, s = float(d.mean()), float(d.std())
     wins = int(np.sum(d < 0))
     return f"{m:+.{digits}f} ± {s:.{digits}f}" + (" *" if abs(m) > s else "") + f" ({wins}/{len(d)} below)"
-
-
-def _stats(cells_, cid, key="final_eval_loss"):
-    vals = [r[key] for r in cells_.get(cid, {}).get("runs", {}).values() if r.get(key) is not None]
-    return (float(np.mean(vals)), float(np.std(vals)), len(vals)) if vals else None
 
 
 def _fmt(st, digits=3):
