@@ -73,3 +73,26 @@ def tiny_overrides(tmp_path: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def flip_checkpoint_bytes(step_dir: Path) -> list[Path]:
+    """Flips 16 bytes in the middle of every array-data file of an Orbax (OCDBT) checkpoint.
+
+    Which data file is the largest varies from save to save (OCDBT flushes chunks and B-tree
+    nodes into files as the writes land, and the per-process B-tree nodes are no longer read
+    after the merge), so flipping only the largest one sometimes touches nothing that is read.
+    Flipping every data file always corrupts what a restore reads. Falls back to every
+    non-metadata file when the checkpoint has no OCDBT data folder. Sizes are kept.
+    """
+    files = sorted(f for f in step_dir.rglob("*") if f.is_file() and f.parent.name == "d"
+                   and f.parent.parent.name.startswith("ocdbt.process_"))
+    if not files:
+        files = sorted(f for f in step_dir.rglob("*") if f.is_file() and "metadata" not in f.name.lower()
+                       and "checksum" not in str(f) and "commit" not in f.name)
+    assert files, f"no files to flip under {step_dir}"
+    for target in files:
+        data = bytearray(target.read_bytes())
+        mid = len(data) // 2
+        data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
+        target.write_bytes(bytes(data))
+    return files

@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedhl_jax.checkpointing import read_lock_holder
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, flip_checkpoint_bytes, tiny_overrides
 
 TRAIN = [sys.executable, str(REPO / "bin" / "train.py"), "--no-progress"]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -100,27 +100,18 @@ def test_wrong_data_or_model_path_is_an_error_not_a_switch(tmp_path):
     assert res.returncode == 2 and "/nonexistent/model" in res.stderr and not out.exists()
 
 
-def flip_bytes(step_dir: Path) -> Path:
-    """Flips bytes of the largest array file of a checkpoint, keeping its size."""
-    files = [f for f in step_dir.rglob("*") if f.is_file() and "metadata" not in f.name.lower()
-             and "checksum" not in str(f) and "commit" not in f.name]
-    target = max(files, key=lambda f: f.stat().st_size)
-    data = bytearray(target.read_bytes())
-    for i in range(len(data) // 2, min(len(data), len(data) // 2 + 16)):
-        data[i] ^= 0xFF
-    target.write_bytes(bytes(data))
-    return target
-
-
 def test_resume_of_a_finished_run_with_a_tampered_checkpoint(tmp_path):
     """Finding 4: --resume re-exported final/ from a byte-flipped checkpoint (NaN), then crashed."""
     out = tmp_path / "run"
     overrides = tiny_overrides(tmp_path, **{"fed.rounds": 3})
     train(out, overrides)
     before = load_file(str(out / "final" / "global_adapter.safetensors"))
-    flip_bytes(out / "checkpoints" / "3")
+    flip_checkpoint_bytes(out / "checkpoints" / "3")
     res = train(out, ["--resume"])  # the run's own config.yaml: no --config, no overrides
-    assert "checkpoint of round 3" in res.stdout and "does not match its checksum" in res.stdout
+    assert "checkpoint of round 3" in res.stdout and "checkpoints_unreadable" in res.stdout
+    # Flipped chunk bytes mostly still decode, to other values: the checksum catches those; a flip
+    # that lands on a compression header makes the chunk unreadable instead. Either is set aside.
+    assert "does not match its checksum" in res.stdout or "is unreadable" in res.stdout
     assert "resuming after round 2" in res.stdout
     assert len(res.stderr.splitlines()) < 20  # no traceback storm
     after = load_file(str(out / "final" / "global_adapter.safetensors"))

@@ -18,7 +18,7 @@ from fedhl_jax.checkpointing import (ChecksumMismatchError, NonFiniteError, RunD
                                      acquire_run_lock, arrays_checksum, atomic_directory, check_finite,
                                      write_final)
 from fedhl_jax.config import ConfigError, TrainConfig
-from tests.conftest import REPO
+from tests.conftest import REPO, flip_checkpoint_bytes
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
 
@@ -49,10 +49,6 @@ def assert_state(got, t):
     for k in want["A"]:
         np.testing.assert_array_equal(np.asarray(got["A"][k]), np.asarray(want["A"][k]))
     assert int(got["round"]) == t
-
-
-def largest_file(folder: Path) -> Path:
-    return max((f for f in folder.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
 
 
 # ------------------------------------------------------------------------------------ lock
@@ -122,12 +118,7 @@ def test_checkpoints_carry_a_checksum(tmp_path):
 def test_flipped_bytes_in_the_latest_checkpoint_fall_back(tmp_path):
     out = tmp_path / "run"
     run_with_checkpoints(out, rounds=(1, 2, 3)).close()
-    target = largest_file(out / "checkpoints" / "3" / "state")
-    data = bytearray(target.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
-    target.write_bytes(bytes(data))
-    assert target.stat().st_size == len(data)
+    flip_checkpoint_bytes(out / "checkpoints" / "3")
     logs: list = []
     restored, done = resume(out, logs).restore(state(0))
     assert done == 2
