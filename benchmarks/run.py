@@ -172,6 +172,69 @@ def bench_peft(models=("stories260K", "smollm2"), no_torch=False):
             "smollm2_file": SMOLLM2.name}
 
 
+def bench_cpu_matmul(rounds=6):
+    """The two CPU float32 matmul modes (``fedhl_jax.runtime``) on SmolLM2: speed and parity.
+
+    Interleaved calls (fast, accurate, fast, ...) of the same three workloads, median of each:
+    local training (the SmolLM2 row of the PEFT comparison, chunks of 2), one held-out loss pass
+    (8 × 320 tokens) and batched greedy generation (100 prompts of 192 tokens, 16 new tokens).
+    Parity: the largest difference of our logits from transformers' golden ones
+    (``tests/golden/smollm2_gguf.npz``: maxima, log-sum-exp and top-8 of every position).
+    """
+    import importlib
+
+    from fedhl_jax import runtime
+
+    gen = importlib.import_module("fedhl_jax.model.generate")
+    if not SMOLLM2.exists():
+        return {"skipped": f"no GGUF at {SMOLLM2} (set FEDHL_SMOLLM2)"}
+    cfg, params = load_model("smollm2")
+    name, clients, steps, batch, seq = PEFT_CASES["smollm2"]
+    ad, tokens, loss_mask = make_workload(cfg, clients, (2, 4, 8, 16), steps, batch, seq)
+    local = make_local_train(lambda p, a, t, m: M.loss_fn(cfg, p, a, t, m), make_optimizer("adamw", 1e-3))
+    rng = np.random.default_rng(0)
+    ev_tok = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(8, 320)), jnp.int32)
+    ev_mask = jnp.ones(ev_tok.shape, jnp.float32)
+    prompts = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(100, 192)), jnp.int32)
+    pmask = jnp.ones(prompts.shape, jnp.int32)
+    gkw = dict(max_new_tokens=16, temperature=0.0, top_k=None, top_p=None, eos_id=None, pad_id=cfg.pad_token_id)
+    raw_generate = gen._generate_padded.__wrapped__
+    calls = {}
+    for mode in runtime.CPU_MATMUL_MODES:
+        train = runtime.jit(make_clients_train(local, clients_per_chunk=2), cpu_matmul=mode)
+        ev = runtime.jit(lambda p, t, m: M.token_losses(cfg, p, None, t, m), cpu_matmul=mode)
+        g = runtime.jit(raw_generate, cpu_matmul=mode, static_argnames=("cfg", *gkw))
+        calls[mode] = {
+            "train": lambda f=train: f(params, ad, tokens, loss_mask),
+            "eval": lambda f=ev: f(params, ev_tok, ev_mask),
+            "generate": lambda f=g: f(cfg, params, prompts, pmask, None, jax.random.PRNGKey(0), **gkw)}
+        for fn in calls[mode].values():
+            jax.block_until_ready(fn())  # compile
+    times = {m: {k: [] for k in calls[m]} for m in calls}
+    for i in range(rounds):
+        for mode in runtime.CPU_MATMUL_MODES:
+            for k, fn in calls[mode].items():
+                if k != "generate" or i < 2:  # generation is long: 2 calls per mode
+                    times[mode][k].append(timed(fn))
+    golden = REPO / "tests" / "golden" / "smollm2_gguf.npz"
+    parity = {}
+    if golden.exists():
+        g = np.load(golden)
+        for mode in runtime.CPU_MATMUL_MODES:
+            fwd = runtime.jit(lambda p, t: M.forward(cfg, p, t), cpu_matmul=mode)
+            worst = 0.0
+            for i, (row, n) in enumerate(zip(g["ids"], g["lengths"])):
+                lg = np.asarray(fwd(params, row[None, :n]))[0].astype(np.float64)
+                lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+                top = np.take_along_axis(lg, g["top_ids"][i, :n], -1)
+                worst = max(worst, np.abs(lg.max(-1) - g["logit_max"][i, :n]).max(),
+                            np.abs(lse - g["logit_lse"][i, :n]).max(), np.abs(top - g["top_logits"][i, :n]).max())
+            parity[mode] = float(worst)
+    med = {m: {k: float(np.median(v)) for k, v in times[m].items()} for m in times}
+    return {"date": date.today().isoformat(), "train_tokens": clients * steps * batch * seq,
+            "median_s": med, "all_s": times, "parity_max_abs": parity, "rounds": rounds}
+
+
 # --------------------------------------------------------------------------- 4: server
 
 
@@ -521,6 +584,24 @@ def markdown(res) -> str:
                      f"{row['chunk'] or 'all'} | {row['vmap_tok_s']:,.0f} | {row['loop_tok_s']:,.0f} | "
                      f"{f'{ttok:,.0f}' if ttok else 'n/a'} | {f'{row['vmap_tok_s'] / ttok:.2f}×' if ttok else 'n/a'} | "
                      f"{row['compile_s']:.1f} |")
+    if "cpu_matmul" in res and "median_s" in res["cpu_matmul"]:
+        c = res["cpu_matmul"]
+        f, a = c["median_s"]["fast"], c["median_s"]["accurate"]
+        par = c.get("parity_max_abs", {})
+        L += ["", "## CPU float32 matmul modes (`model.cpu_matmul`, `fedhl_jax.runtime`)", "",
+              f"One run on {c['date']}: `python benchmarks/run.py --only cpu_matmul --update docs/performance.json "
+              "--markdown docs/performance.md`. SmolLM2-135M-Instruct; *fast* = XLA's defaults (float32 dots, "
+              "reductions and elementwise fusions handed to YNNPACK), *accurate* = YNNPACK fusions off. Calls "
+              f"interleaved, medians of {c['rounds']} (generation: 2). Parity: largest difference of the logits "
+              "from transformers' float32 ones on the 4 golden prompts (`tests/golden/smollm2_gguf.npz`).", "",
+              "| workload | fast | accurate | accurate / fast (time) |", "|---|---|---|---|",
+              f"| local training, 8 clients × 1 step × 2 × 128, chunks of 2 | {c['train_tokens'] / f['train']:,.0f} tok/s | "
+              f"{c['train_tokens'] / a['train']:,.0f} tok/s | {a['train'] / f['train']:.2f}× |",
+              f"| held-out loss, 8 × 320 tokens | {f['eval']:.2f} s | {a['eval']:.2f} s | {a['eval'] / f['eval']:.2f}× |",
+              f"| greedy generation, 100 prompts × 192 tokens + 16 new | {f['generate']:.1f} s | {a['generate']:.1f} s | "
+              f"{a['generate'] / f['generate']:.2f}× |"]
+        if par:
+            L.append(f"| logits vs transformers, max abs | {par['fast']:.2e} | {par['accurate']:.2e} | |")
     if "compile_depth" in res:
         d = res["compile_depth"]
         L += ["", "## Compile time against depth", "",
@@ -559,6 +640,8 @@ def rerun_sections(args) -> int:
         res["peft"] = bench_peft(no_torch=args.no_torch)
     if "compile_depth" in args.only:
         res["compile_depth"] = compile_depth()
+    if "cpu_matmul" in args.only:
+        res["cpu_matmul"] = bench_cpu_matmul()
     res["seconds_rerun"] = time.perf_counter() - t0
     res.setdefault("reruns", []).append({"sections": args.only, "date": date.today().isoformat()})
     args.update.write_text(json.dumps(res, indent=1))
@@ -577,7 +660,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, help="JSON results")
     p.add_argument("--markdown", type=Path, help="write the report (e.g. docs/performance.md)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/PEFT baseline")
-    p.add_argument("--only", nargs="+", choices=["local", "server", "rsvd", "memory", "peft", "compile_depth"],
+    p.add_argument("--only", nargs="+", choices=["local", "server", "rsvd", "memory", "peft", "compile_depth", "cpu_matmul"],
                    help="rerun these sections only, keeping the others from --update")
     p.add_argument("--update", type=Path, help="results JSON whose other sections are kept (with --only)")
     args = p.parse_args(argv)

@@ -48,6 +48,9 @@ class ModelConfig:
     dtype: str = "float32"
     compute_dtype: str | None = None
     remat: str = "none"
+    # CPU float32 matmuls: "fast" (XLA's defaults) or "accurate" (YNNPACK fusions off; logits to
+    # 1e-4 of a float32 PyTorch reference, training about 20% slower on CPU). fedhl_jax.runtime.
+    cpu_matmul: str = "fast"
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     alpha: float = 16.0
     rslora: bool = False
@@ -64,6 +67,8 @@ class ModelConfig:
         _require(self.compute_dtype in (None, "float32", "bfloat16"),
                  f"model.compute_dtype must be float32, bfloat16 or null (= model.dtype), got {self.compute_dtype!r}")
         _require(self.remat in REMAT_POLICIES, f"model.remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
+        _require(self.cpu_matmul in ("fast", "accurate"),
+                 f"model.cpu_matmul must be fast or accurate, got {self.cpu_matmul!r}")
         _require(len(self.targets) > 0, "model.targets must name at least one module")
         _require(self.alpha > 0, f"model.alpha must be > 0, got {self.alpha}")
 

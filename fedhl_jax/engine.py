@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fedhl_jax import runtime
 from fedhl_jax.algorithms import Algorithm
 from fedhl_jax.data.batching import sample_clients
 from fedhl_jax.local import make_clients_train, make_local_train
@@ -144,7 +145,7 @@ def make_round_step(algorithm: Algorithm, loss: Callable, optimizer: optax.Gradi
 
 def compile_round_step(round_step: Callable) -> Callable:
     """``jax.jit`` of a round step with the server state donated (its buffers are reused)."""
-    return jax.jit(round_step, donate_argnums=(0,))
+    return runtime.jit(round_step, donate_argnums=(0,))
 
 
 # --------------------------------------------------------------------------- host side

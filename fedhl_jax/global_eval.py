@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from fedhl_jax import evaluation
+from fedhl_jax import evaluation, runtime
 from fedhl_jax import model as M
 from fedhl_jax.algorithms import Algorithm
 from fedhl_jax.data.prompts import TokenizedDataset
@@ -32,7 +32,7 @@ class GlobalEvaluator:
         self.alpha, self.rslora, self.r_max = alpha, rslora, r_max
         n_loss = len(data) if eval_cfg.loss_examples is None else min(eval_cfg.loss_examples, len(data))
         self.loss_tokens, self.loss_mask = data.tokens[:n_loss], data.loss_mask[:n_loss]
-        self.loss_fn = jax.jit(lambda p, delta, t, m: M.token_losses(model_cfg, M.merge_delta(p, delta), None, t, m))
+        self.loss_fn = runtime.jit(lambda p, delta, t, m: M.token_losses(model_cfg, M.merge_delta(p, delta), None, t, m))
         # Generation shapes fixed for the run: one prompt width (the longest prompt, rounded up to 32)
         # and one batch size, so the decode program compiles once, not once per batch.
         self.n_generate = min(eval_cfg.generate_examples, len(data))

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 import jax
 import numpy as np
 
-from fedhl_jax import engine
+from fedhl_jax import engine, runtime
 from fedhl_jax import model as M
 from fedhl_jax.assets import resolve_model_source
 from fedhl_jax.config import ConfigError, TrainConfig
@@ -164,6 +164,10 @@ class Simulation:
         self.loss = lambda params, adapter, tokens, mask: M.loss_fn(train_cfg, params, adapter, tokens, mask)
         self.to_client = lambda ad: M.stacked_adapter(self.model_cfg, ad)
         self.from_client = lambda ad: M.per_layer_adapter(self.model_cfg, ad)
+        # Process-wide: the round step, evaluation and generation compile in this mode (fedhl_jax.runtime).
+        runtime.set_cpu_matmul(cfg.model.cpu_matmul)
+        if cfg.model.cpu_matmul == "accurate" and jax.default_backend() == "cpu":
+            log("CPU float32 matmuls: accurate (XLA's own kernels, YNNPACK fusions off; model.cpu_matmul)")
         self.round_fn = engine.compile_round_step(engine.make_round_step(
             self.algorithm, self.loss, self.optimizer, clients_per_chunk=fed.clients_per_chunk,
             merge_delta=M.merge_delta, to_client=self.to_client, from_client=self.from_client,

@@ -38,11 +38,12 @@ REL_TOLERANCE = 1e-5
 PROMPT = [{"role": "user", "content": "Write a Python function that returns the square of x."}]
 
 
-def write(out: Path, source: Path) -> None:
+def write(out: Path, source: Path, cpu_matmul: str = "accurate") -> None:
     """Exports the merged model and writes the logits our JAX implementation expects."""
     sys.path.insert(0, str(ROOT))
-    import jax
     import jax.numpy as jnp
+
+    from fedhl_jax import runtime
 
     from fedhl_jax.model import (apply_chat_template, export_gguf, forward, load_pretrained,
                                  load_tokenizer, merge_delta, module_name, module_shapes)
@@ -54,7 +55,7 @@ def write(out: Path, source: Path) -> None:
     delta = {module_name(layer, short): jnp.asarray(0.01 * rng.standard_normal(shape), jnp.float32)
              for layer in (0, 1) for short, shape in module_shapes(cfg).items()
              if short.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))}
-    fwd = jax.jit(lambda p, t: forward(cfg, p, t))
+    fwd = runtime.jit(lambda p, t: forward(cfg, p, t), cpu_matmul=cpu_matmul)
     expected = {"tokens": tokens, "merged_f32": np.asarray(fwd(merge_delta(params, delta), tokens))}
     out.mkdir(parents=True, exist_ok=True)
     for dtype in DTYPES:
@@ -102,9 +103,11 @@ def main() -> None:
     parser.add_argument("dir", type=Path)
     parser.add_argument("--write", action="store_true", help="step 1 (JAX environment)")
     parser.add_argument("--gguf", type=Path, default=GGUF, help="source GGUF for --write")
+    parser.add_argument("--cpu-matmul", default="accurate", choices=["fast", "accurate"],
+                        help="fedhl_jax.runtime mode of our logits (--write; default: accurate)")
     args = parser.parse_args()
     if args.write:
-        write(args.dir, args.gguf)
+        write(args.dir, args.gguf, args.cpu_matmul)
     else:
         sys.exit(check(args.dir))
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
@@ -136,3 +137,28 @@ def test_remat_and_dtype_are_selected_from_the_config(tmp_path):
         load_config(None, ["model.remat=some"])
     with pytest.raises(ConfigError, match="moved to 'model.remat"):
         load_config(None, ["fed.remat=true"])
+
+
+def test_cpu_matmul_mode_is_selected_from_the_config(tmp_path):
+    """model.cpu_matmul: accurate compiles the round step and evaluation without YNNPACK fusions;
+    the results agree with the default mode to float32 rounding."""
+    from fedhl_jax import runtime
+
+    before = runtime.cpu_matmul()
+    results = {}
+    try:
+        for mode in runtime.CPU_MATMUL_MODES:
+            logs = []
+            cfg = load_config(None, tiny_overrides(tmp_path, **{"model.cpu_matmul": mode, "fed.rounds": 1}))
+            s = Simulation(cfg, log=logs.append)
+            assert runtime.cpu_matmul() == mode
+            out = s.run_round(s.init_state(), 0)
+            results[mode] = (np.asarray(out.state.G["layers.0.self_attn.q_proj"]), s.evaluate(out.state)["eval_loss"])
+            assert set(s.round_fn._jitted) == {mode}
+            assert any("accurate" in line for line in logs) == (mode == "accurate" and jax.default_backend() == "cpu")
+    finally:
+        runtime.set_cpu_matmul(before)
+    np.testing.assert_allclose(results["accurate"][0], results["fast"][0], atol=1e-5)
+    np.testing.assert_allclose(results["accurate"][1], results["fast"][1], rtol=1e-5)
+    with pytest.raises(ConfigError, match="model.cpu_matmul must be fast or accurate, got 'exact'"):
+        load_config(None, ["model.cpu_matmul=exact"])

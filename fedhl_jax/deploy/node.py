@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedhl_jax import runtime
 from fedhl_jax.config import TrainConfig
 from fedhl_jax.local import make_local_train
 from fedhl_jax.lora import Adapter, lora_scale, rank_mask
@@ -124,7 +125,7 @@ class NodeTrainer:
             trained = sim.from_client(trained)
             return trained.B, trained.A, losses
 
-        self._step = jax.jit(step)
+        self._step = runtime.jit(step)
 
     def train(self, t: int, arrays: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Round ``t``: trains from the received factors and returns the factors to send back.

@@ -103,7 +103,7 @@ def run_cell(base: dict, overrides: dict, seed: int, log: Callable = lambda *_: 
 # these values they stay out of the digest, so the caches keep their keys.
 _LATER_DEFAULTS = {("data", "prompt_format"): "auto", ("eval", "loss_examples"): None,
                    ("eval", "generate_every"): None, ("eval", "zero_shot"): False,
-                   ("eval", "generate_batch_size"): None}
+                   ("eval", "generate_batch_size"): None, ("model", "cpu_matmul"): "fast"}
 
 
 def config_digest(base: dict, overrides: dict, seed: int) -> str:

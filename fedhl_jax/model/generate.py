@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedhl_jax import runtime
 from fedhl_jax.lora import Adapter
 from fedhl_jax.model.config import LlamaConfig
 from fedhl_jax.model.llama import forward_cached, init_cache, positions_from_mask
@@ -100,8 +101,7 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p",
-                                   "eos_id", "pad_id"))
+@runtime.jit(static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id"))
 def _generate_padded(cfg: LlamaConfig, params: dict, tokens: jax.Array, prompt_mask: jax.Array,
                      adapter: Adapter | None, key: jax.Array, *, max_new_tokens: int,
                      temperature: float, top_k: int | None, top_p: float | None,
