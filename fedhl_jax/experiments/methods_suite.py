@@ -146,7 +146,7 @@ def render(spec: dict, res: dict, out_dir: Path, *, seconds: float, stem: str) -
     main = {m: f"main:method={m}" for m in methods}
     n_runs = sum(len(c["runs"]) for c in cells_.values())
     n_total = len(cells(spec)) * len(seeds)
-    b, f, o, e = spec["base"], spec["base"]["fed"], spec["base"]["optim"], spec["base"]["eval"]
+    b, f, e = spec["base"], spec["base"]["fed"], spec["base"]["eval"]
     zs = res.get("zero_shot") or {}
     metric = "eval_exact_match" if b["data"]["dataset"] == "gsm8k" else "eval_rouge_l"
     metric_name = "exact match" if metric == "eval_exact_match" else "ROUGE-L"
