@@ -81,8 +81,9 @@ def flip_checkpoint_bytes(step_dir: Path) -> list[Path]:
     Which data file is the largest varies from save to save (OCDBT flushes chunks and B-tree
     nodes into files as the writes land, and the per-process B-tree nodes are no longer read
     after the merge), so flipping only the largest one sometimes touches nothing that is read.
-    Flipping every data file always corrupts what a restore reads. Falls back to every
-    non-metadata file when the checkpoint has no OCDBT data folder. Sizes are kept.
+    Flipping every data file always corrupts what a restore reads: the chunks still decode, to
+    other values, which the checkpoint's checksum catches. Falls back to every non-metadata file
+    when the checkpoint has no OCDBT data folder. Sizes are kept.
     """
     files = sorted(f for f in step_dir.rglob("*") if f.is_file() and f.parent.name == "d"
                    and f.parent.parent.name.startswith("ocdbt.process_"))
