@@ -20,6 +20,7 @@ from fedhl_jax.algorithms import ALGORITHMS, Algorithm, make_algorithm
 from fedhl_jax.data.federated import DataConfig
 from fedhl_jax.errors import ConfigError
 from fedhl_jax.model.llama import REMAT_POLICIES
+from fedhl_jax.runtime import CPU_MATMUL_MODES
 
 RANK_DISTRIBUTIONS = ("list", "uniform", "heavy_tail_low", "heavy_tail_high", "homogeneous")
 OPTIMIZERS = ("adamw", "sgd")
@@ -67,7 +68,7 @@ class ModelConfig:
         _require(self.compute_dtype in (None, "float32", "bfloat16"),
                  f"model.compute_dtype must be float32, bfloat16 or null (= model.dtype), got {self.compute_dtype!r}")
         _require(self.remat in REMAT_POLICIES, f"model.remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
-        _require(self.cpu_matmul in ("fast", "accurate"),
+        _require(self.cpu_matmul in CPU_MATMUL_MODES,
                  f"model.cpu_matmul must be fast or accurate, got {self.cpu_matmul!r}")
         _require(len(self.targets) > 0, "model.targets must name at least one module")
         _require(self.alpha > 0, f"model.alpha must be > 0, got {self.alpha}")
