@@ -139,7 +139,7 @@ def ref_decode(data: np.ndarray, qtype, shape: tuple[int, ...]) -> np.ndarray:
 
 def write_tiny_gguf(path: Path, *, cfg: LlamaConfig = CFG, types: dict | None = None,
                     pre: str = "smollm", add_bos: bool = False, extra: dict | None = None,
-                    seed: int = 0) -> dict[str, np.ndarray]:
+                    seed: int = 0, meta: dict | None = None) -> dict[str, np.ndarray]:
     """Writes the tiny model; returns the float64 reference ``{gguf_name: HF-layout array}``.
 
     Args:
@@ -150,6 +150,8 @@ def write_tiny_gguf(path: Path, *, cfg: LlamaConfig = CFG, types: dict | None = 
       add_bos: ``tokenizer.ggml.add_bos_token``.
       extra: extra tensors ``{name: (array, qtype)}`` written as they are.
       seed: weight seed.
+      meta: metadata written as given, over the values ``cfg`` implies: ``{key: value}``
+        (int → INT64, float → FLOAT32, str → STRING; ``None`` drops the key).
     """
     types = {**TYPES, **(types or {})}
     heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
@@ -177,6 +179,12 @@ def write_tiny_gguf(path: Path, *, cfg: LlamaConfig = CFG, types: dict | None = 
     w.add_pad_token_id(cfg.pad_token_id)
     w.add_add_bos_token(add_bos)
     w.add_chat_template(CHAT_TEMPLATE)
+    for key, value in (meta or {}).items():
+        w.kv_data[0].pop(key, None)
+        if value is not None:
+            vtype = {bool: gguf.GGUFValueType.BOOL, int: gguf.GGUFValueType.INT64,
+                     float: gguf.GGUFValueType.FLOAT32, str: gguf.GGUFValueType.STRING}[type(value)]
+            w.add_key_value(key, value, vtype)
 
     reference = {}
     for name, hf in random_hf_weights(seed, cfg).items():

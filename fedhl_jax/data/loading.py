@@ -377,14 +377,20 @@ def validate_json_file(
         The number of rows.
 
     Raises:
-        DataError: Missing file, malformed JSON (file and line number), a row
-            that is not an object, a missing or non-string field (field name,
+        DataError: Missing file, bytes that are not UTF-8 or malformed JSON (file and
+            line number), a row that is not an object, a missing or non-string field (field name,
             file and line/row), or a file with no rows.
     """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {str(p)!r}")
-    text = p.read_text(encoding="utf-8")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{p}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                        f"{e.start})") from None
     n_rows = 0
     if p.suffix == ".json" and text.lstrip().startswith("["):
         try:

@@ -7,7 +7,7 @@ can run arbitrary code, so a folder holding only those is refused
 (:class:`UnsafeCheckpointError`). Tensors are read with
 safetensors' numpy API and mapped to parameter paths through the regex table
 :data:`HF_KEY_MAP`; every key must map to exactly one expected parameter of the
-expected shape.
+expected shape, and hold only finite values (:func:`check_finite_weight`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,33 @@ HF_KEY_MAP: tuple[tuple[str, str], ...] = (
 HF_IGNORED_KEYS: tuple[str, ...] = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+class NonFiniteWeightError(ValueError):
+    """A base-model tensor holds NaN or Inf; the message names the tensor and the file."""
+
+
+def check_finite_weight(w: np.ndarray, name: str, file: str | os.PathLike) -> None:
+    """Refuses a loaded weight that holds NaN or Inf.
+
+    Two reductions over ``w`` (``min`` and ``max``, which NaN and Inf reach), so
+    no temporary array of ``w``'s size is made; the count in the message is
+    computed only on failure.
+
+    Args:
+      w: the tensor, any shape, a float dtype.
+      name: its name in the file (for the message).
+      file: the file (for the message).
+
+    Raises:
+      NonFiniteWeightError: naming the tensor, the file and how many values are
+        not finite.
+    """
+    if w.size and not (np.isfinite(w.min()) and np.isfinite(w.max())):
+        bad = int(w.size - np.count_nonzero(np.isfinite(w)))
+        raise NonFiniteWeightError(f"tensor {name!r} in {file} holds {bad} non-finite value(s) (NaN or Inf) "
+                                   f"of {w.size}: the base model is refused")
+
 
 def hf_key_to_path(key: str) -> str | None:
     """Maps an HF state-dict key to a parameter path, or ``None`` if it matches no rule."""
@@ -114,6 +141,7 @@ def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
       ValueError: unreadable/truncated file, unexpected or missing key, shape
         mismatch with the config, or an unsupported architecture (each message
         names the file, key, shape or value).
+      NonFiniteWeightError: a tensor holding NaN or Inf (naming the key and the file).
     """
     if (gguf_file := _gguf_file(path_or_id)) is not None:  # a .gguf file or a folder holding one
         from fedhl_jax.model.gguf import load_gguf
@@ -142,6 +170,7 @@ def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
                     raise ValueError(f"shape mismatch for {key!r} in {file}: checkpoint has "
                                      f"{shape}, config expects {expected[path]}")
                 flat[path] = f.get_tensor(key).astype(np_dtype)  # stacked on the host below
+                check_finite_weight(flat[path], key, file)
     missing = [path_to_hf_key(p) for p in expected if p not in flat]
     if missing:
         raise ValueError(f"missing key(s) in checkpoint {folder}: {missing[:8]}"

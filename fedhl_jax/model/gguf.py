@@ -17,12 +17,23 @@ Two layout details differ from Hugging Face checkpoints:
 
 Supported tensor types are listed in :data:`SUPPORTED_TYPES`; any other raises
 a ``ValueError`` naming the type and the tensor.
+
+A model file is untrusted input. Before any tensor is decoded,
+:func:`check_gguf_metadata` checks the hyper-parameters against each other and
+against the tensors the file holds (a ``block_count`` of 10⁸ in a two-block
+file is refused at once, not allocated), and :func:`check_gguf_tensors` checks
+every tensor's name, type and shape against the config; each decoded tensor is
+checked for NaN/Inf once. Every refusal is a :class:`GGUFError` (a
+``ValueError``) whose one-line message names the file and the key, tensor or
+value.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import gguf
@@ -30,6 +41,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from fedhl_jax.model.checkpoint import check_finite_weight
 from fedhl_jax.model.config import LlamaConfig
 from fedhl_jax.model.llama import param_shapes, unflatten_params
 
@@ -61,6 +73,13 @@ _PATH_TO_GGUF: tuple[tuple[str, str], ...] = (
 _T = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+class GGUFError(ValueError):
+    """A GGUF file is refused: unreadable, inconsistent metadata, or tensors that do not match it.
+
+    The message is one line naming the file and the offending key, tensor or value.
+    """
 
 
 # --------------------------------------------------------------------------- names
@@ -229,7 +248,8 @@ def open_gguf(file: str | os.PathLike) -> gguf.GGUFReader:
     try:
         return gguf.GGUFReader(os.fspath(file))
     except (ValueError, OSError, IndexError, KeyError) as e:
-        raise ValueError(f"cannot read GGUF file {file} (truncated or corrupt?): {e}") from e
+        raise GGUFError(f"cannot read GGUF file {file} (truncated or corrupt?): "
+                        f"{_one_line(e)}") from e
 
 
 def field_value(field: gguf.ReaderField):
@@ -244,6 +264,114 @@ def field_value(field: gguf.ReaderField):
 def read_metadata(reader: gguf.GGUFReader) -> dict:
     """All metadata key/values of a GGUF file (the ``GGUF.*`` header fields excluded)."""
     return {k: field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+# Hyper-parameters (``<arch>.<key>``) that must be positive integers, and positive finite numbers.
+_POSITIVE_INTS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+                  "attention.head_count_kv", "attention.key_length", "attention.value_length",
+                  "rope.dimension_count", "context_length", "vocab_size")
+_POSITIVE_FLOATS = ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.factor")
+_BLOCK_INDEX = re.compile(r"blk\.(\d+)\.")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def check_gguf_metadata(meta: dict, tensor_names: Sequence[str], file: str | os.PathLike) -> None:
+    """Checks a GGUF file's hyper-parameters before anything is built from them.
+
+    Integers (layer, head and dimension counts, context length, vocabulary size)
+    must be positive integers, ``head_count`` must divide ``embedding_length``
+    (when ``key_length`` is absent) and ``head_count_kv`` must divide
+    ``head_count``; epsilon, RoPE base and scaling factor must be finite and
+    positive; ``block_count`` must equal the number of ``blk.<i>.*`` blocks the
+    file holds (``blk.0`` to ``blk.<block_count - 1>``). Nothing is allocated in
+    proportion to the values checked.
+
+    Args:
+      meta: from :func:`read_metadata`.
+      tensor_names: the names of the tensors in the file.
+      file: the file, for messages.
+
+    Raises:
+      GGUFError: naming the file, the key and its value.
+    """
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise GGUFError(f"{file}: GGUF metadata general.architecture={arch!r} is not a name")
+
+    def refuse(key: str, why: str) -> GGUFError:
+        return GGUFError(f"{file}: GGUF metadata {key}={meta[key]!r} {why}")
+
+    def present(key: str) -> bool:
+        return f"{arch}.{key}" in meta
+
+    for key in _POSITIVE_INTS:
+        value = meta.get(full := f"{arch}.{key}")
+        if present(key) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise refuse(full, "must be a positive integer")
+    value = meta.get(full := f"{arch}.expert_count")
+    if present("expert_count") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise refuse(full, "must be a non-negative integer")
+    for key in _POSITIVE_FLOATS:
+        value = meta.get(full := f"{arch}.{key}")
+        if present(key) and (isinstance(value, bool) or not isinstance(value, (int, float))
+                             or not math.isfinite(value) or value <= 0):
+            raise refuse(full, "must be a finite positive number")
+    heads, hidden = meta.get(f"{arch}.attention.head_count"), meta.get(f"{arch}.embedding_length")
+    if heads and hidden and not present("attention.key_length") and hidden % heads:
+        raise refuse(f"{arch}.attention.head_count", f"does not divide {arch}.embedding_length={hidden} "
+                     f"(and {arch}.attention.key_length is absent)")
+    kv = meta.get(f"{arch}.attention.head_count_kv")
+    if heads and kv and heads % kv:
+        raise refuse(f"{arch}.attention.head_count_kv", f"does not divide {arch}.attention.head_count={heads}")
+    if present("block_count"):
+        n = meta[f"{arch}.block_count"]
+        blocks = sorted({int(m.group(1)) for name in tensor_names if (m := _BLOCK_INDEX.match(name))})
+        if len(blocks) != n or blocks[-1] != n - 1:
+            held = f"{len(blocks)} block(s)" + (f" (blk.{blocks[0]} .. blk.{blocks[-1]})" if blocks else "")
+            raise refuse(f"{arch}.block_count", f"but the file holds the tensors of {held}")
+
+
+def check_gguf_tensors(reader: gguf.GGUFReader, cfg: LlamaConfig, file: str | os.PathLike
+                       ) -> list[tuple[object, str, tuple[int, ...]]]:
+    """Checks every tensor of a GGUF file against the config before any is decoded.
+
+    Args:
+      reader: the open file.
+      cfg: the config its metadata gives (:func:`config_from_gguf`).
+      file: the file, for messages.
+
+    Returns:
+      ``[(reader_tensor, parameter_path, numpy_shape)]`` in file order.
+
+    Raises:
+      GGUFError: a tensor that maps to no parameter, a shape other than the
+        config's, an unsupported type, or a parameter with no tensor (naming the
+        tensor, the shapes, the type and the file).
+    """
+    expected = param_shapes(cfg)
+    plan = []
+    for t in reader.tensors:
+        path = gguf_key_to_path(t.name)
+        if path is None or path not in expected:
+            raise GGUFError(f"unexpected tensor {t.name!r} in {file} (config has "
+                            f"{cfg.num_layers} layers)")
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if shape != expected[path]:
+            raise GGUFError(f"shape mismatch for {t.name!r} in {file}: file has {shape}, "
+                            f"metadata implies {expected[path]}")
+        if _T(int(t.tensor_type)) not in _DEQUANT:
+            raise GGUFError(f"tensor {t.name!r} in {file} has GGML type {t.tensor_type.name}, which is not "
+                            f"supported: supported are {list(SUPPORTED_TYPES)}")
+        plan.append((t, path, shape))
+    found = {path for _, path, _ in plan}
+    missing = [path_to_gguf_key(p) for p in expected if p not in found]
+    if missing:
+        raise GGUFError(f"missing tensor(s) in {file}: {missing[:8]}"
+                        + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    return plan
 
 
 def config_from_gguf(meta: dict, *, tensor_names=(), dtype: str = "float32") -> LlamaConfig:
@@ -317,8 +445,9 @@ def gguf_config(file: str | os.PathLike, *, dtype: str = "float32") -> LlamaConf
     """The :class:`LlamaConfig` of a GGUF file (or a folder holding one)."""
     file = find_gguf(file) or file
     reader = open_gguf(file)
-    return config_from_gguf(read_metadata(reader), tensor_names=[t.name for t in reader.tensors],
-                            dtype=dtype)
+    meta, names = read_metadata(reader), [t.name for t in reader.tensors]
+    check_gguf_metadata(meta, names, file)
+    return config_from_gguf(meta, tensor_names=names, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- tensors
@@ -360,36 +489,32 @@ def load_gguf(path: str | os.PathLike, *, dtype: str = "float32") -> tuple[Llama
 
     Raises:
       FileNotFoundError: no GGUF file at ``path``.
-      ValueError: unreadable file, unsupported architecture or tensor type,
-        unexpected or missing tensor, or a shape mismatch with the metadata
-        (each message names the file, tensor, type or value).
+      GGUFError: unreadable file, inconsistent metadata (:func:`check_gguf_metadata`),
+        unsupported architecture or tensor type, unexpected or missing tensor,
+        or a shape mismatch with the metadata (:func:`check_gguf_tensors`); each
+        message names the file, tensor, type or value, and nothing is decoded
+        before these checks pass.
+      NonFiniteWeightError: a tensor holding NaN or Inf (naming it and the file).
     """
     file = find_gguf(path)
     if file is None:
         raise FileNotFoundError(f"no GGUF file at {os.fspath(path)}")
     reader = open_gguf(file)
-    cfg = config_from_gguf(read_metadata(reader), tensor_names=[t.name for t in reader.tensors],
-                           dtype=dtype)
-    expected = param_shapes(cfg)
+    meta, names = read_metadata(reader), [t.name for t in reader.tensors]
+    check_gguf_metadata(meta, names, file)
+    try:
+        cfg = config_from_gguf(meta, tensor_names=names, dtype=dtype)
+    except ValueError as e:  # an unsupported architecture or setting: name the file
+        raise GGUFError(f"{file}: {_one_line(e)}") from e
+    plan = check_gguf_tensors(reader, cfg, file)
     np_dtype = _NP_DTYPES[cfg.dtype]
     heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
     flat = {}
-    for t in reader.tensors:
-        path_ = gguf_key_to_path(t.name)
-        if path_ is None or path_ not in expected:
-            raise ValueError(f"unexpected tensor {t.name!r} in {file} (config has "
-                             f"{cfg.num_layers} layers)")
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        if shape != expected[path_]:
-            raise ValueError(f"shape mismatch for {t.name!r} in {file}: file has {shape}, "
-                             f"metadata implies {expected[path_]}")
+    for t, path_, shape in plan:
         w = dequantize(t.data, t.tensor_type, shape, t.name)
+        check_finite_weight(w, t.name, file)
         short = path_.rsplit(".", 1)[-1]
         if short in heads:
             w = unpermute_qk(w, heads[short])
         flat[path_] = jnp.asarray(w.astype(np_dtype))
-    missing = [path_to_gguf_key(p) for p in expected if p not in flat]
-    if missing:
-        raise ValueError(f"missing tensor(s) in {file}: {missing[:8]}"
-                         + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
     return cfg, unflatten_params(cfg, flat)
