@@ -76,13 +76,16 @@ def test_chat_template_is_sandboxed():
     from jinja2.exceptions import SecurityError, TemplateError
 
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
-    with pytest.raises(SecurityError):
+    with pytest.raises(GT.ChatTemplateError, match="refused by the sandbox.*__class__") as e:
         GT.render_chat_template(evil, [])
+    assert isinstance(e.value.__cause__, SecurityError) and isinstance(e.value, ValueError)
     mutate = "{% set _ = messages.append({'role': 'x'}) %}{{ messages | length }}"
-    with pytest.raises(SecurityError):
+    with pytest.raises(GT.ChatTemplateError, match="refused by the sandbox") as e:
         GT.render_chat_template(mutate, [{"role": "user", "content": "a"}])
-    with pytest.raises(TemplateError, match="no system"):
+    assert isinstance(e.value.__cause__, SecurityError)
+    with pytest.raises(GT.ChatTemplateError, match="TemplateError: no system") as e:
         GT.render_chat_template("{{ raise_exception('no system') }}", [])
+    assert isinstance(e.value.__cause__, TemplateError)
 
 
 def test_unsupported_tokenizers(files):

@@ -146,11 +146,11 @@ def format_examples(instructions: Sequence[str], inputs: Sequence[str], outputs:
     from fedhl_jax.model.gguf_tokenizer import render_chat_template, template_variables
 
     specials = template_variables(tokenizer)
-    template = tokenizer.chat_template
-    prompts = [render_chat_template(template, chat_messages(i, x), add_generation_prompt=True, **specials)
-               for i, x in zip(instructions, inputs)]
-    fulls = [render_chat_template(template, chat_messages(i, x, o), add_generation_prompt=False, **specials)
-             for i, x, o in zip(instructions, inputs, outputs)]
+    template, source = tokenizer.chat_template, getattr(tokenizer, "name_or_path", None) or None
+    prompts = [render_chat_template(template, chat_messages(i, x), add_generation_prompt=True, source=source,
+                                    **specials) for i, x in zip(instructions, inputs)]
+    fulls = [render_chat_template(template, chat_messages(i, x, o), add_generation_prompt=False, source=source,
+                                  **specials) for i, x, o in zip(instructions, inputs, outputs)]
     return prompts, fulls
 
 

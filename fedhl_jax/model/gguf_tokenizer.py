@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import threading
+import time
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
@@ -155,45 +158,235 @@ def load_gguf_tokenizer(path: str | os.PathLike):
     file = find_gguf(path)
     if file is None:
         raise FileNotFoundError(f"no GGUF file at {os.fspath(path)}")
-    return tokenizer_from_gguf_metadata(read_metadata(open_gguf(file)))
+    tok = tokenizer_from_gguf_metadata(read_metadata(open_gguf(file)))
+    tok.name_or_path = file  # names the file in chat-template errors
+    return tok
 
 
 # --------------------------------------------------------------------------- chat template
+# Bounds on one rendering of an untrusted chat template. A real template takes a few hundred steps
+# and writes a few kilobytes per conversation.
+MAX_TEMPLATE_STEPS = 1_000_000  # loop items + calls
+MAX_TEMPLATE_CHARS = 1 << 22  # any string the template builds, and its whole output
+MAX_TEMPLATE_SECONDS = 5.0
+_STEP_CHECK = 1024  # the clock is read every this many steps
+# A printf/format width of 7 or more digits (``'%99999999s'``, ``'{:>99999999}'``).
+_WIDE_FORMAT = re.compile(r"[%:][-+ #0<>^=,_]*\d{7,}")
+
+
+class ChatTemplateError(ValueError):
+    """A chat template is refused: unsafe, broken, or over its time or size bounds.
+
+    The message is one line naming the template's source and, where known, its line.
+    """
+
+
+class _Budget:
+    """Steps and a deadline for one rendering."""
+
+    def __init__(self):
+        self.steps, self.deadline = 0, time.monotonic() + MAX_TEMPLATE_SECONDS
+
+    def step(self, n: int = 1) -> None:
+        self.steps += n
+        if self.steps > MAX_TEMPLATE_STEPS:
+            raise ChatTemplateError(f"takes more than {MAX_TEMPLATE_STEPS} loop iterations and calls")
+        if self.steps % _STEP_CHECK < n and time.monotonic() > self.deadline:
+            raise ChatTemplateError(f"runs longer than {MAX_TEMPLATE_SECONDS:g} s")
+
+
+_budget = threading.local()
+
+
+def _current() -> _Budget:
+    b = getattr(_budget, "value", None)
+    if b is None:  # rendered outside render_chat_template: a fresh budget
+        b = _budget.value = _Budget()
+    return b
+
+
+def _sized(value):
+    """``value``, refused when it is a string or sequence longer than :data:`MAX_TEMPLATE_CHARS`."""
+    if isinstance(value, (str, list, tuple)) and len(value) > MAX_TEMPLATE_CHARS:
+        raise ChatTemplateError(f"builds a value of {len(value)} items (the bound is {MAX_TEMPLATE_CHARS})")
+    return value
+
+
+def _check_args(args, kwargs, obj=None) -> None:
+    """Refuses arguments that would make a huge string: large ints (widths, counts) and wide formats
+    (also in the string whose method ``obj`` is, e.g. ``'{:>99999999}'.format``)."""
+    bound_to = getattr(getattr(obj, "__wrapped__", obj), "__self__", None)
+    for a in (*args, *kwargs.values(), *([bound_to] if isinstance(bound_to, str) else [])):
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_TEMPLATE_CHARS:
+            raise ChatTemplateError(f"passes {a} to a call (the bound is {MAX_TEMPLATE_CHARS})")
+        if isinstance(a, str) and _WIDE_FORMAT.search(a):
+            raise ChatTemplateError(f"uses a format width beyond the bound: {_WIDE_FORMAT.search(a).group()!r}")
+
+
+def _guard_filter(fn):
+    """A filter with the same bounds as a call (its arguments checked, its result's size)."""
+    @functools.wraps(fn)  # keeps the pass_context/pass_environment marks
+    def guarded(*args, **kwargs):
+        _current().step()
+        _check_args(args, kwargs)
+        return _sized(fn(*args, **kwargs))
+    return guarded
+
+
+def _binop_size(op: str, left, right) -> int:
+    """The size of ``left op right`` when it is a string or sequence (or the digits of a power), else 0."""
+    seq = (str, list, tuple)
+    if op == "*":
+        for a, n in ((left, right), (right, left)):
+            if isinstance(a, seq) and isinstance(n, int):
+                return len(a) * max(n, 0)
+    if op == "+" and isinstance(left, seq) and isinstance(right, seq):
+        return len(left) + len(right)
+    if op == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
+        return int(right * max(abs(left), 1).bit_length() * 0.302) + 1  # decimal digits
+    if op == "%" and isinstance(left, str) and _WIDE_FORMAT.search(left):
+        return MAX_TEMPLATE_CHARS + 1
+    return 0
+
+
+def _environment():
+    """A sandbox (immutable builtins) that also bounds steps, time and sizes.
+
+    Every ``for`` loop's iterable is wrapped so each item counts as a step; every
+    call and filter counts as a step, has its integer and format-width arguments
+    bounded and its result's size checked; ``*``, ``+``, ``**`` and ``%`` are
+    refused before computing a result beyond :data:`MAX_TEMPLATE_CHARS`, and
+    ``~`` concatenations are checked in the same way.
+    """
+    from jinja2 import DictLoader, nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "+", "**", "%", "//"])
+
+        def _parse(self, source, name, filename):
+            tree = super()._parse(source, name, filename)
+            for loop in tree.find_all(nodes.For):
+                loop.iter = nodes.Call(nodes.EnvironmentAttribute("bounded_iter"), [loop.iter], [], None, None,
+                                       lineno=loop.lineno)
+            for concat in list(tree.find_all(nodes.Concat)):
+                concat.nodes = [nodes.Call(nodes.EnvironmentAttribute("bounded_concat"),
+                                           list(concat.nodes), [], None, None, lineno=concat.lineno)]
+            return tree
+
+        def bounded_iter(self, iterable):
+            budget = _current()
+            for item in iterable:
+                budget.step()
+                yield item
+
+        def bounded_concat(self, *parts):
+            texts = [str(p) for p in parts]
+            if sum(map(len, texts)) > MAX_TEMPLATE_CHARS:
+                raise ChatTemplateError(f"builds a string of {sum(map(len, texts))} characters "
+                                        f"(the bound is {MAX_TEMPLATE_CHARS})")
+            return "".join(texts)
+
+        def call_binop(self, context, operator, left, right):
+            _current().step()
+            if _binop_size(operator, left, right) > MAX_TEMPLATE_CHARS:
+                raise ChatTemplateError(f"builds a value beyond the bound ({MAX_TEMPLATE_CHARS}) with "
+                                        f"'{operator}'")
+            return _sized(super().call_binop(context, operator, left, right))
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own signature)
+            _current().step()
+            _check_args(args, kwargs, __obj)
+            return _sized(super().call(__context, __obj, *args, **kwargs))
+
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, loader=DictLoader({}))  # no file is loadable
+    env.filters = {name: _guard_filter(fn) for name, fn in env.filters.items()}
+    env.globals["raise_exception"] = _raise_exception
+    return env
+
+
 def _raise_exception(message):
     from jinja2.exceptions import TemplateError
 
     raise TemplateError(message)
 
 
-def render_chat_template(template: str, messages: list[dict], *,
-                         add_generation_prompt: bool = False, **kwargs) -> str:
-    """Renders a Jinja chat template in a sandbox, as ``transformers`` does.
+def _template_line(tb) -> int | None:
+    """The template line of the innermost template frame of a traceback (jinja maps them)."""
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
 
-    The template runs in ``jinja2.sandbox.ImmutableSandboxedEnvironment`` with
+
+def _refusal(e: BaseException, source: str | None) -> ChatTemplateError:
+    """One line: the template's source, its line, what went wrong."""
+    from jinja2.exceptions import SecurityError, TemplateNotFound, TemplateSyntaxError
+
+    line = e.lineno if isinstance(e, TemplateSyntaxError) else _template_line(e.__traceback__)
+    if isinstance(e, SecurityError):
+        what = f"refused by the sandbox: {e}"
+    elif isinstance(e, TemplateNotFound):
+        what = f"refused: it includes or imports {e.name!r}, and templates may load no other file"
+    elif isinstance(e, RecursionError):
+        what = "refused: it recurses too deeply"
+    elif isinstance(e, ChatTemplateError):
+        what = f"refused: it {e}"
+    else:
+        what = f"failed: {type(e).__name__}: {e}"
+    where = f"the chat template of {source}" if source else "the chat template"
+    return ChatTemplateError(" ".join(f"{where}{f' (line {line})' if line else ''} {what}".split()))
+
+
+def render_chat_template(template: str, messages: list[dict], *, add_generation_prompt: bool = False,
+                         source: str | None = None, **kwargs) -> str:
+    """Renders a Jinja chat template in a bounded sandbox, as ``transformers`` does.
+
+    The template runs in a ``jinja2.sandbox.ImmutableSandboxedEnvironment`` with
     ``trim_blocks``/``lstrip_blocks`` and a ``raise_exception`` helper, so an
-    untrusted template from a model file can only format strings.
+    untrusted template from a model file can only format strings; it may load
+    no other template or file, and one rendering is bounded to
+    :data:`MAX_TEMPLATE_STEPS` loop iterations and calls,
+    :data:`MAX_TEMPLATE_SECONDS` and :data:`MAX_TEMPLATE_CHARS` characters of
+    output (and of any string it builds).
 
     Args:
       template: the Jinja source (``tokenizer.chat_template``).
       messages: ``[{"role": ..., "content": ...}, ...]``.
       add_generation_prompt: end with the header of an assistant turn.
+      source: where the template comes from (a model file or folder), for messages.
       **kwargs: further template variables (e.g. ``bos_token``).
 
     Returns:
       The prompt text.
+
+    Raises:
+      ChatTemplateError: a syntax error, a sandbox refusal (unsafe attribute,
+        include/import), an error the template raises, or a bound exceeded; one
+        line naming ``source`` and the template line where known.
     """
-    return _compiled_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                               **kwargs)
+    _budget.value = _Budget()
+    try:
+        chunks, size = [], 0
+        for chunk in _compiled_template(template).generate(
+                messages=messages, add_generation_prompt=add_generation_prompt, **kwargs):
+            size += len(chunk)
+            if size > MAX_TEMPLATE_CHARS:
+                raise ChatTemplateError(f"writes more than {MAX_TEMPLATE_CHARS} characters")
+            chunks.append(chunk)
+        return "".join(chunks)
+    except Exception as e:  # an untrusted template: anything it raises is a refusal of the template
+        raise _refusal(e, source) from e
+    finally:
+        _budget.value = None
 
 
 @functools.lru_cache(maxsize=8)
 def _compiled_template(template: str):
-    """The template compiled once in the sandbox (formatting a dataset renders it per example)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise_exception
-    return env.from_string(template)
+    """The template compiled once in the bounded sandbox (formatting a dataset renders it per example)."""
+    return _environment().from_string(template)
 
 
 def template_variables(tokenizer) -> dict[str, str]:
@@ -225,6 +418,7 @@ def apply_chat_template(tokenizer, messages: list[dict], *, add_generation_promp
     if not template:
         raise ValueError("the tokenizer has no chat template")
     text = render_chat_template(template, messages, add_generation_prompt=add_generation_prompt,
+                                source=getattr(tokenizer, "name_or_path", None) or None,
                                 **template_variables(tokenizer))
     if not tokenize:
         return text
