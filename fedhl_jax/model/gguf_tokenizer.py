@@ -262,7 +262,7 @@ def _environment():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class BoundedSandbox(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset(["*", "+", "**", "%", "//"])
+        intercepted_binops = frozenset(["*", "+", "**", "%"])
 
         def _parse(self, source, name, filename):
             tree = super()._parse(source, name, filename)
