@@ -218,7 +218,11 @@ def test_non_finite_safetensors_weights_are_refused_naming_tensor_and_file(tmp_p
     ("{{ '%999999999s' % 'a' }}", r"with '%'"),
     ("{{ 'a' | center(1000000000) }}", r"passes 1000000000 to a call"),
     ("{{ 'a'.ljust(1000000000) }}", r"passes 1000000000 to a call"),
-    ("{{ '{:>999999999}'.format(1) }}", r"uses a format width beyond the bound: ':>999999999'"),
+    ("{{ '{:>999999999}'.format(1) }}", r"uses a format width beyond the bound: '\{:>999999999\}'"),
+    ("{{ 'x{0:{1}}'.format_map({}) }}", r"failed: IndexError"),
+    ("{{ '{0:>{1}}'.format('a', 999999999) }}", r"passes 999999999 to a call"),
+    ("{{ '%-999999999s' | format('a') }}", r"uses a format width beyond the bound: '%-999999999'"),
+    ("{{ '%*s' % (999999999, 'a') }}", r"with '%'"),
     ("{% macro d(s, n) %}{{ d(s ~ s, n - 1) if n else s | length }}{% endmacro %}{{ d('ab', 40) }}",
      r"builds a string of \d+ characters"),
     ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", r"recurses too deeply"),
@@ -263,6 +267,11 @@ def test_templates_within_the_bounds_render_as_before():
           "{{ '%5s' % 'x' }} {{ 'x' | center(9) }} {{ '{:>3}'.format(1) }} {{ 2 ** 10 }}")
     assert GT.render_chat_template(ok, []) == "2000 ab     x     x       1 1024"
     assert len(GT.render_chat_template("{{ 'x' * 4194304 }}", [])) == GT.MAX_TEMPLATE_CHARS
+    # data that looks like a wide format is only data: filters, methods and concatenation pass it on
+    text = "total: 12345678 {x: 99999999} at 50% %99999999s"
+    show = ("{% for m in messages %}{{ m['content'] | trim | replace('a', 'a') }}|"
+            "{{ m['content'].strip() ~ '|' + m['content'] }}{% endfor %}")
+    assert GT.render_chat_template(show, [{"role": "user", "content": text}]) == f"{text}|{text}|{text}"
     # the budget is per rendering: many renderings of a small template all pass
     for _ in range(3):  # 600 000 steps each
         GT.render_chat_template("{% for i in range(60000) %}{% for j in range(9) %}{% endfor %}{% endfor %}",

@@ -170,8 +170,9 @@ MAX_TEMPLATE_STEPS = 1_000_000  # loop items + calls
 MAX_TEMPLATE_CHARS = 1 << 22  # any string the template builds, and its whole output
 MAX_TEMPLATE_SECONDS = 5.0
 _STEP_CHECK = 1024  # the clock is read every this many steps
-# A printf/format width of 7 or more digits (``'%99999999s'``, ``'{:>99999999}'``).
-_WIDE_FORMAT = re.compile(r"[%:][-+ #0<>^=,_]*\d{7,}")
+# In a format string: a printf width of 7 or more digits or from an argument (``'%99999999s'``,
+# ``'%*s'``), or a replacement field with such a width (``'{:>99999999}'``).
+_WIDE_FORMAT = re.compile(r"%[-+ #0]*(\d{7,}|\*)|\{[^{}]*:[^{}]*?\d{7,}[^{}]*\}")
 
 
 class ChatTemplateError(ValueError):
@@ -212,15 +213,21 @@ def _sized(value):
     return value
 
 
+def _check_format(fmt) -> None:
+    """Refuses a format string with a huge width (:data:`_WIDE_FORMAT`)."""
+    if isinstance(fmt, str) and (m := _WIDE_FORMAT.search(fmt)):
+        raise ChatTemplateError(f"uses a format width beyond the bound: {m.group()!r}")
+
+
 def _check_args(args, kwargs, obj=None) -> None:
-    """Refuses arguments that would make a huge string: large ints (widths, counts) and wide formats
-    (also in the string whose method ``obj`` is, e.g. ``'{:>99999999}'.format``)."""
-    bound_to = getattr(getattr(obj, "__wrapped__", obj), "__self__", None)
-    for a in (*args, *kwargs.values(), *([bound_to] if isinstance(bound_to, str) else [])):
+    """Refuses arguments that would make a huge string: large ints (widths, counts), and a wide
+    format in the string whose ``format``/``format_map`` method ``obj`` is (``'{:>99999999}'.format``)."""
+    method = getattr(obj, "__wrapped__", obj)
+    if getattr(method, "__name__", None) in ("format", "format_map"):
+        _check_format(getattr(method, "__self__", None))
+    for a in (*args, *kwargs.values()):
         if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_TEMPLATE_CHARS:
             raise ChatTemplateError(f"passes {a} to a call (the bound is {MAX_TEMPLATE_CHARS})")
-        if isinstance(a, str) and _WIDE_FORMAT.search(a):
-            raise ChatTemplateError(f"uses a format width beyond the bound: {_WIDE_FORMAT.search(a).group()!r}")
 
 
 def _guard_filter(fn):
@@ -229,6 +236,8 @@ def _guard_filter(fn):
     def guarded(*args, **kwargs):
         _current().step()
         _check_args(args, kwargs)
+        if fn.__name__ == "do_format" and args:  # ``fmt | format(...)``
+            _check_format(args[0])
         return _sized(fn(*args, **kwargs))
     return guarded
 
@@ -245,7 +254,7 @@ def _binop_size(op: str, left, right) -> int:
     if op == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
         return int(right * max(abs(left), 1).bit_length() * 0.302) + 1  # decimal digits
     if op == "%" and isinstance(left, str) and _WIDE_FORMAT.search(left):
-        return MAX_TEMPLATE_CHARS + 1
+        return MAX_TEMPLATE_CHARS + 1  # a printf width beyond the bound
     return 0
 
 
