@@ -123,8 +123,21 @@ def test_a_valid_file_passes_the_checks(tmp_path):
         G.check_gguf_tensors(partial, cfg, path)
 
 
-def test_a_hundred_million_layers_are_refused_at_once_in_little_memory(tmp_path):
-    path = hostile(tmp_path, llama__block_count=100_000_000)
+def hf_folder(tmp_path: Path, **config) -> Path:
+    """A copy of the tiny safetensors checkpoint with ``config.json`` keys overridden."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(TINY_HF, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **config}))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["gguf", "safetensors"])
+def test_a_hundred_million_layers_are_refused_at_once_in_little_memory(tmp_path, kind):
+    if kind == "gguf":
+        path, claim = hostile(tmp_path, llama__block_count=100_000_000), "llama.block_count=100000000"
+    else:
+        path, claim = hf_folder(tmp_path, num_hidden_layers=100_000_000), "num_hidden_layers=100000000"
     script = textwrap.dedent(f"""
         import json, resource, time
         from fedhl_jax.model import gguf as G
@@ -134,7 +147,7 @@ def test_a_hundred_million_layers_are_refused_at_once_in_little_memory(tmp_path)
         try:
             load_pretrained({str(path)!r})
             error = None
-        except G.GGUFError as e:
+        except ValueError as e:
             error = str(e)
         seconds = time.perf_counter() - t0
         grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
@@ -144,7 +157,7 @@ def test_a_hundred_million_layers_are_refused_at_once_in_little_memory(tmp_path)
                          env={"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["error"] is not None and "llama.block_count=100000000" in out["error"]
+    assert out["error"] is not None and claim in out["error"] and str(path) in out["error"]
     assert out["seconds"] < 1.0, out
     assert out["grown_kib"] < 200 * 1024, out  # peak resident memory grew by under 200 MB
 
@@ -164,6 +177,17 @@ def test_tensor_data_outside_the_file_is_refused(tmp_path):
     cut.write_bytes(cut.read_bytes()[:-100])  # the last tensor ends past the end of the file
     with pytest.raises(G.GGUFError, match="cannot read GGUF file .*cut.gguf"):
         G.load_gguf(cut)
+
+
+@pytest.mark.parametrize("layers", [3, 1000])
+def test_a_config_json_claiming_more_layers_than_the_files_hold_is_refused(tmp_path, layers):
+    folder = hf_folder(tmp_path, num_hidden_layers=layers)
+    with pytest.raises(ValueError, match=rf"{folder}/config\.json: num_hidden_layers={layers} but the safetensors "
+                                         rf"files hold the tensors of 2 layer\(s\) \(model\.layers\.0 \.\. 1\)"):
+        load_pretrained(folder)
+    fewer = hf_folder(tmp_path / "fewer", num_hidden_layers=1)  # the other side: the extra layer's key is named
+    with pytest.raises(ValueError, match=r"unexpected key 'model\.layers\.1\."):
+        load_pretrained(fewer)
 
 
 # --------------------------------------------------------------------------- non-finite weights

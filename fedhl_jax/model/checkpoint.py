@@ -118,6 +118,28 @@ def open_safetensors(file: str):
         raise ValueError(f"cannot read safetensors file {file} (truncated or corrupt?): {e}") from e
 
 
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def check_layer_count(cfg: LlamaConfig, files: list[str], folder) -> None:
+    """Refuses a ``config.json`` that claims more layers than the safetensors files hold.
+
+    Only the files' headers (tensor names) are read, before any array is
+    allocated per layer, so a config claiming 10⁸ layers is refused at once.
+
+    Raises:
+      ValueError: naming ``num_hidden_layers``, its value, the layers found and the folder.
+    """
+    layers = set()
+    for file in files:
+        with open_safetensors(file) as f:
+            layers.update(int(m.group(1)) for key in f.keys() if (m := _LAYER_INDEX.match(key)))
+    if cfg.num_layers > len(layers):  # (keys beyond num_hidden_layers are named as unexpected later)
+        held = f"{len(layers)} layer(s)" + (f" (model.layers.{min(layers)} .. {max(layers)})" if layers else "")
+        raise ValueError(f"{folder}/config.json: num_hidden_layers={cfg.num_layers} but the safetensors files "
+                         f"hold the tensors of {held}")
+
+
 def _gguf_file(path_or_id) -> str | None:
     from fedhl_jax.model.gguf import find_gguf  # imported lazily: it needs the gguf package
     return find_gguf(path_or_id)
@@ -138,9 +160,10 @@ def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
     Raises:
       FileNotFoundError: missing folder, config or safetensors file.
       UnsafeCheckpointError: the folder's only weights are pickle files.
-      ValueError: unreadable/truncated file, unexpected or missing key, shape
-        mismatch with the config, or an unsupported architecture (each message
-        names the file, key, shape or value).
+      ValueError: unreadable/truncated file, a layer count other than the files'
+        (:func:`check_layer_count`), unexpected or missing key, shape mismatch
+        with the config, or an unsupported architecture (each message names the
+        file, key, shape or value).
       NonFiniteWeightError: a tensor holding NaN or Inf (naming the key and the file).
     """
     if (gguf_file := _gguf_file(path_or_id)) is not None:  # a .gguf file or a folder holding one
@@ -148,10 +171,12 @@ def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
         return load_gguf(gguf_file, dtype=dtype)
     folder = resolve_checkpoint(path_or_id)
     cfg = LlamaConfig.from_hf(read_config_json(folder), dtype=dtype)
+    files = checkpoint_files(folder)
+    check_layer_count(cfg, files, folder)
     expected = param_shapes(cfg)
     np_dtype = _NP_DTYPES[cfg.dtype]
     flat = {}
-    for file in checkpoint_files(folder):
+    for file in files:
         with open_safetensors(file) as f:
             for key in f.keys():
                 path = hf_key_to_path(key)
