@@ -302,6 +302,31 @@ def test_templates_within_the_bounds_render_as_before():
                                 [])
 
 
+LLAMA3_LIKE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}{% if messages[0]['role'] == 'system' %}"
+    "{% set ns.system = messages[0]['content'] | trim %}{% set messages = messages[1:] %}{% endif %}"
+    "{% macro header(role) %}<|start|>{{ role }}<|end|>\n\n{% endmacro %}"
+    "{% if ns.system %}{{ header('system') ~ ns.system }}<|eot|>{% endif %}"
+    "{% for m in messages if m['role'] != 'tool' %}{{ header(m['role']) + m['content'] | trim }}"
+    "{{ '<|eot|>' if not loop.last else '<|eot|>\n' }}{{ loop.index0 }}/{{ loop.length }}"
+    "{% if loop.first %}*{% endif %}{% endfor %}{% for m in messages | reverse %}{{ m.role[0] }}{% else %}none"
+    "{% endfor %}{% if add_generation_prompt %}{{ header('assistant') }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", [CHAT_TEMPLATE, LLAMA3_LIKE])
+def test_bounded_rendering_matches_jinjas_sandbox(template):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    plain = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+    conversation = [{"role": "system", "content": " be brief "}, *MESSAGES,
+                    {"role": "tool", "content": "x"}, {"role": "user", "content": "again"}]
+    for messages in (conversation, MESSAGES[:1]):
+        for gen in (True, False):
+            want = plain.render(messages=messages, add_generation_prompt=gen, bos_token="<s>")
+            got = GT.render_chat_template(template, messages, add_generation_prompt=gen, bos_token="<s>")
+            assert got == want and len(got) > 20
+
+
 # --------------------------------------------------------------------------- the CLI
 def run_cli(tmp_path: Path, capsys, **overrides) -> tuple[int, str, Path]:
     from fedhl_jax.cli import main
