@@ -151,7 +151,7 @@ def write_tiny_gguf(path: Path, *, cfg: LlamaConfig = CFG, types: dict | None = 
       extra: extra tensors ``{name: (array, qtype)}`` written as they are.
       seed: weight seed.
       meta: metadata written as given, over the values ``cfg`` implies: ``{key: value}``
-        (int → INT64, float → FLOAT32, str → STRING; ``None`` drops the key).
+        (int → INT64, float → FLOAT32, str → STRING, list → ARRAY; ``None`` drops the key).
     """
     types = {**TYPES, **(types or {})}
     heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
@@ -183,7 +183,8 @@ def write_tiny_gguf(path: Path, *, cfg: LlamaConfig = CFG, types: dict | None = 
         w.kv_data[0].pop(key, None)
         if value is not None:
             vtype = {bool: gguf.GGUFValueType.BOOL, int: gguf.GGUFValueType.INT64,
-                     float: gguf.GGUFValueType.FLOAT32, str: gguf.GGUFValueType.STRING}[type(value)]
+                     float: gguf.GGUFValueType.FLOAT32, str: gguf.GGUFValueType.STRING,
+                     list: gguf.GGUFValueType.ARRAY}[type(value)]
             w.add_key_value(key, value, vtype)
 
     reference = {}

@@ -190,6 +190,23 @@ def test_a_config_json_claiming_more_layers_than_the_files_hold_is_refused(tmp_p
         load_pretrained(fewer)
 
 
+@pytest.mark.parametrize("meta,message", [
+    ({"tokenizer.ggml.merges": ["Ġ t", "hello"]}, r"tokenizer\.ggml\.merges\[1\]='hello' is not two tokens"),
+    ({"tokenizer.ggml.merges": ["a b c"]}, r"tokenizer\.ggml\.merges\[0\]='a b c' is not two tokens"),
+    ({"tokenizer.ggml.merges": ["zz qq"]}, r"do not form a BPE vocabulary: .*zz"),
+    ({"tokenizer.ggml.model": "llama"}, r"unsupported GGUF tokenizer model 'llama'"),
+    ({"tokenizer.ggml.pre": "nonsense"}, r"unsupported GGUF pre-tokenizer 'nonsense'"),
+    ({"tokenizer.ggml.tokens": None}, r"has no tokenizer"),
+], ids=["merge-one", "merge-three", "merge-unknown", "model", "pre", "no-tokens"])
+def test_hostile_tokenizer_metadata_is_refused_naming_key_and_file(tmp_path, meta, message):
+    from fedhl_jax.model import load_tokenizer
+
+    path = hostile(tmp_path, **{k.replace(".", "__"): v for k, v in meta.items()})
+    with pytest.raises(G.GGUFError, match=message) as e:
+        load_tokenizer(path)
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+
+
 # --------------------------------------------------------------------------- non-finite weights
 @pytest.mark.parametrize("name,data", [
     ("blk.0.ffn_up.weight", b"\xff" * 64),  # F32: NaN

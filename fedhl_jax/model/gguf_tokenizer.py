@@ -67,7 +67,7 @@ PRE_TOKENIZERS = {
 def _token(meta: dict, key: str) -> str | None:
     """The text of the special token whose id is ``tokenizer.ggml.<key>`` (or ``None``)."""
     i = meta.get(f"tokenizer.ggml.{key}")
-    tokens = meta["tokenizer.ggml.tokens"]
+    tokens = meta.get("tokenizer.ggml.tokens") or []
     return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
 
@@ -83,8 +83,10 @@ def build_backend(meta: dict) -> Tokenizer:
       ``add_bos_token``/``add_eos_token`` flags say.
 
     Raises:
-      ValueError: no tokenizer in the metadata, or an unsupported
-        ``tokenizer.ggml.model``/``tokenizer.ggml.pre`` (naming it).
+      ValueError: no tokenizer in the metadata, an unsupported
+        ``tokenizer.ggml.model``/``tokenizer.ggml.pre`` (naming it), tokens
+        that are not unique strings, or merges that are not pairs of tokens
+        of the vocabulary (naming the entry).
     """
     kind = meta.get("tokenizer.ggml.model")
     if kind is None or "tokenizer.ggml.tokens" not in meta:
@@ -97,11 +99,21 @@ def build_backend(meta: dict) -> Tokenizer:
         raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r}: supported are "
                          f"{sorted(PRE_TOKENIZERS)}")
     tokens = list(meta["tokenizer.ggml.tokens"])
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    if not all(isinstance(t, str) for t in tokens):
+        raise ValueError("tokenizer.ggml.tokens holds values that are not strings")
+    merges = list(meta.get("tokenizer.ggml.merges", []))
+    for i, m in enumerate(merges):
+        if not isinstance(m, str) or len(m.split(" ")) != 2:
+            raise ValueError(f"tokenizer.ggml.merges[{i}]={m!r} is not two tokens separated by a space")
+    merges = [tuple(m.split(" ")) for m in merges]
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise ValueError("tokenizer.ggml.tokens holds duplicate tokens")
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    except Exception as e:  # the Rust library's error type is not public
+        raise ValueError(f"tokenizer.ggml.tokens and .merges do not form a BPE vocabulary: "
+                         f"{' '.join(str(e).split())}") from None
     tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
     tok.decoder = decoders.ByteLevel()
 
@@ -152,13 +164,23 @@ def tokenizer_from_gguf_metadata(meta: dict):
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
-    """The tokenizer of a GGUF file (or of the one in a folder): a ``PreTrainedTokenizerFast``."""
-    from fedhl_jax.model.gguf import find_gguf, open_gguf, read_metadata
+    """The tokenizer of a GGUF file (or of the one in a folder): a ``PreTrainedTokenizerFast``.
+
+    Raises:
+      FileNotFoundError: no GGUF file at ``path``.
+      GGUFError: an unreadable file or a tokenizer the metadata cannot build (naming the file).
+    """
+    from fedhl_jax.model.gguf import GGUFError, find_gguf, open_gguf, read_metadata
 
     file = find_gguf(path)
     if file is None:
         raise FileNotFoundError(f"no GGUF file at {os.fspath(path)}")
-    tok = tokenizer_from_gguf_metadata(read_metadata(open_gguf(file)))
+    try:
+        tok = tokenizer_from_gguf_metadata(read_metadata(open_gguf(file)))
+    except GGUFError:
+        raise
+    except ValueError as e:
+        raise GGUFError(f"{file}: {e}") from e
     tok.name_or_path = file  # names the file in chat-template errors
     return tok
 
