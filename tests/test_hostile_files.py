@@ -207,6 +207,46 @@ def test_hostile_tokenizer_metadata_is_refused_naming_key_and_file(tmp_path, met
     assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
 
 
+def test_metadata_strings_that_are_not_utf8_are_refused_naming_the_key(tmp_path):
+    path = hostile(tmp_path)
+    data = path.read_bytes()
+    patch(path, data.index(CHAT_TEMPLATE.encode()) + 3, b"\xff")
+    with pytest.raises(G.GGUFError, match=rf"{path}: GGUF metadata 'tokenizer\.chat_template' cannot be read: "
+                                          r"'utf-8' codec can't decode byte 0xff"):
+        G.load_gguf(path)
+
+
+def test_random_header_damage_gives_only_clear_errors(tmp_path):
+    """60 seeded damages of 1-4 header bytes: each load ends in a ValueError (or loads), never another
+    exception, a hang or a large allocation."""
+    import random
+    import resource
+
+    from fedhl_jax.model import load_tokenizer
+
+    path = hostile(tmp_path)
+    base = path.read_bytes()
+    header = G.open_gguf(path).tensors[0].data_offset
+    rng, outcomes = random.Random(0), set()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(60):
+        damaged = bytearray(base)
+        for _ in range(rng.randint(1, 4)):
+            damaged[rng.randrange(header)] = rng.randrange(256)
+        path.write_bytes(bytes(damaged))
+        for load in (G.load_gguf, load_tokenizer):
+            t0 = time.perf_counter()
+            try:
+                load(path)
+                outcomes.add("loaded")
+            except ValueError as e:
+                assert "\n" not in str(e) and str(path) in str(e), e
+                outcomes.add(type(e).__name__)
+            assert time.perf_counter() - t0 < 5
+    assert "GGUFError" in outcomes
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 200 * 1024
+
+
 # --------------------------------------------------------------------------- non-finite weights
 @pytest.mark.parametrize("name,data", [
     ("blk.0.ffn_up.weight", b"\xff" * 64),  # F32: NaN

@@ -262,8 +262,21 @@ def field_value(field: gguf.ReaderField):
 
 
 def read_metadata(reader: gguf.GGUFReader) -> dict:
-    """All metadata key/values of a GGUF file (the ``GGUF.*`` header fields excluded)."""
-    return {k: field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    """All metadata key/values of a GGUF file (the ``GGUF.*`` header fields excluded).
+
+    Raises:
+      GGUFError: a value that cannot be decoded (e.g. a string that is not UTF-8), naming the key.
+    """
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = field_value(field)
+        except (ValueError, IndexError) as e:
+            raise GGUFError(f"{getattr(reader.data, 'filename', 'GGUF file')}: GGUF metadata {key!r} cannot be "
+                            f"read: {_one_line(e)}") from e
+    return meta
 
 
 # Hyper-parameters (``<arch>.<key>``) that must be positive integers, and positive finite numbers.
