@@ -63,7 +63,7 @@ def test_dequantisers_match_float64_reference(qtype):
 def test_unsupported_type_names_type_and_tensor(tmp_path):
     path = tmp_path / "q5.gguf"
     write_tiny_gguf(path, types={"blk.1.ffn_up.weight": T.Q5_0})
-    with pytest.raises(ValueError, match=r"'blk\.1\.ffn_up\.weight'.*Q5_0"):
+    with pytest.raises(G.GGUFError, match=r"'blk\.1\.ffn_up\.weight'.*Q5_0"):
         G.load_gguf(path)
 
 
@@ -146,7 +146,7 @@ def test_tied_embeddings_without_output(tmp_path):
 def test_errors(tmp_path):
     path = tmp_path / "extra.gguf"
     write_tiny_gguf(path, extra={"rope_freqs.weight": (np.ones(8, np.float32), T.F32)})
-    with pytest.raises(ValueError, match="unexpected tensor 'rope_freqs.weight'"):
+    with pytest.raises(G.GGUFError, match="unexpected tensor 'rope_freqs.weight'"):
         G.load_gguf(path)
     with pytest.raises(FileNotFoundError):
         G.load_gguf(tmp_path / "missing")
@@ -157,7 +157,7 @@ def test_errors(tmp_path):
         load_pretrained(tmp_path / "two")
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 7)
-    with pytest.raises(ValueError, match="cannot read GGUF"):
+    with pytest.raises(G.GGUFError, match="cannot read GGUF"):
         G.load_gguf(bad)
     assert G.find_gguf(tmp_path / "extra.gguf") is not None
     (tmp_path / "not.gguf").write_bytes(b"nope")
