@@ -24,7 +24,7 @@ An algorithm also states the facts the engine needs (``homogeneous``: one rank f
 ``per_rank_eval``: a client of rank ``r`` starts from the rank-``r`` truncation of one global
 adapter, so evaluating that truncation per rank means something) and carries its frozen
 options dataclass (``FedHLOptions``, ``SVDOptions``, ``NoOptions``), validated when it is built.
-Code outside the algorithms reads only ``state.round`` of a state, and never tells algorithms
+The engine, evaluation and checkpoints read only ``state.round`` of a state, and never tell algorithms
 apart by name.
 
 Everything is vectorised over the leading client axis; no Python loop runs over
