@@ -229,13 +229,9 @@ def rb_lora_aggregate(G: jax.Array, B: jax.Array, A: jax.Array, mask: jax.Array,
     Returns:
       ``[d_out, d_in]``; ``G`` unchanged when no client is valid.
     """
-    check_client_shapes(G.shape, B, A, mask, scale)
-    valid = finite_clients(B, A, mask, scale)
-    warn_excluded(valid)
-    sizes = num_examples_or_ones(num_examples, mask.shape[0])
-    p = data_weights(sizes, valid)
-    beta = rank_rarity(mask, sizes, valid)
-    return jnp.where(jnp.any(valid), weighted_product(B * beta[None, None, :], A, mask, scale, p), G)
+    valid, sizes = round_clients(G.shape, B, A, mask, scale, num_examples)
+    return rb_lora_update(G, B, A, mask, scale, data_weights(sizes, valid), rank_rarity(mask, sizes, valid),
+                          jnp.any(valid))
 
 
 def data_weights(num_examples: jax.Array, valid: jax.Array) -> jax.Array:
@@ -272,14 +268,12 @@ def fedhl_aggregate(G: jax.Array, B: jax.Array, A: jax.Array, mask: jax.Array, s
     """
     check_eps(eps)
     check_weighting(weighting, num_examples)
-    check_client_shapes(G.shape, B, A, mask, scale)
+    valid, _ = round_clients(G.shape, B, A, mask, scale, num_examples)
     dec = svd(G, mask.shape[1]) if dec is None else dec
     ranks = jnp.sum(mask > 0, axis=1)
-    valid = finite_clients(B, A, mask, scale)
-    warn_excluded(valid)
     p = fedhl_weights(dec.tail[ranks], eps=eps, eps_mode=eps_mode, power=power, weighting=weighting,
                       num_examples=num_examples, valid=valid)
-    return G + weighted_delta(dec, B, A, mask, scale, p), p
+    return fedhl_update(G, dec, B, A, mask, scale, p), p
 
 
 def flexlora_aggregate(G: jax.Array, B: jax.Array, A: jax.Array, mask: jax.Array, scale: jax.Array, *,
@@ -292,11 +286,69 @@ def flexlora_aggregate(G: jax.Array, B: jax.Array, A: jax.Array, mask: jax.Array
     Returns:
       ``[d_out, d_in]``; ``G`` unchanged when no client is valid.
     """
-    check_client_shapes(G.shape, B, A, mask, scale)
+    valid, sizes = round_clients(G.shape, B, A, mask, scale, num_examples)
+    return flexlora_update(G, B, A, mask, scale, data_weights(sizes, valid), jnp.any(valid))
+
+
+# --------------------------------------------------------------------------- one update per rule
+# The module functions above and the tree-level algorithms (``fedhl_jax.algorithms``) both apply
+# these, given the round's weights; the algorithms choose the weights over every module at once.
+
+
+def round_clients(G_shape, B, A, mask, scale, num_examples=None):
+    """The shape checks, the valid clients (warning about the others) and the data sizes of a round.
+
+    Returns:
+      ``(valid [n] bool, num_examples [n] float32)`` (ones when no sizes are given).
+    """
+    check_client_shapes(G_shape, B, A, mask, scale)
     valid = finite_clients(B, A, mask, scale)
     warn_excluded(valid)
-    p = data_weights(num_examples_or_ones(num_examples, mask.shape[0]), valid)
-    return jnp.where(jnp.any(valid), weighted_product(B, A, mask, scale, p), G)
+    return valid, num_examples_or_ones(num_examples, mask.shape[0])
+
+
+def fedhl_update(G: jax.Array, dec: SVD, B: jax.Array, A: jax.Array, mask: jax.Array, scale: jax.Array,
+                 p: jax.Array) -> jax.Array:
+    """FedHL's update (Eq. 6) with given weights: ``G + Σ_i p_i (s_i B_i A_i − G_{r_i})``.
+
+    Args:
+      G: ``[d_out, d_in]``; dec: its SVD (``G_r`` are its truncations).
+      B, A, mask, scale: the clients' factors ``[n, d_out, r_max]``, ``[n, r_max, d_in]``, masks
+        ``[n, r_max]`` and scales ``[n]``.
+      p: ``[n]`` weights (0 for the clients left out).
+
+    Returns:
+      ``[d_out, d_in]``.
+    """
+    return G + weighted_delta(dec, B, A, mask, scale, p)
+
+
+def flexlora_update(G: jax.Array, B: jax.Array, A: jax.Array, mask: jax.Array, scale: jax.Array, p: jax.Array,
+                    keep: jax.Array) -> jax.Array:
+    """FlexLoRA's update with given weights: ``Σ_i p_i s_i B_i A_i``, or ``G`` when ``keep`` is false.
+
+    Args:
+      G: ``[d_out, d_in]`` the current adapter (kept when no client is).
+      B, A, mask, scale: as in :func:`fedhl_update`.
+      p: ``[n]`` weights.
+      keep: ``[]`` bool, some client is kept.
+
+    Returns:
+      ``[d_out, d_in]``.
+    """
+    return jnp.where(keep, weighted_product(B, A, mask, scale, p), G)
+
+
+def rb_lora_update(G: jax.Array, B: jax.Array, A: jax.Array, mask: jax.Array, scale: jax.Array, p: jax.Array,
+                   beta: jax.Array, keep: jax.Array) -> jax.Array:
+    """RB-LoRA's update with given data shares ``p [n]`` and rank rarities ``beta [r_max]``
+    (:func:`rank_rarity`): :func:`flexlora_update` of the factors with column ``r`` of ``B`` scaled
+    by ``β_r``.
+
+    Returns:
+      ``[d_out, d_in]``.
+    """
+    return flexlora_update(G, B * beta[None, None, :], A, mask, scale, p, keep)
 
 
 def flora_stack(B: jax.Array, A: jax.Array, mask: jax.Array, scale: jax.Array, p: jax.Array):

@@ -5,8 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import struct
 
 import fedhl_jax as F
+from fedhl_jax.algorithms import LEGACY_LAYOUT, base
 from tests.conftest import np_truncate
 
 SHAPES = {"layers.0.self_attn.q_proj": (8, 6), "layers.0.self_attn.v_proj": (4, 6)}
@@ -100,12 +102,16 @@ def test_hetlora_homogeneous_untrained_is_fixed_point():
     chex.assert_trees_all_close(alg.global_delta(new), alg.global_delta(state), atol=1e-5)
 
 
-def test_broadcast_gives_best_rank_r():
-    alg = F.fedhl(R_MAX)
-    state, _ = run_rounds(alg, RANKS, rounds=2)
+def started(alg, rounds):
+    """``alg`` after ``rounds`` rounds, and the next round's masks, scales and broadcast (ranks ``RANKS``)."""
+    state, _ = run_rounds(alg, RANKS, rounds=rounds)
     mask = F.rank_mask(RANKS, R_MAX)
     scale = F.lora_scale(RANKS, 8.0)
-    start = alg.broadcast(state, mask, scale, jax.random.PRNGKey(0))
+    return state, mask, scale, alg.broadcast(state, mask, scale, jax.random.PRNGKey(0))
+
+
+def test_broadcast_gives_best_rank_r():
+    state, mask, scale, start = started(F.fedhl(R_MAX), 2)
     for k in SHAPES:
         for i, r in enumerate(RANKS):
             got = float(scale[i]) * np.asarray(start.B[k][i]) @ np.asarray(start.A[k][i])
@@ -116,10 +122,7 @@ def test_broadcast_gives_best_rank_r():
 def test_tree_fedhl_matches_module_function(per_module):
     """Per-module weights reproduce fedhl_aggregate; per-client weights use r̂ summed over modules."""
     alg = F.fedhl(R_MAX, eps=0.05, eps_mode="absolute", per_module=per_module)
-    state, _ = run_rounds(alg, RANKS, rounds=2)
-    mask = F.rank_mask(RANKS, R_MAX)
-    scale = F.lora_scale(RANKS, 8.0)
-    start = alg.broadcast(state, mask, scale, jax.random.PRNGKey(0))
+    state, mask, scale, start = started(alg, 2)
     B, A = perturb(start, mask, 42)
     new, info = alg.aggregate(state, B, A, mask, scale, None)
     errs = {k: np.asarray(F.truncation_error(state.G[k], RANKS, r_max=R_MAX)) for k in SHAPES}
@@ -228,10 +231,7 @@ def test_aggregate_compiles_once_across_rank_and_client_changes():
 
 def test_nonfinite_client_is_dropped_in_tree_aggregate():
     alg = F.fedhl(R_MAX)
-    state, _ = run_rounds(alg, RANKS, rounds=1)
-    mask = F.rank_mask(RANKS, R_MAX)
-    scale = F.lora_scale(RANKS, 8.0)
-    start = alg.broadcast(state, mask, scale, jax.random.PRNGKey(0))
+    state, mask, scale, start = started(alg, 1)
     B, A = perturb(start, mask, 9)
     k0 = next(iter(SHAPES))
     B_bad = dict(B, **{k0: B[k0].at[2, 0, 0].set(jnp.inf)})
@@ -256,3 +256,72 @@ def test_init_rejects_rmax_above_module_dims():
         F.fedhl(5).init(SHAPES)
     with pytest.raises(ValueError, match="unknown algorithm 'fedavg'"):
         F.make_algorithm("fedavg", 4)
+
+
+# --------------------------------------------------------------------------- state per algorithm
+
+
+def flat_state(state) -> dict:
+    """The flat ``{keystr path: array}`` form checkpoints store."""
+    return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def unflat_state(template, flat: dict):
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    return jax.tree_util.tree_unflatten(treedef, [flat[jax.tree_util.keystr(p)] for p, _ in paths])
+
+
+@struct.dataclass
+class LegacyServerState:
+    """The single state every algorithm had before ``state_layout`` existed (unused fields empty)."""
+
+    G: dict
+    dec: dict
+    B: dict
+    A: dict
+    round: jax.Array
+
+
+STATE_FIELDS = {"fedhl": {"G", "dec", "round"}, "flexlora": {"G", "dec", "round"}, "rb_lora": {"G", "dec", "round"},
+                "flora": {"G", "round"}, "hetlora": {"B", "A", "round"}, "fedit": {"B", "A", "round"},
+                "ffa_lora": {"B", "A", "round"}, "fedex_lora": {"B", "A", "G", "round"}}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_each_algorithm_has_its_own_state_and_reads_legacy_checkpoints(name):
+    """A checkpoint of the single-ServerState layout resumes into the algorithm's own state."""
+    alg = F.make_algorithm(name, R_MAX)
+    state, _ = run_rounds(alg, ranks_for(name), rounds=2)
+    assert set(vars(state)) == STATE_FIELDS[name]
+    assert alg.state_layout == type(state).layout
+    legacy = LegacyServerState(**{f: getattr(state, f, {}) for f in ("G", "dec", "B", "A")}, round=state.round)
+    old = flat_state(legacy)
+    assert set(old) == set(flat_state(state))  # the empty fields held no arrays
+    restored = unflat_state(alg.init(SHAPES, jax.random.PRNGKey(1)), alg.migrate_state(LEGACY_LAYOUT, old))
+    chex.assert_trees_all_equal(restored, state)
+    assert int(restored.round) == 2
+
+
+def test_legacy_checkpoint_of_another_family_is_refused_by_name():
+    factor_state, _ = run_rounds(F.fedit(R_MAX), ranks_for("fedit"), rounds=1)
+    old = flat_state(LegacyServerState(G={}, dec={}, B=factor_state.B, A=factor_state.A, round=factor_state.round))
+    with pytest.raises(ValueError, match=r"layout 'server-state/1' holds 'A', which layout 'dense/2' \(G, dec, round\) "
+                                         r"has no place for"):
+        F.fedhl(R_MAX).migrate_state(LEGACY_LAYOUT, old)
+    with pytest.raises(ValueError, match=r"checkpoint state layout 'dense/9' cannot be read: this version reads "
+                                         r"'factor/2' and 'server-state/1'"):
+        F.fedit(R_MAX).migrate_state("dense/9", old)
+    with pytest.raises(ValueError, match=r"holds \"no 'round'\""):
+        F.fedit(R_MAX).migrate_state(LEGACY_LAYOUT, {k: v for k, v in old.items() if k != ".round"})
+
+
+def test_registry_refuses_a_second_factory_under_one_name():
+    assert F.ALGORITHMS["fedhl_momentum"].__module__ == "fedhl_jax.algorithms.fedhl_momentum"  # found, not listed
+
+    def fedhl(r_max, options=None):
+        raise AssertionError("never built")
+
+    with pytest.raises(ValueError, match=r"algorithm 'fedhl' is registered twice: fedhl_jax.algorithms.dense.fedhl and "):
+        F.register("fedhl")(fedhl)
+    assert F.ALGORITHMS["fedhl"] is F.fedhl
+    assert base.register("fedhl")(F.fedhl) is F.fedhl  # the same factory again (a module reload) is fine
