@@ -1,13 +1,19 @@
-"""Run configuration: frozen dataclasses, validated at start.
+"""Run configuration: the whole schema of a run as frozen dataclasses of plain values.
 
 YAML files and dotted ``key=value`` overrides are parsed by OmegaConf at the edge
 (``load_config``); the result is checked against these dataclasses, so an unknown
-key or a bad value fails before anything is loaded or compiled.
+key or a bad value fails before anything is loaded or compiled. Every field is checked
+against its type (a boolean refuses ``3``, a float refuses ``.inf`` and ``.nan``), naming
+the key. The config builds nothing: the algorithm is built from ``fed`` by
+``fedhl_jax.build.build_algorithm``; parsing checks ``fed.options`` once through it and
+stores the algorithm's full options as a plain dict.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,8 +22,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from fedhl_jax.algorithms import ALGORITHMS, Algorithm, make_algorithm
-from fedhl_jax.data.federated import DataConfig
+from fedhl_jax.algorithms import ALGORITHMS
+from fedhl_jax.data.partition import PARTITION_KINDS, RENAMED_PARTITIONS
+from fedhl_jax.data.prompts import PROMPT_FORMATS
+from fedhl_jax.data.registry import dataset_names, dataset_spec
 from fedhl_jax.errors import ConfigError
 from fedhl_jax.model.llama import REMAT_POLICIES
 from fedhl_jax.runtime import CPU_MATMUL_MODES
@@ -33,6 +41,16 @@ MOVED_KEYS["fed.remat"] = "model.remat (none | dots_saveable | full)"
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+def _check_fields(obj, prefix: str) -> None:
+    """Every field of the dataclass ``obj`` has its declared type (``coerce_value``'s rules: a
+    boolean is ``True``/``False``, a float is finite, ...), or a ``ConfigError`` names ``prefix.field``."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp = hints[f.name]
+        if not dataclasses.is_dataclass(tp) and tp is not dict:
+            coerce_value(getattr(obj, f.name), tp, f"{prefix}{f.name}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +82,7 @@ class ModelConfig:
     random_vocab_size: int = 512
 
     def __post_init__(self):
+        _check_fields(self, "model.")
         _require(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
         _require(self.compute_dtype in (None, "float32", "bfloat16"),
                  f"model.compute_dtype must be float32, bfloat16 or null (= model.dtype), got {self.compute_dtype!r}")
@@ -75,13 +94,71 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """A run's data: which dataset, from where, tokenised how, split across clients how.
+
+    Attributes:
+      dataset: a registered dataset (``fedhl_jax.data.registry``: ``gsm8k``, ``codealpaca``,
+        ``dolly`` ship with the package).
+      source: ``auto`` or ``local`` (local files: ``data_dir``, else ``$FEDHL_DATA_DIR``, else the
+        embedded copy for GSM8K, else ``../shared/data``), ``hub`` (the dataset's Hub id; needs
+        network; never a silent fallback), or a path to a JSON Lines / JSON file of the dataset's
+        fields.
+      data_dir: data directory.
+      seq_len: sequence length ``T`` of every example.
+      max_train_examples: keep the first this many training rows.
+      partition: one of ``data.partition.PARTITION_KINDS`` (``iid``, ``dirichlet``, ``meta``,
+        ``quantity_skew``, ``rank_correlated``).
+      dirichlet_alpha: concentration of ``dirichlet`` and ``quantity_skew``.
+      label_kind: labels of label-based partitions, one of the dataset's label kinds (None: its
+        default).
+      eval_examples: held-out examples (0: none).
+      prompt_format: ``auto`` (the model's chat template when its tokenizer has one, else the
+        Alpaca template), ``alpaca`` or ``chat`` (``data.prompts.resolve_prompt_format``).
+    """
+
+    dataset: str = "gsm8k"
+    source: str = "auto"
+    data_dir: str | None = None
+    seq_len: int = 256
+    max_train_examples: int | None = None
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.3
+    label_kind: str | None = None
+    eval_examples: int = 128
+    prompt_format: str = "auto"
+
+    def __post_init__(self):
+        _check_fields(self, "data.")
+        _require(self.dataset in dataset_names(),
+                 f"data.dataset must be one of {', '.join(dataset_names())}; got {self.dataset!r}")
+        _require(self.seq_len >= 8, f"data.seq_len must be >= 8, got {self.seq_len}")
+        _require(self.partition not in RENAMED_PARTITIONS,
+                 f"data.partition {self.partition!r} is now called {RENAMED_PARTITIONS.get(self.partition)!r}")
+        _require(self.partition in PARTITION_KINDS,
+                 f"data.partition must be one of {PARTITION_KINDS}, got {self.partition!r}")
+        _require(self.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
+        _require(self.max_train_examples is None or self.max_train_examples >= 1,
+                 f"data.max_train_examples must be >= 1, got {self.max_train_examples}")
+        _require(self.eval_examples >= 0, f"data.eval_examples must be >= 0, got {self.eval_examples}")
+        _require(self.prompt_format in PROMPT_FORMATS,
+                 f"data.prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+        kinds = list(dataset_spec(self.dataset).label_kinds)
+        _require(self.label_kind is None or self.label_kind in kinds,
+                 f"data.label_kind must be one of {kinds} for data.dataset={self.dataset!r} (or null), "
+                 f"got {self.label_kind!r}")
+
+
+@dataclass(frozen=True)
 class FedConfig:
     """Federation: algorithm (and its own options), clients, ranks, participation.
 
     ``options`` holds the algorithm's options (``fed.options.eps`` for FedHL, ...; see the
-    algorithm's options dataclass in ``fedhl_jax.algorithms``). It is validated when the config
-    is built: an option the algorithm does not have is an error naming the key and the algorithm.
-    After validation it holds every option, defaults filled in.
+    algorithm's options dataclass in ``fedhl_jax.algorithms``). Parsing (``from_dict``,
+    ``load_config``) checks them once against the algorithm (``build.checked_options``: an option
+    the algorithm does not have, or a value of the wrong type, is an error naming the key) and
+    stores every option, defaults filled in. The algorithm itself is built by
+    ``fedhl_jax.build.build_algorithm(fed)``.
     """
 
     algorithm: str = "fedhl"
@@ -97,6 +174,7 @@ class FedConfig:
     stop_after_failed_rounds: int = 3
 
     def __post_init__(self):
+        _check_fields(self, "fed.")
         _require(self.algorithm in ALGORITHMS, f"fed.algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
         _require(self.num_clients >= 1, f"fed.num_clients must be >= 1, got {self.num_clients}")
         _require(0 < self.participation <= 1, f"fed.participation must be in (0, 1], got {self.participation}")
@@ -111,24 +189,6 @@ class FedConfig:
         _require(self.stop_after_failed_rounds >= 1,
                  f"fed.stop_after_failed_rounds must be >= 1, got {self.stop_after_failed_rounds}")
         _require(isinstance(self.options, dict), f"fed.options must be a mapping, got {self.options!r}")
-        alg = self.build_algorithm()
-        object.__setattr__(self, "options", dataclasses.asdict(alg.options))
-        if alg.homogeneous and self.rank_distribution != "homogeneous":
-            _require(len(set(self.ranks)) == 1,
-                     f"fed.algorithm={self.algorithm!r} needs homogeneous ranks; got fed.ranks={list(self.ranks)} "
-                     f"with fed.rank_distribution={self.rank_distribution!r}")
-
-    def build_algorithm(self) -> Algorithm:
-        """The algorithm with its options (raises ``ConfigError`` naming a bad option)."""
-        default = make_algorithm(self.algorithm, self.r_max)
-        valid = [f.name for f in dataclasses.fields(default.options)]
-        for key in self.options:
-            _require(key in valid, f"fed.options.{key} is not an option of fed.algorithm={self.algorithm!r}; "
-                                   f"its options: {', '.join(valid) or 'none'}")
-        try:
-            return make_algorithm(self.algorithm, self.r_max, dict(self.options))
-        except ValueError as e:
-            raise ConfigError(f"fed.options: {e}") from None
 
     @property
     def r_max(self) -> int:
@@ -153,6 +213,7 @@ class OptimConfig:
     batch_size: int = 4
 
     def __post_init__(self):
+        _check_fields(self, "optim.")
         _require(self.optimizer in OPTIMIZERS, f"optim.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _require(self.lr_b is None or self.lr_b > 0, f"optim.lr_b must be > 0, got {self.lr_b}")
@@ -196,6 +257,7 @@ class EvalConfig:
     zero_shot: bool = False
 
     def __post_init__(self):
+        _check_fields(self, "eval.")
         _require(self.every >= 1, f"eval.every must be >= 1, got {self.every}")
         _require(self.loss_examples is None or self.loss_examples >= 1,
                  f"eval.loss_examples must be >= 1 (or null: every held-out row), got {self.loss_examples}")
@@ -217,6 +279,7 @@ class CheckpointConfig:
     max_to_keep: int = 2
 
     def __post_init__(self):
+        _check_fields(self, "checkpoint.")
         _require(self.every >= 1, f"checkpoint.every must be >= 1, got {self.every}")
         _require(self.max_to_keep >= 1, f"checkpoint.max_to_keep must be >= 1, got {self.max_to_keep}")
 
@@ -235,6 +298,7 @@ class MeshConfig:
     model: int = 1
 
     def __post_init__(self):
+        _check_fields(self, "mesh.")
         _require(self.clients is None or self.clients >= 1, f"mesh.clients must be >= 1 (or null), got {self.clients}")
         _require(self.model >= 1, f"mesh.model must be >= 1, got {self.model}")
 
@@ -259,6 +323,7 @@ class TrainConfig:
     export_rank: int | None = None
 
     def __post_init__(self):
+        _check_fields(self, "")
         _require(self.export_rank is None or self.export_rank >= 1, f"export_rank must be >= 1, got {self.export_rank}")
         _require(self.eval.generate_examples <= self.data.eval_examples,
                  f"eval.generate_examples={self.eval.generate_examples} is more than the "
@@ -268,7 +333,15 @@ class TrainConfig:
 # --------------------------------------------------------------------------- dict <-> dataclass
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce_value(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as the config type ``tp`` (``int``, ``float``, ``bool``, ``str``, ``dict``,
+    ``tuple[X, ...]``, ``X | None``).
+
+    Raises:
+      ConfigError: naming ``key``: a boolean that is not ``true``/``false`` (``3``, ``"yes"``), a
+        non-integer for an integer, a non-number or a non-finite number (``.inf``, ``.nan``) for a
+        float, a non-string for a string, a non-list for a list.
+    """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -279,7 +352,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return coerce_value(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
@@ -289,7 +362,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return (value,)
             raise ConfigError(f"{key} must be a list, got {value!r}")
         (item,) = typing.get_args(tp)[:1]
-        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+        return tuple(coerce_value(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
@@ -299,12 +372,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+                or float(value) != int(value):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return int(value)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -330,19 +406,24 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys {where}: {', '.join(names)}")
     kwargs = {}
     for name in names:
-        if name not in data:
-            continue
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, data[name], f"{prefix}{name}.")
+        if dataclasses.is_dataclass(tp):  # a missing section is parsed too (its defaults, checked)
+            kwargs[name] = from_dict(tp, data.get(name), f"{prefix}{name}.")
+        elif name not in data:
+            continue
         else:
-            kwargs[name] = _coerce(data[name], tp, f"{prefix}{name}")
+            kwargs[name] = coerce_value(data[name], tp, f"{prefix}{name}")
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix or 'config'}: {e}") from e
+    if cls is FedConfig:  # the algorithm's options, checked once and filled in
+        from fedhl_jax.build import checked_options
+
+        obj = dataclasses.replace(obj, options=checked_options(obj))
+    return obj
 
 
 def to_dict(cfg) -> dict:

@@ -8,6 +8,7 @@ from fedhl_jax import evaluation, runtime
 from fedhl_jax import model as M
 from fedhl_jax.algorithms import Algorithm
 from fedhl_jax.data.prompts import TokenizedDataset
+from fedhl_jax.data.registry import dataset_spec
 from fedhl_jax.lora import lora_scale, rank_mask
 
 
@@ -86,5 +87,5 @@ class GlobalEvaluator:
 
 
 def eval_metric(dataset: str) -> str:
-    """The generation metric of a dataset: exact match for GSM8K, ROUGE-L otherwise."""
-    return "exact_match" if dataset == "gsm8k" else "rouge_l"
+    """The generation metric of a dataset (its spec's ``metric``: exact match for GSM8K, ROUGE-L for the others)."""
+    return dataset_spec(dataset).metric

@@ -16,6 +16,7 @@ import numpy as np
 from fedhl_jax import engine, runtime
 from fedhl_jax import model as M
 from fedhl_jax.assets import resolve_model_source
+from fedhl_jax.build import build_algorithm
 from fedhl_jax.config import ConfigError, TrainConfig
 from fedhl_jax.data.federated import build_federated_dataset, load_records
 from fedhl_jax.global_eval import GlobalEvaluator, eval_metric
@@ -125,7 +126,7 @@ class Simulation:
         self.cfg, self.log = cfg, log
         fed, dc, o = cfg.fed, cfg.data, cfg.optim
         self.mesh = mesh_from_config(cfg.mesh, fed.clients_per_round) if mesh is _AUTO_MESH else mesh
-        self.algorithm = fed.build_algorithm()
+        self.algorithm = build_algorithm(fed)
         records = load_records(dc, cfg.seed, log)
         if fed.num_clients > len(records[0]):
             raise ConfigError(f"fed.num_clients={fed.num_clients} is more than the {len(records[0])} training "

@@ -357,3 +357,101 @@ def test_resolve_rejects_unknown_names():
         loading.resolve_data_files("alpaca")
     with pytest.raises(DataError, match="unknown local split 'validation'"):
         loading.resolve_data_files("gsm8k", split="validation")
+
+
+# --------------------------------------------------------------------- the dataset registry
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from fedhl_jax.config import load_config  # noqa: E402
+from fedhl_jax.data import build_federated_dataset, dataset_labels, word_level_tokenizer  # noqa: E402
+from fedhl_jax.data.registry import (DatasetSpec, dataset_names, dataset_spec, register_dataset,  # noqa: E402
+                                     unregister_dataset)
+from fedhl_jax.global_eval import eval_metric  # noqa: E402
+
+
+def _length_label(records) -> list:
+    return ["long" if len(r.split()) > 3 else "short" for r in records[:]["instruction"]]
+
+
+TOY = DatasetSpec(
+    name="toy_qa", instruction="prompt", output="reply", input="notes",
+    local_files={"train": ("toy/train.jsonl",), "heldout": ("toy/heldout.jsonl",)},
+    label_kinds={"length": _length_label}, eval_split="heldout", metric="exact_match")
+
+
+@pytest.fixture
+def toy_dir(tmp_path):
+    """A data folder with the toy dataset's two files; the spec registered for the test only."""
+    (tmp_path / "toy").mkdir()
+    rows = [{"prompt": f"question {i} " + "word " * (i % 4), "reply": f"answer {i}",
+             **({"notes": f"note {i}"} if i % 2 else {})} for i in range(24)]
+    (tmp_path / "toy" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "toy" / "heldout.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"held {i}", "reply": f"out {i}"}) + "\n" for i in range(5)))
+    register_dataset(TOY)
+    yield tmp_path
+    unregister_dataset(TOY.name)
+
+
+def test_a_registered_dataset_trains_end_to_end(toy_dir):
+    """Adding a dataset is one spec: the config accepts it, the loader, the labels, the held-out split
+    and the metric all come from the spec."""
+    cfg = load_config(None, ["data.dataset=toy_qa", f"data.data_dir={toy_dir}", "data.partition=dirichlet",
+                             "data.label_kind=length", "data.eval_examples=4", "data.seq_len=96"])
+    texts = [json.loads(line)["prompt"] for line in (toy_dir / "toy" / "train.jsonl").read_text().splitlines()]
+    tok = word_level_tokenizer(texts + ["held out answer note Instruction Input Response ###"],
+                               extra_words=[str(i) for i in range(30)])
+    fed = build_federated_dataset(cfg.data, tok, num_clients=3, seed=0, pad_id=0)
+    assert len(fed.records) == 24 and fed.records.column_names == ["instruction", "input", "output"]
+    assert fed.records[1]["input"] == "note 1" and fed.records[0]["input"] == ""  # notes -> input, missing -> ""
+    assert fed.records[0]["output"] == "answer 0"
+    assert len(fed.eval) == 4  # the spec's eval_split file, not a slice of the training rows
+    assert len(fed.data) == 24 and sorted(set(fed.labels)) == ["long", "short"]
+    np.testing.assert_array_equal(fed.labels, np.asarray(_length_label(fed.records), object)[fed.data.source_index])
+    assert sorted(np.concatenate(fed.partitions).tolist()) == list(range(len(fed.data)))
+    assert eval_metric("toy_qa") == "exact_match"
+    assert dataset_names()[-1] == "toy_qa"
+
+
+def test_registry_refuses_bad_specs_and_duplicates(toy_dir):
+    with pytest.raises(DataError, match="dataset 'toy_qa' is registered already"):
+        register_dataset(TOY)
+    with pytest.raises(DataError, match=r"dataset spec 'x': metric must be one of \['exact_match', 'rouge_l'\], got 'bleu'"):
+        DatasetSpec("x", "q", "a", local_files={"train": ("x.jsonl",)}, metric="bleu")
+    with pytest.raises(DataError, match=r"dataset spec 'x': needs local_files\['train'\] or a hub_id"):
+        DatasetSpec("x", "q", "a")
+    with pytest.raises(DataError, match=r"dataset spec 'x': eval_split 'test' is not one of its local splits"):
+        DatasetSpec("x", "q", "a", local_files={"train": ("x.jsonl",)}, eval_split="test")
+    with pytest.raises(DataError, match=r"dataset spec 'x': a source field is used twice"):
+        DatasetSpec("x", "q", "q", local_files={"train": ("x.jsonl",)})
+    with pytest.raises(DataError, match=r"unknown dataset name 'nope'; expected one of \['gsm8k', 'codealpaca', 'dolly', 'toy_qa'\]"):
+        dataset_spec("nope")
+    with pytest.raises(TypeError):
+        dataset_spec("toy_qa").local_files["test"] = ("x",)  # read-only once registered
+
+
+def test_a_dataset_without_label_kinds_or_hub_id(tmp_path):
+    spec = register_dataset(DatasetSpec("plain_qa", "q", "a", local_files={"train": ("p.jsonl",)}))
+    try:
+        assert dataset_labels("plain_qa", [{"instruction": "x"}] * 3).tolist() == ["all"] * 3
+        assert eval_metric("plain_qa") == "rouge_l" and spec.default_label_kind is None
+        with pytest.raises(DataError, match="dataset 'plain_qa' has no Hugging Face Hub id"):
+            loading.resolve_data_files("plain_qa", source="hub")
+        with pytest.raises(Exception, match=r"data.label_kind must be one of \[\] for data.dataset='plain_qa'"):
+            load_config(None, ["data.dataset=plain_qa", "data.label_kind=steps"])
+    finally:
+        unregister_dataset("plain_qa")
+    assert "plain_qa" not in dataset_names()
+
+
+def test_shipped_specs_hold_what_the_tables_held():
+    g, c, d = dataset_spec("gsm8k"), dataset_spec("codealpaca"), dataset_spec("dolly")
+    assert (g.required, g.optional_text, g.eval_split, g.metric, g.embedded) == (("question", "answer"), (), "test",
+                                                                                  "exact_match", True)
+    assert (c.hub_id, c.hub_config, sorted(c.local_files)) == ("sahil2801/CodeAlpaca-20k", None, ["all", "new", "train"])
+    assert (d.optional_text, list(d.label_kinds), d.metric) == (("context", "category"), ["category", "derived", "context"],
+                                                               "rouge_l")
+    assert (g.hub_id, g.hub_config, list(g.label_kinds)) == ("openai/gsm8k", "main", ["steps", "answer_size"])

@@ -18,6 +18,7 @@ flwr = pytest.importorskip("flwr", reason="flwr (Flower) is not installed; pip i
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
 
+from fedhl_jax.build import build_algorithm  # noqa: E402
 from fedhl_jax.config import load_config, save_config  # noqa: E402
 from fedhl_jax.deploy import client_app  # noqa: E402
 from fedhl_jax.deploy.node import node_identity, pack, unpack  # noqa: E402
@@ -65,7 +66,7 @@ def node_context(cfg_path: Path, partition_id: int, rank: int) -> Context:
 
 
 def strategy_for(cfg, log=lambda *_: None) -> FedLoRAStrategy:
-    alg = cfg.fed.build_algorithm()
+    alg = build_algorithm(cfg.fed)
     shapes = lora_shapes(cfg)
     import jax
 
@@ -140,7 +141,7 @@ def test_algorithms_that_move_the_base_or_freeze_a_factor(tmp_path, task_identit
     import jax
 
     shapes = lora_shapes(cfg)
-    strategy = FedLoRAStrategy(cfg, shapes, cfg.fed.build_algorithm().init(shapes, jax.random.PRNGKey(cfg.seed)))
+    strategy = FedLoRAStrategy(cfg, shapes, build_algorithm(cfg.fed).init(shapes, jax.random.PRNGKey(cfg.seed)))
     node_ranks = [int(r) for r in sim.ranks]
     for pid, rank in enumerate(node_ranks):
         strategy.register(pid, 100 + pid, rank)

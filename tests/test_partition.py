@@ -362,5 +362,5 @@ def test_dolly_labels_category_and_fallback(caplog):
 def test_unknown_label_kind():
     with pytest.raises(DataError, match="unknown label kind 'topic' for dataset 'gsm8k'"):
         dataset_labels("gsm8k", [], "topic")
-    with pytest.raises(DataError, match="unknown dataset 'mmlu' for labels"):
+    with pytest.raises(DataError, match=r"unknown dataset name 'mmlu'; expected one of \["):
         dataset_labels("mmlu", [])

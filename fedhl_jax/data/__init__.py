@@ -2,7 +2,8 @@
 
 Typical use::
 
-    from fedhl_jax.data import DataConfig, PartitionConfig, build_federated_dataset
+    from fedhl_jax.config import DataConfig
+    from fedhl_jax.data import build_federated_dataset
 
     fed = build_federated_dataset(
         DataConfig("gsm8k", seq_len=512, partition="dirichlet", dirichlet_alpha=0.3), tokenizer,
@@ -13,11 +14,11 @@ Typical use::
     tokens, loss_mask = batcher(round_idx, client_ids)  # [C, 4, 8, 512] each
 """
 
+from fedhl_jax.data import catalog  # noqa: F401  (registers the shipped datasets)
 from fedhl_jax.data.batching import RoundBatcher, make_round_batch, sample_clients
-from fedhl_jax.data.federated import DataConfig, FederatedDataset, build_federated_dataset, load_records
+from fedhl_jax.data.federated import FederatedDataset, build_federated_dataset, load_records
 from fedhl_jax.data.labels import (
     CODE_LANGUAGES,
-    LABEL_KINDS,
     code_language,
     dataset_labels,
     dolly_derived_label,
@@ -28,9 +29,6 @@ from fedhl_jax.data.labels import (
 )
 from fedhl_jax.data.loading import (
     DATA_DIR_ENV,
-    DATASET_NAMES,
-    HUB_DEFAULTS,
-    LOCAL_FILES,
     DataError,
     DataFiles,
     DataSource,
@@ -64,20 +62,28 @@ from fedhl_jax.data.prompts import (
     pad_prompts,
     tokenize_dataset,
 )
+from fedhl_jax.data.registry import DatasetSpec, dataset_names, dataset_spec, register_dataset, unregister_dataset
 from fedhl_jax.data.toy_tokenizer import word_level_tokenizer
+
+
+def __getattr__(name: str):
+    # ``DataConfig`` lives with the run's schema in ``fedhl_jax.config``, which imports this package.
+    if name == "DataConfig":
+        from fedhl_jax.config import DataConfig
+
+        return DataConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CODE_LANGUAGES",
-    "DATASET_NAMES",
     "DATA_DIR_ENV",
     "DataConfig",
     "DataError",
     "DataFiles",
     "DataSource",
+    "DatasetSpec",
     "FederatedDataset",
-    "HUB_DEFAULTS",
-    "LABEL_KINDS",
-    "LOCAL_FILES",
     "PARTITION_KINDS",
     "PROMPT_NO_INPUT",
     "PROMPT_WITH_INPUT",
@@ -88,6 +94,8 @@ __all__ = [
     "build_federated_dataset",
     "build_prompt",
     "code_language",
+    "dataset_names",
+    "dataset_spec",
     "dataset_labels",
     "default_data_dir",
     "dirichlet_partition",
@@ -109,10 +117,12 @@ __all__ = [
     "plot_partition_summary",
     "quantity_skew_partition",
     "rank_correlated_partition",
+    "register_dataset",
     "resolve_data_dir",
     "resolve_data_files",
     "sample_clients",
     "tokenize_dataset",
+    "unregister_dataset",
     "validate_json_file",
     "validate_partition",
     "word_level_tokenizer",

@@ -1,4 +1,4 @@
-"""The one data path of a run: a :class:`DataConfig` → tokenised, labelled, partitioned data.
+"""The one data path of a run: a :class:`fedhl_jax.config.DataConfig` → tokenised, labelled, partitioned data.
 
 ``load_records`` reads the training rows and the held-out rows (GSM8K's test split, else a seeded
 held-out slice of the training file); ``build_federated_dataset`` labels, tokenises and
@@ -8,83 +8,31 @@ partitions them. The engine, the CLI, the results suite and the tests all go thr
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import datasets
 import numpy as np
 
 from fedhl_jax.data.batching import RoundBatcher
-from fedhl_jax.data.labels import LABEL_KINDS, dataset_labels
-from fedhl_jax.data.loading import DATASET_NAMES, DataError, load_instruction_dataset, resolve_data_files
-from fedhl_jax.data.partition import (
-    PARTITION_KINDS,
-    PartitionConfig,
-    PartitionSummary,
-    make_partition,
-    partition_summary,
-)
-from fedhl_jax.data.prompts import PROMPT_FORMATS, TokenizedDataset, resolve_prompt_format, tokenize_dataset
+from fedhl_jax.data.labels import dataset_labels
+from fedhl_jax.data.loading import DataError, load_instruction_dataset, resolve_data_files
+from fedhl_jax.data.partition import PartitionConfig, PartitionSummary, make_partition, partition_summary
+from fedhl_jax.data.prompts import TokenizedDataset, resolve_prompt_format, tokenize_dataset
+from fedhl_jax.data.registry import dataset_spec
+
+if TYPE_CHECKING:
+    from fedhl_jax.config import DataConfig
 
 __all__ = ["DataConfig", "FederatedDataset", "build_federated_dataset", "load_records"]
 
-# Datasets with an official held-out split; the others hold out a seeded slice of the training file.
-_EVAL_SPLIT = {"gsm8k": "test"}
+def __getattr__(name: str):
+    # ``DataConfig`` is defined with the rest of the run's schema in ``fedhl_jax.config`` (which
+    # imports this package, so the name is resolved on first use, not at import).
+    if name == "DataConfig":
+        from fedhl_jax.config import DataConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """A run's data: which dataset, from where, tokenised how, split across clients how.
-
-    Attributes:
-      dataset: ``gsm8k``, ``codealpaca`` or ``dolly``.
-      source: ``auto`` or ``local`` (local files: ``data_dir``, else ``$FEDHL_DATA_DIR``, else the
-        embedded copy for GSM8K, else ``../shared/data``), ``hub`` (the dataset's Hub id; needs
-        network; never a silent fallback), or a path to a JSON Lines / JSON file of the dataset's
-        schema.
-      data_dir: data directory.
-      seq_len: sequence length ``T`` of every example.
-      max_train_examples: keep the first this many training rows.
-      partition: one of ``PARTITION_KINDS`` (``iid``, ``dirichlet``, ``meta``, ``quantity_skew``,
-        ``rank_correlated``).
-      dirichlet_alpha: concentration of ``dirichlet`` and ``quantity_skew``.
-      label_kind: labels of label-based partitions (None: the dataset's default).
-      eval_examples: held-out examples (0: none).
-      prompt_format: ``auto`` (the model's chat template when its tokenizer has one, else the
-        Alpaca template), ``alpaca`` or ``chat`` (``prompts.resolve_prompt_format``).
-    """
-
-    dataset: str = "gsm8k"
-    source: str = "auto"
-    data_dir: str | None = None
-    seq_len: int = 256
-    max_train_examples: int | None = None
-    partition: str = "iid"
-    dirichlet_alpha: float = 0.3
-    label_kind: str | None = None
-    eval_examples: int = 128
-    prompt_format: str = "auto"
-
-    def __post_init__(self):
-        def require(cond, msg):
-            if not cond:
-                raise DataError(msg)
-
-        require(self.dataset in DATASET_NAMES,
-                f"data.dataset must be one of {', '.join(DATASET_NAMES)}; got {self.dataset!r}")
-        require(self.seq_len >= 8, f"data.seq_len must be >= 8, got {self.seq_len}")
-        if self.partition in ("quantity", "rank"):
-            PartitionConfig(kind=self.partition)  # raises with the new name
-        require(self.partition in PARTITION_KINDS,
-                f"data.partition must be one of {PARTITION_KINDS}, got {self.partition!r}")
-        require(self.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
-        require(self.max_train_examples is None or self.max_train_examples >= 1,
-                f"data.max_train_examples must be >= 1, got {self.max_train_examples}")
-        require(self.eval_examples >= 0, f"data.eval_examples must be >= 0, got {self.eval_examples}")
-        require(self.prompt_format in PROMPT_FORMATS,
-                f"data.prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
-        require(self.label_kind is None or self.label_kind in LABEL_KINDS,
-                f"data.label_kind must be one of {sorted(LABEL_KINDS)} (or null), got {self.label_kind!r}")
-
+        return DataConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_records(config: DataConfig, seed: int, log: Callable = lambda *_: None):
@@ -92,8 +40,8 @@ def load_records(config: DataConfig, seed: int, log: Callable = lambda *_: None)
 
     The files are found by ``loading.resolve_data_files`` (``data.data_dir``, ``$FEDHL_DATA_DIR``,
     the embedded copy for GSM8K, ``../shared/data``; the Hub only with ``data.source=hub``). The
-    held-out rows are GSM8K's test split, else (and for an explicit file) a seeded held-out slice of
-    the training rows.
+    held-out rows are the dataset's ``eval_split`` (GSM8K: ``test``; ``data.registry``), else (and
+    for an explicit file) a seeded held-out slice of the training rows.
 
     Returns:
       ``(train, eval)`` ``datasets.Dataset``; ``eval`` is None with ``eval_examples=0``.
@@ -104,7 +52,7 @@ def load_records(config: DataConfig, seed: int, log: Callable = lambda *_: None)
     files = resolve_data_files(config.dataset, config.data_dir, config.source, "train")
     log(f"data: {files.description}")
     train = load_instruction_dataset(files.data_config())
-    split = _EVAL_SPLIT.get(config.dataset)
+    split = dataset_spec(config.dataset).eval_split
     if split is not None and files.origin != "path":
         test = resolve_data_files(config.dataset, config.data_dir, config.source, split)
         test = load_instruction_dataset(test.data_config())

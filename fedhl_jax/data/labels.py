@@ -52,21 +52,26 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from fedhl_jax.data.loading import DataError
+from fedhl_jax.data.registry import DataError, dataset_spec
 
 __all__ = [
     "CODE_LANGUAGES",
-    "LABEL_KINDS",
     "code_language",
+    "code_language_labels",
     "dataset_labels",
+    "dolly_category_labels",
+    "dolly_context_labels",
     "dolly_derived_label",
+    "dolly_derived_labels",
     "gsm8k_answer_size",
+    "gsm8k_answer_size_labels",
     "gsm8k_num_steps",
     "gsm8k_steps_label",
+    "gsm8k_steps_labels",
     "label_counts",
 ]
 
@@ -300,55 +305,45 @@ def _has_col(records: Any, name: str) -> bool:
     return len(records) > 0 and all(r.get(name) for r in records)
 
 
-_LabelFn = Callable[[Any], list[str]]
-
-
-def _dolly_category(records: Any) -> list[str]:
+def dolly_category_labels(records: Any) -> list[str]:
     if _has_col(records, "category"):
         return _col(records, "category")
     log.warning("dolly: no 'category' field; using the derived label (context / first word)")
-    return _dolly_derived(records)
+    return dolly_derived_labels(records)
 
 
-def _dolly_derived(records: Any) -> list[str]:
+def dolly_derived_labels(records: Any) -> list[str]:
     return [dolly_derived_label(i, c) for i, c in zip(_col(records, "instruction"), _col(records, "input"))]
 
 
-def _dolly_context(records: Any) -> list[str]:
+def dolly_context_labels(records: Any) -> list[str]:
     return ["with_context" if c.strip() else "no_context" for c in _col(records, "input")]
 
 
-def _code_language(records: Any) -> list[str]:
+def code_language_labels(records: Any) -> list[str]:
     return [
         code_language(i, x, o)
         for i, x, o in zip(_col(records, "instruction"), _col(records, "input"), _col(records, "output"))
     ]
 
 
-def _gsm8k_steps(records: Any) -> list[str]:
+def gsm8k_steps_labels(records: Any) -> list[str]:
     return [gsm8k_steps_label(a) for a in _col(records, "output")]
 
 
-def _gsm8k_size(records: Any) -> list[str]:
+def gsm8k_answer_size_labels(records: Any) -> list[str]:
     return [gsm8k_answer_size(a) for a in _col(records, "output")]
 
 
-#: Label kinds per dataset; the first kind is the default.
-LABEL_KINDS: dict[str, dict[str, _LabelFn]] = {
-    "dolly": {"category": _dolly_category, "derived": _dolly_derived, "context": _dolly_context},
-    "codealpaca": {"language": _code_language},
-    "gsm8k": {"steps": _gsm8k_steps, "answer_size": _gsm8k_size},
-}
-
-
 def dataset_labels(dataset: str, records: Any, kind: str | None = None) -> np.ndarray:
-    """Computes one label per example.
+    """Computes one label per example with one of the dataset's label kinds.
 
     Args:
-        dataset: ``"gsm8k"``, ``"codealpaca"`` or ``"dolly"``.
+        dataset: A registered dataset name (``fedhl_jax.data.registry``).
         records: Normalised records (a ``datasets.Dataset`` or list of dicts
             with ``instruction``/``input``/``output`` [/``category``]).
-        kind: Label kind (see :data:`LABEL_KINDS`); ``None`` for the default.
+        kind: One of the spec's ``label_kinds``; ``None`` for its default (the
+            first). A dataset without label kinds labels every row ``"all"``.
 
     Returns:
         ``[N]`` array of label strings (dtype ``object``).
@@ -356,9 +351,9 @@ def dataset_labels(dataset: str, records: Any, kind: str | None = None) -> np.nd
     Raises:
         DataError: Unknown dataset or label kind.
     """
-    if dataset not in LABEL_KINDS:
-        raise DataError(f"unknown dataset {dataset!r} for labels; expected one of {sorted(LABEL_KINDS)}")
-    kinds = LABEL_KINDS[dataset]
+    kinds = dataset_spec(dataset).label_kinds
+    if not kinds and kind is None:
+        return np.full(len(records), "all", dtype=object)
     if kind is None:
         kind = next(iter(kinds))
     if kind not in kinds:

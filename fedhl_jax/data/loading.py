@@ -1,22 +1,13 @@
 """Loading instruction-tuning datasets into a common (instruction, input, output) form.
 
-Three datasets are supported, each from a local JSON Lines / JSON file or from
-the Hugging Face Hub. Both routes go through :func:`datasets.load_dataset`; a
-:class:`DataSource` picks the route:
-
-=============  ==========================  ===================================
-name           local schema                Hub default (id, config)
-=============  ==========================  ===================================
-``gsm8k``      question, answer            ``openai/gsm8k``, ``main``
-``codealpaca`` instruction, input, output  ``sahil2801/CodeAlpaca-20k``
-``dolly``      instruction, context,       ``databricks/databricks-dolly-15k``
-               response [, category]
-=============  ==========================  ===================================
-
-Every dataset is normalised to the columns ``instruction``, ``input`` and
-``output`` (GSM8K: ``question -> instruction``, ``answer -> output``,
-``input = ""``; Dolly: ``context -> input``, ``response -> output``). A Dolly
-``category`` column is kept when the source has one.
+Every registered dataset (:mod:`fedhl_jax.data.registry`; the shipped ones are
+listed in :mod:`fedhl_jax.data.catalog`) loads from local JSON Lines / JSON files
+or from the Hugging Face Hub. Both routes go through :func:`datasets.load_dataset`;
+a :class:`DataSource` picks the route. Every dataset is normalised to the columns
+``instruction``, ``input`` and ``output`` by its spec's field names (GSM8K:
+``question -> instruction``, ``answer -> output``, ``input = ""``; Dolly:
+``context -> input``, ``response -> output``); optional fields such as Dolly's
+``category`` are kept when the source has them.
 
 Local files are validated line by line *before* they are handed to
 ``datasets`` so that problems are reported with the file name, line number and
@@ -24,7 +15,7 @@ field name instead of an Arrow stack trace.
 
 Where local files come from (:func:`resolve_data_files`): an explicit
 ``data_dir``, else ``$FEDHL_DATA_DIR``, else the copy embedded in the package
-(GSM8K only), else ``<repo>/../shared/data``. A directory or file that is
+(datasets whose spec says ``embedded``: GSM8K), else ``<repo>/../shared/data``. A directory or file that is
 missing is an error naming it and the ways to fix it; the Hub is used only when
 ``source="hub"`` is asked for, never as a fallback.
 """
@@ -39,17 +30,13 @@ from typing import Any, Sequence
 
 import datasets
 
-from fedhl_jax.errors import ConfigError
+from fedhl_jax.data.registry import DataError, DatasetSpec, dataset_spec
 
 __all__ = [
-    "DATASET_NAMES",
     "DATA_DIR_ENV",
     "DataSource",
     "DataError",
     "DataFiles",
-    "HUB_DEFAULTS",
-    "LOCAL_FILES",
-    "SCHEMAS",
     "default_data_dir",
     "load_instruction_dataset",
     "resolve_data_dir",
@@ -60,73 +47,17 @@ __all__ = [
 #: Environment variable that overrides the default data directory.
 DATA_DIR_ENV = "FEDHL_DATA_DIR"
 
-#: Supported dataset names.
-DATASET_NAMES = ("gsm8k", "codealpaca", "dolly")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Schema:
-    """Source field names of one dataset and how they map to the common form."""
-
-    instruction: str
-    output: str
-    input: str | None  # None: the dataset has no input field (input = "")
-    optional: tuple[str, ...] = ()  # fields kept when present (e.g. category)
-
-    @property
-    def required(self) -> tuple[str, ...]:
-        return (self.instruction, self.output)
-
-    @property
-    def optional_text(self) -> tuple[str, ...]:
-        """Optional text fields; missing or null values become ``""``."""
-        return ((self.input,) if self.input else ()) + self.optional
-
-
-#: Field names of each dataset in its source form.
-SCHEMAS: dict[str, _Schema] = {
-    "gsm8k": _Schema(instruction="question", output="answer", input=None),
-    "codealpaca": _Schema(instruction="instruction", output="output", input="input"),
-    "dolly": _Schema(
-        instruction="instruction", output="response", input="context", optional=("category",)
-    ),
-}
-
-#: Default files (relative to the data directory) for ``source="local"``,
-#: keyed by dataset name and then by ``DataSource.split``.
-LOCAL_FILES: dict[str, dict[str, tuple[str, ...]]] = {
-    "gsm8k": {"train": ("gsm8k/train.jsonl",), "test": ("gsm8k/test.jsonl",)},
-    "codealpaca": {
-        "train": ("codealpaca/code_alpaca_2k.jsonl",),
-        "new": ("codealpaca/new_codealpaca.jsonl",),
-        "all": ("codealpaca/code_alpaca_2k.jsonl", "codealpaca/new_codealpaca.jsonl"),
-    },
-    "dolly": {"train": ("dolly/dolly_subset_151.jsonl",)},
-}
-
-#: Default Hub ``(dataset id, config name)`` for ``source="hub"``.
-HUB_DEFAULTS: dict[str, tuple[str, str | None]] = {
-    "gsm8k": ("openai/gsm8k", "main"),
-    "codealpaca": ("sahil2801/CodeAlpaca-20k", None),
-    "dolly": ("databricks/databricks-dolly-15k", None),
-}
-
-
-class DataError(ConfigError):
-    """Raised for bad data or a bad data configuration (with a precise message)."""
-
-
 @dataclasses.dataclass(frozen=True)
 class DataSource:
     """Which dataset to load and from where (the loader's view; a run's data settings are
     :class:`fedhl_jax.data.DataConfig`).
 
     Attributes:
-        name: One of ``"gsm8k"``, ``"codealpaca"``, ``"dolly"``.
+        name: A registered dataset name (``"gsm8k"``, ``"codealpaca"``, ``"dolly"``, ...).
         source: ``"local"`` (JSON Lines / JSON files; ``"auto"`` is the same)
             or ``"hub"`` (a Hugging Face Hub dataset id; needs network access).
         split: For ``source="local"`` without ``path``: a key of
-            ``LOCAL_FILES[name]`` (e.g. ``"train"``, ``"test"``). For
+            the spec's ``local_files`` (e.g. ``"train"``, ``"test"``). For
             ``source="hub"``: the split name passed to ``load_dataset``.
         path: Local file, or tuple of files, to load instead of the default
             file of ``split``. Relative paths are resolved against the data
@@ -135,7 +66,7 @@ class DataSource:
             embedded copy (GSM8K), else ``<repo>/../shared/data`` (see
             :func:`resolve_data_files`; relative ``path`` values are resolved
             with :func:`resolve_data_dir`).
-        hub_id: Hub dataset id; ``None`` uses ``HUB_DEFAULTS[name]``.
+        hub_id: Hub dataset id; ``None`` uses the spec's ``hub_id``.
         hub_config: Hub config name; ``None`` uses the default of ``name``
             (``"main"`` for GSM8K) when ``hub_id`` is also ``None``.
         max_examples: Keep only the first ``max_examples`` rows (after
@@ -154,18 +85,15 @@ class DataSource:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in DATASET_NAMES:
-            raise DataError(
-                f"unknown dataset name {self.name!r}; expected one of {list(DATASET_NAMES)}"
-            )
+        spec = dataset_spec(self.name)  # raises for an unknown name
         if self.source not in ("local", "hub", "auto"):
             raise DataError(f"unknown data source {self.source!r}; expected 'local' or 'hub'")
         if self.max_examples is not None and self.max_examples < 1:
             raise DataError(f"max_examples must be >= 1, got {self.max_examples}")
-        if self.source != "hub" and self.path is None and self.split not in LOCAL_FILES[self.name]:
+        if self.source != "hub" and self.path is None and self.split not in spec.local_files:
             raise DataError(
                 f"unknown local split {self.split!r} for dataset {self.name!r}; expected one of "
-                f"{sorted(LOCAL_FILES[self.name])} or an explicit path"
+                f"{sorted(spec.local_files)} or an explicit path"
             )
 
 
@@ -212,7 +140,7 @@ class DataFiles:
 
     Attributes:
         dataset: Dataset name.
-        split: Split name (a key of ``LOCAL_FILES[dataset]``, or the Hub split).
+        split: Split name (a key of the spec's ``local_files``, or the Hub split).
         source: ``"local"`` or ``"hub"``.
         files: Absolute local files (empty for the Hub).
         origin: ``"path"`` (an explicit file), ``"data_dir"``, ``"$FEDHL_DATA_DIR"``,
@@ -275,7 +203,7 @@ def resolve_data_files(
     """Decides where one split of a dataset is read from, without reading it.
 
     Args:
-        dataset: One of :data:`DATASET_NAMES`.
+        dataset: A registered dataset name (:mod:`fedhl_jax.data.registry`).
         data_dir: ``data.data_dir``; ``None`` for the default order below.
         source: ``"auto"`` or ``"local"``: local files, in this order: ``data_dir``,
             ``$FEDHL_DATA_DIR``, the embedded copy (GSM8K only),
@@ -283,7 +211,7 @@ def resolve_data_files(
             the dataset (needs network). Anything else: the path of a JSON Lines /
             JSON file (relative paths: against ``data_dir`` / ``$FEDHL_DATA_DIR``
             when one is set, else the working directory).
-        split: A key of ``LOCAL_FILES[dataset]`` (``"train"``, ``"test"``, ...), or
+        split: A key of the spec's ``local_files`` (``"train"``, ``"test"``, ...), or
             the Hub split name for ``source="hub"``. Ignored for a file path.
 
     Returns:
@@ -296,10 +224,9 @@ def resolve_data_files(
             ``../shared/data``. Each message names the path and the ways to fix it
             (``data.data_dir``, ``$FEDHL_DATA_DIR``, ``data.source=hub``).
     """
-    if dataset not in DATASET_NAMES:
-        raise DataError(f"unknown dataset name {dataset!r}; expected one of {list(DATASET_NAMES)}")
+    spec = dataset_spec(dataset)
     if source == "hub":
-        hub_id, hub_config = HUB_DEFAULTS[dataset]
+        hub_id, hub_config = _hub_id(spec)
         return DataFiles(dataset, split, "hub", origin="hub", hub_id=hub_id, hub_config=hub_config)
     if source not in ("auto", "local"):  # a file
         p = Path(source).expanduser()
@@ -311,17 +238,17 @@ def resolve_data_files(
                             f"JSON Lines file, or data.source=auto for the default files, or "
                             f"data.source=hub (needs network)")
         return DataFiles(dataset, split, "local", (p.resolve(),), "path")
-    if split not in LOCAL_FILES[dataset]:
+    if split not in spec.local_files:
         raise DataError(f"unknown local split {split!r} for dataset {dataset!r}; expected one of "
-                        f"{sorted(LOCAL_FILES[dataset])} or an explicit path")
-    rel = LOCAL_FILES[dataset][split]
+                        f"{sorted(spec.local_files)} or an explicit path")
+    rel = spec.local_files[split]
     chosen = _dir_from(data_dir)
     if chosen is not None:
         base, origin = chosen
     else:
-        from fedhl_jax.assets import EMBEDDED_DATASETS, embedded_data_dir
+        from fedhl_jax.assets import embedded_data_dir
 
-        if dataset in EMBEDDED_DATASETS and all((embedded_data_dir() / r).is_file() for r in rel):
+        if spec.embedded and all((embedded_data_dir() / r).is_file() for r in rel):
             base, origin = embedded_data_dir(), "embedded"
         else:
             base, origin = default_data_dir(), "shared"
@@ -431,7 +358,14 @@ def _local_files(config: DataSource) -> list[Path]:
     return files
 
 
-def _normalise(columns: dict[str, list[Any]], schema: _Schema, origin: str) -> datasets.Dataset:
+def _hub_id(spec: DatasetSpec) -> tuple[str, str | None]:
+    if spec.hub_id is None:
+        raise DataError(f"dataset {spec.name!r} has no Hugging Face Hub id; use data.source=auto with its "
+                        "local files, or a file path")
+    return spec.hub_id, spec.hub_config
+
+
+def _normalise(columns: dict[str, list[Any]], schema: DatasetSpec, origin: str) -> datasets.Dataset:
     n = len(columns[schema.instruction])
     for field in schema.required:
         values = columns[field]
@@ -471,7 +405,7 @@ def load_instruction_dataset(config: DataSource) -> datasets.Dataset:
             mistyped fields, or an empty dataset (see
             :func:`validate_json_file`); for Hub data, missing columns.
     """
-    schema = SCHEMAS[config.name]
+    schema = dataset_spec(config.name)
     if config.source != "hub":
         files = _local_files(config)
         for f in files:
@@ -486,7 +420,7 @@ def load_instruction_dataset(config: DataSource) -> datasets.Dataset:
     else:
         hub_id, hub_config = config.hub_id, config.hub_config
         if hub_id is None:
-            hub_id, default_cfg = HUB_DEFAULTS[config.name]
+            hub_id, default_cfg = _hub_id(schema)
             hub_config = hub_config if hub_config is not None else default_cfg
         raw = datasets.load_dataset(
             hub_id, hub_config, split=config.split, cache_dir=config.cache_dir

@@ -63,6 +63,7 @@ from fedhl_jax.data.loading import DataError
 __all__ = [
     "PARTITION_KINDS",
     "PartitionConfig",
+    "RENAMED_PARTITIONS",
     "PartitionSummary",
     "dirichlet_partition",
     "format_partition_summary",
@@ -80,7 +81,7 @@ __all__ = [
 #: Names accepted by :func:`make_partition`.
 PARTITION_KINDS = ("iid", "dirichlet", "meta", "quantity_skew", "rank_correlated")
 # Names used before the vocabulary was unified (an error names the new one).
-_RENAMED = {"quantity": "quantity_skew", "rank": "rank_correlated"}
+RENAMED_PARTITIONS = {"quantity": "quantity_skew", "rank": "rank_correlated"}
 
 
 def _check_sizes(num_examples: int, num_clients: int) -> None:
@@ -465,8 +466,8 @@ class PartitionConfig:
     label_kind: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kind in _RENAMED:
-            raise DataError(f"partition kind {self.kind!r} is now called {_RENAMED[self.kind]!r}")
+        if self.kind in RENAMED_PARTITIONS:
+            raise DataError(f"partition kind {self.kind!r} is now called {RENAMED_PARTITIONS[self.kind]!r}")
         if self.kind not in PARTITION_KINDS:
             raise DataError(f"unknown partition kind {self.kind!r}; expected one of {list(PARTITION_KINDS)}")
         if self.kind == "rank_correlated":

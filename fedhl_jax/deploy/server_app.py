@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedhl_jax import model as M
 from fedhl_jax.assets import resolve_model_source
+from fedhl_jax.build import build_algorithm
 from fedhl_jax.config import ConfigError, TrainConfig
 from fedhl_jax.deploy.node import run_settings
 from fedhl_jax.deploy.strategy import FedLoRAStrategy
@@ -59,7 +60,7 @@ def serve(grid: Grid, cfg: TrainConfig, out: Path, *, round_timeout: float = 600
     from fedhl_jax.checkpointing import RunDir, write_final
 
     shapes = lora_shapes(cfg)
-    algorithm = cfg.fed.build_algorithm()
+    algorithm = build_algorithm(cfg.fed)
     out = Path(out)
     resume = (out / "config.yaml").exists()
     with RunDir(out, cfg, resume=resume, log=log) as run:

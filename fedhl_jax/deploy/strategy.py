@@ -33,6 +33,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedhl_jax.build import build_algorithm
 from fedhl_jax.config import ConfigError, TrainConfig
 from fedhl_jax.data.batching import sample_clients
 from fedhl_jax.deploy.node import BASE_KEY, pack, unpack
@@ -72,7 +73,7 @@ class FedLoRAStrategy(Strategy):
     def __init__(self, cfg: TrainConfig, shapes: dict, state, *, start_round: int = 0, run=None,
                  log: Callable = print):
         self.cfg, self.shapes, self.state = cfg, dict(shapes), state
-        self.algorithm = cfg.fed.build_algorithm()
+        self.algorithm = build_algorithm(cfg.fed)
         self.r_max, self.start_round, self.run, self.log = cfg.fed.r_max, int(start_round), run, log
         self.nodes: dict[int, tuple[int, int]] = {}  # partition id -> (node id, rank)
         self._round = None

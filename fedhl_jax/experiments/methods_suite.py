@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from fedhl_jax.config import TrainConfig, from_dict
+from fedhl_jax.data.registry import dataset_spec
 from fedhl_jax.experiments import results as R
 from fedhl_jax.simulation import Simulation
 
@@ -148,8 +149,8 @@ def render(spec: dict, res: dict, out_dir: Path, *, seconds: float, stem: str) -
     n_total = len(cells(spec)) * len(seeds)
     b, f, e = spec["base"], spec["base"]["fed"], spec["base"]["eval"]
     zs = res.get("zero_shot") or {}
-    metric = "eval_exact_match" if b["data"]["dataset"] == "gsm8k" else "eval_rouge_l"
-    metric_name = "exact match" if metric == "eval_exact_match" else "ROUGE-L"
+    metric = f"eval_{dataset_spec(b['data']['dataset']).metric}"
+    metric_name = dataset_spec(b["data"]["dataset"]).metric_name
     n_gen = e.get("generate_examples", 0)
     L = [f"# {spec.get('title', 'Results')}", "",
          f"{n_runs} of {n_total} runs done, seeds {seeds}; **{seconds / 60:.0f} min of compute** in all (sum of "

@@ -20,6 +20,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from fedhl_jax.config import TrainConfig, from_dict
+from fedhl_jax.data.registry import dataset_spec
 from fedhl_jax.simulation import Simulation
 
 
@@ -310,13 +311,13 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
           "and ROUGE-L on the first "
           f"{spec['base']['eval'].get('generate_examples', 0)} held-out prompts (near zero at this model size), and "
           "the bytes each round communicates (down + up, all clients, float32).", "",
-          "| method | " + " | ".join(f"{d} ({'exact match' if d == 'gsm8k' else 'ROUGE-L'})" for d in datasets)
+          "| method | " + " | ".join(f"{d} ({dataset_spec(d).metric_name})" for d in datasets)
           + " | MB per round (Fed-GSM8K) |", "|---" * (len(datasets) + 2) + "|"]
     for m in list(spec["methods"]):
         row = []
         for d in datasets:
             cid = cid_of("main", dataset=d, ranks="uniform" if not m.startswith("fedit") else "homogeneous", method=m)
-            key = "eval_exact_match" if d == "gsm8k" else "eval_rouge_l"
+            key = f"eval_{dataset_spec(d).metric}"
             row.append(_fmt(_stats(results, cid, key)))
         row.append(_mb_per_round(results, cid_of("main", dataset="gsm8k", method=m,
                                                  ranks="uniform" if not m.startswith("fedit") else "homogeneous")))
