@@ -15,7 +15,7 @@ import numpy as np
 
 from fedhl_jax import engine, runtime
 from fedhl_jax import model as M
-from fedhl_jax.assets import resolve_model_source
+from fedhl_jax.model.hub import resolve_model_source
 from fedhl_jax.build import build_algorithm
 from fedhl_jax.config import ConfigError, TrainConfig
 from fedhl_jax.data.federated import build_federated_dataset, load_records
@@ -56,7 +56,7 @@ def load_model(cfg: TrainConfig, texts_for_fallback: list[str]):
 
     ``auto`` is the embedded stories260K; ``random`` (asked for by name only) a random-init Llama
     with a word-level tokenizer built from ``texts_for_fallback``; anything else a local folder or
-    GGUF file, or a Hub id (``assets.resolve_model_source``: a missing path is an error naming it).
+    GGUF file, or a Hub id (``model.hub.resolve_model_source``: a missing path is an error naming it).
     """
     mc = cfg.model
     source = resolve_model_source(mc.name_or_path)

@@ -189,7 +189,7 @@ class _Payload:
 def test_pickle_only_folder_is_refused(tmp_path, name):
     import pickle
 
-    from fedhl_jax.assets import resolve_model_source
+    from fedhl_jax.model.hub import resolve_model_source
     from fedhl_jax.model.checkpoint import UnsafeCheckpointError
 
     ckpt = copy_tiny(tmp_path)
@@ -210,7 +210,8 @@ def test_pickle_beside_safetensors_is_ignored(tmp_path, tiny):
 
 
 def test_embedded_stories260k_is_the_auto_model():
-    from fedhl_jax.assets import ASSETS_DIR, embedded_model_dir, resolve_model_source
+    from fedhl_jax.assets import ASSETS_DIR, embedded_model_dir
+    from fedhl_jax.model.hub import resolve_model_source
 
     src = resolve_model_source("auto")
     assert src.kind == "embedded" and src.path == str(ASSETS_DIR / "stories260K-hf") == str(embedded_model_dir())
@@ -226,7 +227,7 @@ def test_embedded_stories260k_is_the_auto_model():
 
 
 def test_model_source_resolution(tmp_path):
-    from fedhl_jax.assets import resolve_model_source
+    from fedhl_jax.model.hub import resolve_model_source
 
     assert resolve_model_source("random").kind == "random"
     assert resolve_model_source(TINY).kind == "local"

@@ -175,3 +175,45 @@ def test_export_merged_tied_with_tokenizer(tmp_path):
     _, reloaded = load_pretrained(out)
     np.testing.assert_allclose(np.asarray(fwd(reloaded, tokens)),
                                np.asarray(fwd(merge_delta(params, delta), tokens)), atol=1e-5)
+
+
+def test_a_registered_family_round_trips_through_both_formats(tiny, tmp_path):
+    """Loaders and exporters take the names, model_type, GGUF arch and q/k order from the family: a
+    family with other names of its own reads back what it wrote, in HF and in GGUF."""
+    import dataclasses
+
+    from fedhl_jax.model.families import LLAMA, NameMap, register_family, unregister_family
+    from fedhl_jax.model.gguf import load_gguf
+    from fedhl_jax.model.gguf_export import export_gguf
+
+    cfg, params, _ = tiny
+    toy = dataclasses.replace(
+        LLAMA, name="toyfam", model_types=("toyfam",), architectures=("ToyForCausalLM",), gguf_arch="toyarch",
+        hf_names=NameMap(pairs=tuple((p, "toy." + n) for p, n in LLAMA.hf_names.pairs)),
+        gguf_names=NameMap(pairs=tuple((p, "t_" + n) for p, n in LLAMA.gguf_names.pairs)), gguf_permute_qk=False)
+    register_family(toy)
+    try:
+        tcfg = cfg.replace(family="toyfam")
+        out = export_merged(tmp_path / "hf", tcfg, params)
+        written = json.loads((out / "config.json").read_text())
+        assert (written["model_type"], written["architectures"]) == ("toyfam", ["ToyForCausalLM"])
+        assert all(k.startswith("toy.") for k in shapes_of(out / "model.safetensors"))
+        cfg2, params2 = load_pretrained(out)
+        assert cfg2 == tcfg
+        jax.tree.map(np.testing.assert_array_equal, params2, params)
+        g = export_gguf(tmp_path / "m.gguf", tcfg, params, dtype="f32")
+        cfg3, params3 = load_gguf(g)
+        assert cfg3.family == "toyfam" and cfg3.num_layers == cfg.num_layers
+        jax.tree.map(np.testing.assert_array_equal, params3, params)
+        from fedhl_jax.model.gguf import open_gguf
+        names = [t.name for t in open_gguf(g).tensors]
+        assert all(n.startswith("t_") for n in names)
+        # q rows stay in HF order for a family that does not permute them
+        q = next(t for t in open_gguf(g).tensors if t.name == "t_blk.0.attn_q.weight")
+        from fedhl_jax.model import flatten_params
+        np.testing.assert_array_equal(np.asarray(q.data).reshape(-1),
+                                      np.asarray(flatten_params(params)["layers.0.self_attn.q_proj"], np.float32).reshape(-1))
+    finally:
+        unregister_family("toyfam")
+    with pytest.raises(ValueError, match="unsupported model_type 'toyfam'"):
+        load_pretrained(out)

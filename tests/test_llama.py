@@ -249,3 +249,65 @@ def test_config_validation():
 def test_adapter_type_is_the_shared_one():
     ad = init_adapter(CFG, "q_proj", 2, jax.random.key(0))
     assert isinstance(ad, Adapter)
+
+
+# ------------------------------------------------------------------------- model families
+def test_unsupported_family_and_gguf_arch_are_named():
+    from fedhl_jax.model.config import LlamaConfig as LC
+    from fedhl_jax.model.families import family_for_gguf_arch, family_for_model_type, get_family
+    from fedhl_jax.model.gguf import config_from_gguf
+
+    with pytest.raises(ValueError, match=r"^unsupported model_type 'qwen2': supported are \['llama'\]$"):
+        family_for_model_type("qwen2")
+    with pytest.raises(ValueError, match=r"^unsupported model_type 'qwen2': supported are \['llama'\]$"):
+        LC.from_hf({**HF_BASE, "model_type": "qwen2"})
+    with pytest.raises(ValueError, match=r"^unsupported GGUF architecture 'qwen2': supported are \['llama'\]$"):
+        family_for_gguf_arch("qwen2")
+    with pytest.raises(ValueError, match=r"^unsupported GGUF architecture 'qwen3': supported are \['llama'\]$"):
+        config_from_gguf({"general.architecture": "qwen3"})
+    with pytest.raises(ValueError, match=r"^unsupported model family 'gpt2': supported are \['llama'\]$"):
+        get_family("gpt2")
+    with pytest.raises(ValueError, match="unsupported model family 'gpt2'"):
+        CFG.replace(family="gpt2")
+
+
+def test_llama_family_holds_todays_layout():
+    from fedhl_jax.model.families import LLAMA, families, family_for_gguf_arch, family_for_model_type
+
+    assert families() == (LLAMA,) and family_for_model_type("llama") is family_for_gguf_arch("llama") is LLAMA
+    assert (LLAMA.qkv_bias, LLAMA.qk_norm, LLAMA.tied_embeddings, LLAMA.rope_types, LLAMA.gguf_permute_qk) == \
+        (False, False, "config", ("default", "linear"), True)
+    assert CFG.family == "llama" and CFG.model_family is LLAMA
+    for path in param_shapes(CFG):  # every parameter has one name in each format, and back
+        assert LLAMA.hf_names.to_path(LLAMA.hf_names.to_name(path)) == path
+        assert LLAMA.gguf_names.to_path(LLAMA.gguf_names.to_name(path)) == path
+    assert LLAMA.hf_names.to_name("layers.1.mlp.gate_proj") == "model.layers.1.mlp.gate_proj.weight"
+    assert LLAMA.gguf_names.to_name("layers.1.self_attn.o_proj") == "blk.1.attn_output.weight"
+    assert LLAMA.hf_names.to_path("model.layers.0.self_attn.q_proj.bias") is None
+    assert LLAMA.hf_names.is_ignored("model.layers.3.self_attn.rotary_emb.inv_freq")
+
+
+def test_name_maps_refuse_mismatched_placeholders():
+    from fedhl_jax.model.families import NameMap
+
+    with pytest.raises(ValueError, match="different placeholders"):
+        NameMap(pairs=(("layers.{L}.norm", "blk.norm"),))
+    m = NameMap(pairs=(("layers.{L}.{a|b}_proj", "h.{L}.{a|b}.w"),))
+    assert (m.to_name("layers.12.b_proj"), m.to_path("h.3.a.w"), m.to_path("h.3.c.w")) == ("h.12.b.w", "layers.3.a_proj",
+                                                                                          None)
+
+
+def test_assets_is_data_only():
+    """No import circle model <-> assets: the assets package imports nothing of fedhl_jax (not even
+    inside a function), and model.hub resolves model names."""
+    import ast
+    import inspect
+
+    import fedhl_jax.assets as assets
+    from fedhl_jax.model.hub import resolve_model_source
+
+    tree = ast.parse(inspect.getsource(assets))
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] + \
+        [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.startswith("fedhl_jax")], imported
+    assert resolve_model_source("auto").path == str(assets.embedded_model_dir())

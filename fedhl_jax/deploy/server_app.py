@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedhl_jax import model as M
-from fedhl_jax.assets import resolve_model_source
+from fedhl_jax.model.hub import resolve_model_source
 from fedhl_jax.build import build_algorithm
 from fedhl_jax.config import ConfigError, TrainConfig
 from fedhl_jax.deploy.node import run_settings

@@ -1,13 +1,14 @@
-"""Loading Hugging Face Llama checkpoints (safetensors, no torch).
+"""Loading Hugging Face checkpoints of the registered model families (safetensors, no torch).
 
 A checkpoint folder holds ``config.json`` and either ``model.safetensors`` or a
 sharded ``model.safetensors.index.json`` plus its shards. Pickle-based weights
 (``pytorch_model.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) are never read: unpickling
 can run arbitrary code, so a folder holding only those is refused
 (:class:`UnsafeCheckpointError`). Tensors are read with
-safetensors' numpy API and mapped to parameter paths through the regex table
-:data:`HF_KEY_MAP`; every key must map to exactly one expected parameter of the
-expected shape, and hold only finite values (:func:`check_finite_weight`).
+safetensors' numpy API and mapped to parameter paths through the family's name map
+(``ModelFamily.hf_names``, :mod:`fedhl_jax.model.families`; the family comes from
+``config.json``'s ``model_type``); every key must map to exactly one expected
+parameter of the expected shape, and hold only finite values (:func:`check_finite_weight`).
 """
 
 from __future__ import annotations
@@ -22,26 +23,13 @@ import numpy as np
 from safetensors import safe_open
 
 from fedhl_jax.model.config import LlamaConfig, read_config_json
+from fedhl_jax.model.families import get_family
 from fedhl_jax.model.hub import (PICKLE_WEIGHT_PATTERNS, UnsafeCheckpointError, refuse_pickle_weights,  # noqa: F401
                                   resolve_checkpoint)
 from fedhl_jax.model.llama import param_shapes, unflatten_params
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-# HF state-dict key (regex) -> parameter path (``re`` replacement template).
-HF_KEY_MAP: tuple[tuple[str, str], ...] = (
-    (r"model\.embed_tokens\.weight", r"embed_tokens"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.input_layernorm"),
-    (r"model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", r"layers.\1.self_attn.\2_proj"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight",
-     r"layers.\1.post_attention_layernorm"),
-    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.\1.mlp.\2_proj"),
-    (r"model\.norm\.weight", r"norm"),
-    (r"lm_head\.weight", r"lm_head"),
-)
-# Keys some older checkpoints carry that are not parameters.
-HF_IGNORED_KEYS: tuple[str, ...] = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
@@ -72,17 +60,21 @@ def check_finite_weight(w: np.ndarray, name: str, file: str | os.PathLike) -> No
                                    f"of {w.size}: the base model is refused")
 
 
-def hf_key_to_path(key: str) -> str | None:
-    """Maps an HF state-dict key to a parameter path, or ``None`` if it matches no rule."""
-    for pattern, template in HF_KEY_MAP:
-        if re.fullmatch(pattern, key):
-            return re.sub(pattern, template, key)
-    return None
+def hf_key_to_path(key: str, family: str = "llama") -> str | None:
+    """Maps an HF state-dict key to a parameter path, or ``None`` if it matches no rule of the family."""
+    return get_family(family).hf_names.to_path(key)
 
 
-def path_to_hf_key(path: str) -> str:
-    """Inverse of :func:`hf_key_to_path` (``"norm"`` → ``"model.norm.weight"``)."""
-    return "lm_head.weight" if path == "lm_head" else f"model.{path}.weight"
+def path_to_hf_key(path: str, family: str = "llama") -> str:
+    """Inverse of :func:`hf_key_to_path` (``"norm"`` → ``"model.norm.weight"``).
+
+    Raises:
+      ValueError: a path the family has no key for.
+    """
+    key = get_family(family).hf_names.to_name(path)
+    if key is None:
+        raise ValueError(f"no Hugging Face key for parameter path {path!r} in model family {family!r}")
+    return key
 
 
 def checkpoint_files(folder: str | os.PathLike) -> list[str]:
@@ -118,7 +110,7 @@ def open_safetensors(file: str):
         raise ValueError(f"cannot read safetensors file {file} (truncated or corrupt?): {e}") from e
 
 
-_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")  # of a parameter path
 
 
 def check_layer_count(cfg: LlamaConfig, files: list[str], folder) -> None:
@@ -130,10 +122,11 @@ def check_layer_count(cfg: LlamaConfig, files: list[str], folder) -> None:
     Raises:
       ValueError: naming ``num_hidden_layers``, its value, the layers found and the folder.
     """
+    names = cfg.model_family.hf_names
     layers = set()
     for file in files:
         with open_safetensors(file) as f:
-            layers.update(int(m.group(1)) for key in f.keys() if (m := _LAYER_INDEX.match(key)))
+            layers.update(int(m.group(1)) for key in f.keys() if (m := _LAYER_INDEX.match(names.to_path(key) or "")))
     if cfg.num_layers > len(layers):  # (keys beyond num_hidden_layers are named as unexpected later)
         held = f"{len(layers)} layer(s)" + (f" (model.layers.{min(layers)} .. {max(layers)})" if layers else "")
         raise ValueError(f"{folder}/config.json: num_hidden_layers={cfg.num_layers} but the safetensors files "
@@ -147,7 +140,7 @@ def _gguf_file(path_or_id) -> str | None:
 
 def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
                     ) -> tuple[LlamaConfig, dict]:
-    """Loads a Hugging Face ``LlamaForCausalLM`` checkpoint.
+    """Loads a Hugging Face checkpoint of a registered family (``LlamaForCausalLM``, ...).
 
     Args:
       path_or_id: local folder or Hub id (see :func:`resolve_checkpoint`), or a
@@ -175,13 +168,14 @@ def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
     check_layer_count(cfg, files, folder)
     expected = param_shapes(cfg)
     np_dtype = _NP_DTYPES[cfg.dtype]
+    names = cfg.model_family.hf_names
     flat = {}
     for file in files:
         with open_safetensors(file) as f:
             for key in f.keys():
-                path = hf_key_to_path(key)
+                path = names.to_path(key)
                 if path is None:
-                    if any(re.fullmatch(p, key) for p in HF_IGNORED_KEYS):
+                    if names.is_ignored(key):
                         continue
                     raise ValueError(f"unexpected key {key!r} in {file}")
                 if path == "lm_head" and cfg.tie_word_embeddings:
@@ -196,7 +190,7 @@ def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
                                      f"{shape}, config expects {expected[path]}")
                 flat[path] = f.get_tensor(key).astype(np_dtype)  # stacked on the host below
                 check_finite_weight(flat[path], key, file)
-    missing = [path_to_hf_key(p) for p in expected if p not in flat]
+    missing = [path_to_hf_key(p, cfg.family) for p in expected if p not in flat]
     if missing:
         raise ValueError(f"missing key(s) in checkpoint {folder}: {missing[:8]}"
                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))

@@ -1,10 +1,11 @@
 """Static model configuration for Llama-style decoders.
 
 :class:`LlamaConfig` is a frozen (hashable) dataclass, so it can be passed as a
-static argument to ``jax.jit``. It is built from a ``transformers.LlamaConfig``
-(both the transformers v4 ``rope_theta``/``rope_scaling`` fields and the v5
-``rope_parameters`` dict are understood) and can be turned back into a Hugging
-Face ``config.json`` dict for export.
+static argument to ``jax.jit``. It is built from a Hugging Face config (both the
+transformers v4 ``rope_theta``/``rope_scaling`` fields and the v5
+``rope_parameters`` dict are understood) of any registered model family
+(:mod:`fedhl_jax.model.families`, looked up by ``model_type``) and can be turned
+back into a Hugging Face ``config.json`` dict for export.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from fedhl_jax.model.families import ModelFamily, family_for_model_type, get_family
 from fedhl_jax.model.hub import resolve_checkpoint
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-SUPPORTED_ROPE_TYPES = ("default", "linear")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = ("none", "dots_saveable", "full")  # see fedhl_jax.model.llama.REMAT_POLICIES
 
@@ -61,6 +61,8 @@ class LlamaConfig:
       eos_token_id: end-of-sequence id (or ``None``); the first one when the
         Hugging Face config lists several.
       pad_token_id: padding id (or ``None``).
+      family: the model family (``fedhl_jax.model.families``): weight names, GGUF
+        architecture and block details for loading and export.
     """
 
     vocab_size: int
@@ -82,8 +84,10 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = None
+    family: str = "llama"
 
     def __post_init__(self):
+        get_family(self.family)  # raises for an unknown family
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.compute_dtype is not None and self.compute_dtype not in _DTYPES:
@@ -100,6 +104,11 @@ class LlamaConfig:
                              f"num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def model_family(self) -> ModelFamily:
+        """The :class:`~fedhl_jax.model.families.ModelFamily` of :attr:`family`."""
+        return get_family(self.family)
 
     @property
     def jnp_dtype(self):
@@ -133,44 +142,46 @@ class LlamaConfig:
             naming the offending value.
         """
         d = dict(hf_config) if isinstance(hf_config, dict) else hf_config.to_dict()
-        model_type = d.get("model_type", "llama")
-        if model_type != "llama":
-            raise ValueError(f"unsupported model_type {model_type!r}: only 'llama' is supported")
+        fam = family_for_model_type(d.get("model_type", "llama"))
         for arch in d.get("architectures") or []:
-            if arch not in SUPPORTED_ARCHITECTURES:
+            if arch not in fam.architectures:
                 raise ValueError(f"unsupported architecture {arch!r}: supported are "
-                                 f"{list(SUPPORTED_ARCHITECTURES)}")
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"unsupported hidden_act {act!r}: only 'silu' (SwiGLU) is supported")
+                                 f"{list(fam.architectures)}")
+        act = d.get("hidden_act", fam.hidden_act)
+        if act != fam.hidden_act:
+            raise ValueError(f"unsupported hidden_act {act!r}: only {fam.hidden_act!r} (SwiGLU) is supported")
         for flag in ("attention_bias", "mlp_bias"):
-            if d.get(flag):
+            if d.get(flag) and not (flag == "attention_bias" and fam.qkv_bias):
                 raise ValueError(f"unsupported {flag}=True: linear layers have no bias")
         if d.get("pretraining_tp", 1) not in (1, None):
             raise ValueError(f"unsupported pretraining_tp={d['pretraining_tp']}: must be 1")
-        rope_theta, factor = _rope_from_hf(d)
-        heads = int(d["num_attention_heads"])
-        head_dim = d.get("head_dim") or int(d["hidden_size"]) // heads
+        rope_theta, factor = _rope_from_hf(d, fam.rope_types)
+        key = fam.hf_key
+        heads = int(d[key("num_heads")])
+        head_dim = d.get(key("head_dim")) or int(d[key("hidden_size")]) // heads
         eos = d.get("eos_token_id")
         if isinstance(eos, (list, tuple)):
             eos = eos[0] if eos else None
+        tied = {"always": True, "never": False}.get(fam.tied_embeddings,
+                                                     bool(d.get(key("tie_word_embeddings"), False)))
         return cls(
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]),
-            num_layers=int(d["num_hidden_layers"]),
+            vocab_size=int(d[key("vocab_size")]),
+            hidden_size=int(d[key("hidden_size")]),
+            intermediate_size=int(d[key("intermediate_size")]),
+            num_layers=int(d[key("num_layers")]),
             num_heads=heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or heads),
+            num_kv_heads=int(d.get(key("num_kv_heads")) or heads),
             head_dim=int(head_dim),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(d.get(key("rms_norm_eps"), 1e-6)),
             rope_theta=rope_theta,
             rope_scaling_factor=factor,
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(d.get(key("max_position_embeddings"), 2048)),
+            tie_word_embeddings=tied,
             dtype=dtype,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=eos,
             pad_token_id=d.get("pad_token_id"),
+            family=fam.name,
         )
 
     @classmethod
@@ -194,22 +205,24 @@ class LlamaConfig:
         if self.rope_scaling_factor != 1.0:
             rope = {"rope_theta": self.rope_theta, "rope_type": "linear",
                     "factor": self.rope_scaling_factor}
+        fam = self.model_family
+        key = fam.hf_key
         return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
+            "architectures": [fam.architectures[0]],
+            "model_type": fam.model_types[0],
+            key("vocab_size"): self.vocab_size,
+            key("hidden_size"): self.hidden_size,
+            key("intermediate_size"): self.intermediate_size,
+            key("num_layers"): self.num_layers,
+            key("num_heads"): self.num_heads,
+            key("num_kv_heads"): self.num_kv_heads,
+            key("head_dim"): self.head_dim,
+            "hidden_act": fam.hidden_act,
+            key("max_position_embeddings"): self.max_position_embeddings,
+            key("rms_norm_eps"): self.rms_norm_eps,
             "rope_parameters": rope,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": False,
+            key("tie_word_embeddings"): self.tie_word_embeddings,
+            "attention_bias": fam.qkv_bias,
             "mlp_bias": False,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
@@ -227,17 +240,17 @@ class LlamaConfig:
                    tie_word_embeddings=False, dtype=dtype, bos_token_id=1, eos_token_id=2)
 
 
-def _rope_from_hf(d: dict) -> tuple[float, float]:
-    """Returns ``(rope_theta, linear_factor)`` from a v4 or v5 config dict."""
+def _rope_from_hf(d: dict, supported: tuple[str, ...]) -> tuple[float, float]:
+    """Returns ``(rope_theta, linear_factor)`` from a v4 or v5 config dict (``supported``: the family's
+    RoPE scaling types)."""
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if params and not isinstance(params, dict):
         raise ValueError(f"unsupported rope_parameters {params!r}")
     if params and all(isinstance(v, dict) for v in params.values()):
         raise ValueError(f"unsupported per-layer-type rope_parameters {params!r}")
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"unsupported RoPE scaling type {rope_type!r}: supported are "
-                         f"{list(SUPPORTED_ROPE_TYPES)}")
+    if rope_type not in supported:
+        raise ValueError(f"unsupported RoPE scaling type {rope_type!r}: supported are {list(supported)}")
     theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
     factor = float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
     if params.get("partial_rotary_factor", 1.0) != 1.0:

@@ -115,7 +115,7 @@ def export_merged(out_dir: str | os.PathLike, cfg: LlamaConfig, params: dict,
                 shutil.copyfile(tokenizer_folder / name, out / name)
 
     merged = merge_delta(params, delta) if delta else params
-    flat = {path_to_hf_key(p): v for p, v in flatten_params(merged).items()}
+    flat = {path_to_hf_key(p, cfg.family): v for p, v in flatten_params(merged).items()}
     np_dtype = _SAVE_DTYPES[dtype]
     shards = _shard({k: (v.shape, np.dtype(np_dtype).itemsize) for k, v in flat.items()},
                     max_shard_bytes)

@@ -1,10 +1,11 @@
-"""Loading Llama models from GGUF files (llama.cpp's format), NumPy only.
+"""Loading models of the registered families from GGUF files (llama.cpp's format), NumPy only.
 
 A GGUF file holds metadata (hyper-parameters, tokenizer, chat template) and
 tensors, some of them block-quantised. The file is read with the ``gguf``
 package's :class:`gguf.GGUFReader` (a memory map); the tensors are
 dequantised here, in vectorised NumPy, and mapped to parameter paths through
-the regex table :data:`GGUF_KEY_MAP`.
+the family's name map (``ModelFamily.gguf_names``, :mod:`fedhl_jax.model.families`;
+the family comes from the file's ``general.architecture``).
 
 Two layout details differ from Hugging Face checkpoints:
 
@@ -43,32 +44,11 @@ import numpy as np
 
 from fedhl_jax.model.checkpoint import check_finite_weight
 from fedhl_jax.model.config import LlamaConfig
+from fedhl_jax.model.families import family_for_gguf_arch, get_family
 from fedhl_jax.model.llama import param_shapes, unflatten_params
 
 GGUF_MAGIC = b"GGUF"
 QK = 32  # elements per block of the Q4_0, Q4_1 and Q8_0 formats
-
-# GGUF tensor name (regex) -> parameter path (``re`` replacement template).
-GGUF_KEY_MAP: tuple[tuple[str, str], ...] = (
-    (r"token_embd\.weight", r"embed_tokens"),
-    (r"blk\.(\d+)\.attn_norm\.weight", r"layers.\1.input_layernorm"),
-    (r"blk\.(\d+)\.attn_(q|k|v)\.weight", r"layers.\1.self_attn.\2_proj"),
-    (r"blk\.(\d+)\.attn_output\.weight", r"layers.\1.self_attn.o_proj"),
-    (r"blk\.(\d+)\.ffn_norm\.weight", r"layers.\1.post_attention_layernorm"),
-    (r"blk\.(\d+)\.ffn_(gate|up|down)\.weight", r"layers.\1.mlp.\2_proj"),
-    (r"output_norm\.weight", r"norm"),
-    (r"output\.weight", r"lm_head"),
-)
-_PATH_TO_GGUF: tuple[tuple[str, str], ...] = (
-    (r"embed_tokens", r"token_embd.weight"),
-    (r"layers\.(\d+)\.input_layernorm", r"blk.\1.attn_norm.weight"),
-    (r"layers\.(\d+)\.self_attn\.(q|k|v)_proj", r"blk.\1.attn_\2.weight"),
-    (r"layers\.(\d+)\.self_attn\.o_proj", r"blk.\1.attn_output.weight"),
-    (r"layers\.(\d+)\.post_attention_layernorm", r"blk.\1.ffn_norm.weight"),
-    (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj", r"blk.\1.ffn_\2.weight"),
-    (r"norm", r"output_norm.weight"),
-    (r"lm_head", r"output.weight"),
-)
 
 _T = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -83,23 +63,21 @@ class GGUFError(ValueError):
 
 
 # --------------------------------------------------------------------------- names
-def gguf_key_to_path(name: str) -> str | None:
-    """Maps a GGUF tensor name to a parameter path, or ``None`` if it matches no rule.
+def gguf_key_to_path(name: str, family: str = "llama") -> str | None:
+    """Maps a GGUF tensor name to a parameter path (the family's ``gguf_names``), or ``None`` if it
+    matches no rule.
 
     ``"blk.3.attn_q.weight"`` → ``"layers.3.self_attn.q_proj"``.
     """
-    for pattern, template in GGUF_KEY_MAP:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, template, name)
-    return None
+    return get_family(family).gguf_names.to_path(name)
 
 
-def path_to_gguf_key(path: str) -> str:
+def path_to_gguf_key(path: str, family: str = "llama") -> str:
     """Inverse of :func:`gguf_key_to_path` (``"norm"`` → ``"output_norm.weight"``)."""
-    for pattern, template in _PATH_TO_GGUF:
-        if re.fullmatch(pattern, path):
-            return re.sub(pattern, template, path)
-    raise ValueError(f"no GGUF tensor name for parameter path {path!r}")
+    key = get_family(family).gguf_names.to_name(path)
+    if key is None:
+        raise ValueError(f"no GGUF tensor name for parameter path {path!r}")
+    return key
 
 
 # --------------------------------------------------------------------------- q/k rows
@@ -367,7 +345,7 @@ def check_gguf_tensors(reader: gguf.GGUFReader, cfg: LlamaConfig, file: str | os
     expected = param_shapes(cfg)
     plan = []
     for t in reader.tensors:
-        path = gguf_key_to_path(t.name)
+        path = gguf_key_to_path(t.name, cfg.family)
         if path is None or path not in expected:
             raise GGUFError(f"unexpected tensor {t.name!r} in {file} (config has "
                             f"{cfg.num_layers} layers)")
@@ -380,7 +358,7 @@ def check_gguf_tensors(reader: gguf.GGUFReader, cfg: LlamaConfig, file: str | os
                             f"supported: supported are {list(SUPPORTED_TYPES)}")
         plan.append((t, path, shape))
     found = {path for _, path, _ in plan}
-    missing = [path_to_gguf_key(p) for p in expected if p not in found]
+    missing = [path_to_gguf_key(p, cfg.family) for p in expected if p not in found]
     if missing:
         raise GGUFError(f"missing tensor(s) in {file}: {missing[:8]}"
                         + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
@@ -392,7 +370,7 @@ def config_from_gguf(meta: dict, *, tensor_names=(), dtype: str = "float32") -> 
 
     Args:
       meta: from :func:`read_metadata`.
-      tensor_names: the file's tensor names; without ``output.weight`` the
+      tensor_names: the file's tensor names; without the family's head (``output.weight``) the
         embeddings are tied.
       dtype: parameter/compute dtype (``"float32"`` or ``"bfloat16"``).
 
@@ -400,12 +378,11 @@ def config_from_gguf(meta: dict, *, tensor_names=(), dtype: str = "float32") -> 
       The config.
 
     Raises:
-      ValueError: a non-Llama architecture, mixture of experts, partial
+      ValueError: an architecture of no registered family, mixture of experts, partial
         rotary embeddings or an unsupported RoPE scaling (naming the value).
     """
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"unsupported GGUF architecture {arch!r}: only 'llama' is supported")
+    family = family_for_gguf_arch(arch)  # raises naming an unsupported architecture
 
     def get(key, default=None):
         value = meta.get(f"{arch}.{key}", default)
@@ -446,11 +423,12 @@ def config_from_gguf(meta: dict, *, tensor_names=(), dtype: str = "float32") -> 
         rope_theta=float(get("rope.freq_base", 10000.0)),
         rope_scaling_factor=factor,
         max_position_embeddings=int(get("context_length", 2048)),
-        tie_word_embeddings="output.weight" not in set(tensor_names),
+        tie_word_embeddings=family.gguf_names.to_name("lm_head") not in set(tensor_names),
         dtype=dtype,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+        family=family.name,
     )
 
 
@@ -521,7 +499,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: str = "float32") -> tuple[Llama
         raise GGUFError(f"{file}: {_one_line(e)}") from e
     plan = check_gguf_tensors(reader, cfg, file)
     np_dtype = _NP_DTYPES[cfg.dtype]
-    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
+    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads} if cfg.model_family.gguf_permute_qk else {}
     flat = {}
     for t, path_, shape in plan:
         w = dequantize(t.data, t.tensor_type, shape, t.name)

@@ -31,7 +31,6 @@ GGUF_EXPORT_TYPES = {
     "bf16": (_T.BF16, _F.MOSTLY_BF16),
     "q8_0": (_T.Q8_0, _F.MOSTLY_Q8_0),
 }
-ARCH = "llama"
 # Source metadata not copied: written from the config, or by GGUFWriter itself.
 _OWN_KEYS = ("general.architecture", "general.file_type", "general.quantization_version",
              "general.alignment")
@@ -58,7 +57,7 @@ def _copyable_metadata(source) -> list[tuple[str, object, gguf.GGUFValueType,
 
 
 def _add_config(writer: gguf.GGUFWriter, cfg: LlamaConfig) -> None:
-    """The ``llama.*`` hyper-parameters llama.cpp reads."""
+    """The ``<arch>.*`` hyper-parameters llama.cpp reads (``<arch>``: the family's GGUF architecture)."""
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_feed_forward_length(cfg.intermediate_size)
@@ -155,7 +154,8 @@ def export_gguf(path: str | os.PathLike, cfg: LlamaConfig, params: dict,
                              f"{cfg.vocab_size}")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(out), ARCH)
+    family = cfg.model_family
+    writer = gguf.GGUFWriter(str(out), family.gguf_arch)
     keys = {key for key, *_ in copied}
     if name is not None or "general.name" not in keys:
         writer.add_name(name or "fedhl-jax export")
@@ -173,13 +173,13 @@ def export_gguf(path: str | os.PathLike, cfg: LlamaConfig, params: dict,
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
+    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads} if family.gguf_permute_qk else {}
     for p in expected:
         w = np.asarray(flat[p], np.float32)
         short = p.rsplit(".", 1)[-1]
         if short in heads:
             w = permute_qk(w, heads[short])
-        key = path_to_gguf_key(p)
+        key = path_to_gguf_key(p, cfg.family)
         data, t = encode_tensor(w, qtype, key)
         writer.add_tensor(key, data, raw_dtype=t if data.dtype == np.uint8 else None)
     writer.write_header_to_file()

@@ -1,13 +1,20 @@
-"""Where a checkpoint lives: a local folder, or a Hugging Face Hub snapshot.
+"""Where a model comes from: ``model.name_or_path`` resolved, a local folder, or a Hub snapshot.
 
 Imported by both ``model.config`` and ``model.checkpoint`` (and importing neither), so the model
-package has no import cycle.
+package has no import cycle; it reads only paths from ``fedhl_jax.assets`` (a data-only package).
+
+:func:`resolve_model_source` resolves ``model.name_or_path``. The Hugging Face Hub is used only when
+a Hub id (``owner/name``) is given explicitly; ``auto`` never falls back to the Hub or to a random
+model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
+
+from fedhl_jax.assets import EMBEDDED_MODEL_NAME, MODEL_FIX, embedded_model_dir
 
 
 #: File names of pickle-based weights, which are never loaded.
@@ -57,8 +64,6 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
     """
     s = os.fspath(path_or_id)
     if s == "auto":
-        from fedhl_jax.assets import embedded_model_dir
-
         return str(embedded_model_dir())
     p = Path(s).expanduser()
     if p.is_dir():
@@ -71,3 +76,58 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
     from huggingface_hub import snapshot_download
 
     return snapshot_download(repo_id=s, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from.
+
+    Attributes:
+      kind: ``"embedded"`` (the packaged stories260K), ``"local"`` (a folder),
+        ``"hub"`` (a Hugging Face Hub id, downloaded on load) or ``"random"``
+        (a random-init model, only when asked for by name).
+      path: the folder (``embedded``/``local``), the Hub id, or ``"random"``.
+      description: one line for the run log.
+    """
+
+    kind: str
+    path: str
+    description: str
+
+
+def is_hub_id(name: str) -> bool:
+    """True for ``owner/name`` strings that are not local-looking paths."""
+    return (name.count("/") == 1 and not name.startswith((".", "/", "~"))
+            and all(part and not part.startswith(".") for part in name.split("/")))
+
+
+def resolve_model_source(name_or_path: str | os.PathLike) -> ModelSource:
+    """Resolves ``model.name_or_path``.
+
+    * ``"auto"``: the embedded stories260K (never a random model, never the Hub).
+    * ``"random"``: a random-init model (explicit request only).
+    * an existing folder: used as it is, after refusing pickle-only weights.
+    * ``owner/name`` that is not an existing path: a Hub id (explicit; needs network).
+
+    Raises:
+      FileNotFoundError: a path that does not exist (the message names it and the ways to fix it),
+        or the embedded model is missing from the installation.
+      UnsafeCheckpointError: a folder whose only weights are pickles.
+    """
+    s = os.fspath(name_or_path)
+    if s == "auto":
+        path = embedded_model_dir()
+        return ModelSource("embedded", str(path), f"embedded {EMBEDDED_MODEL_NAME} ({path})")
+    if s == "random":
+        return ModelSource("random", "random", "random-init Llama (model.name_or_path=random)")
+    p = Path(s).expanduser()
+    if p.is_dir():
+        refuse_pickle_weights(p)
+        return ModelSource("local", str(p), f"pretrained {p}")
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelSource("local", str(p), f"pretrained {p}")
+    if p.exists():
+        raise FileNotFoundError(f"model.name_or_path {s!r} is a file, not a checkpoint folder; {MODEL_FIX}")
+    if is_hub_id(s):
+        return ModelSource("hub", s, f"Hugging Face Hub model {s}")
+    raise FileNotFoundError(f"model.name_or_path {s!r}: no such folder ({p.resolve()}); {MODEL_FIX}")
