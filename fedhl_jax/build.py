@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from fedhl_jax.algorithms import ALGORITHMS, Algorithm, make_algorithm
 from fedhl_jax.errors import ConfigError
@@ -45,11 +45,12 @@ def _build(fed: FedConfig, options: dict) -> Algorithm:
         raise ConfigError(f"fed.options: {e}") from None
 
 
-def checked_options(fed: FedConfig) -> dict:
+def checked_options(fed: FedConfig, coerce: Callable[[Any, Any, str], Any] = lambda value, tp, key: value) -> dict:
     """``fed.options`` checked against the algorithm's options, with every default filled in.
 
-    Each given option must be a field of the algorithm's options dataclass and have its type
-    (a boolean option refuses ``3``, a float option refuses ``.inf`` and ``.nan``); the algorithm is
+    Each given option must be a field of the algorithm's options dataclass, and
+    ``coerce(value, field type, "fed.options.<key>")`` gives its value (``config.coerce_value``:
+    a boolean option refuses ``3``, a float option refuses ``.inf`` and ``.nan``); the algorithm is
     then built once (its own checks run, e.g. ``eps > 0``) and discarded. A homogeneous algorithm
     (FedIT, ...) needs one rank for every client.
 
@@ -59,8 +60,6 @@ def checked_options(fed: FedConfig) -> dict:
     Raises:
       ConfigError: naming the offending ``fed.options.<key>`` (or ``fed.ranks``).
     """
-    from fedhl_jax.config import coerce_value
-
     cls = options_class(fed.algorithm)
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
@@ -71,7 +70,7 @@ def checked_options(fed: FedConfig) -> dict:
         if key not in valid:
             raise ConfigError(f"fed.options.{key} is not an option of fed.algorithm={fed.algorithm!r}; "
                               f"its options: {', '.join(valid) or 'none'}")
-        typed[key] = coerce_value(value, hints[key], f"fed.options.{key}")
+        typed[key] = coerce(value, hints[key], f"fed.options.{key}")
     alg = _build(fed, typed)
     if alg.homogeneous and fed.rank_distribution != "homogeneous" and len(set(fed.ranks)) != 1:
         raise ConfigError(f"fed.algorithm={fed.algorithm!r} needs homogeneous ranks; got fed.ranks={list(fed.ranks)} "

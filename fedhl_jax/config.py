@@ -23,6 +23,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from fedhl_jax.algorithms import ALGORITHMS
+from fedhl_jax.build import checked_options
 from fedhl_jax.data.partition import PARTITION_KINDS, RENAMED_PARTITIONS
 from fedhl_jax.data.prompts import PROMPT_FORMATS
 from fedhl_jax.data.registry import dataset_names, dataset_spec
@@ -420,9 +421,7 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix or 'config'}: {e}") from e
     if cls is FedConfig:  # the algorithm's options, checked once and filled in
-        from fedhl_jax.build import checked_options
-
-        obj = dataclasses.replace(obj, options=checked_options(obj))
+        obj = dataclasses.replace(obj, options=checked_options(obj, coerce_value))
     return obj
 
 
