@@ -1,6 +1,7 @@
 """Per-example labels used to build non-IID partitions.
 
-Label kinds per dataset (the first is the default):
+The label kinds of a dataset are its spec's ``label_kinds`` (:mod:`fedhl_jax.data.registry`); the
+shipped datasets' kinds (``fedhl_jax/data/catalog.py``; the first is the default) are these functions:
 
 ``dolly``
     ``category``: Dolly's own ``category`` field when every row has one (the
