@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 __all__ = [
+    "METRICS",
     "exact_match",
     "extract_gsm8k_answer",
     "generation_eval",
@@ -242,9 +243,10 @@ def heldout_loss(
     return {"loss": total / count, "ppl": perplexity(total, count), "n_tokens": count}
 
 
-_METRICS: dict[str, Callable[[str, str], float]] = {
-    "exact_match": lambda p, r: float(gsm8k_exact_match(p, r)),
-    "rouge_l": lambda p, r: rouge_l_scores([p], [r])[0],
+#: Generation metrics by name: ``(name shown in tables, per-example score(prediction, reference))``.
+METRICS: dict[str, tuple[str, Callable[[str, str], float]]] = {
+    "exact_match": ("exact match", lambda p, r: float(gsm8k_exact_match(p, r))),
+    "rouge_l": ("ROUGE-L", lambda p, r: rouge_l_scores([p], [r])[0]),
 }
 
 
@@ -278,9 +280,9 @@ def generation_eval(
             returning the wrong number of texts.
     """
     if isinstance(metric, str):
-        if metric not in _METRICS:
-            raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(_METRICS)} or a callable")
-        metric_fn = _METRICS[metric]
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(METRICS)} or a callable")
+        metric_fn = METRICS[metric][1]
     else:
         metric_fn = metric
     n = len(prompts)

@@ -22,12 +22,10 @@ import types
 from typing import Any, Callable, Mapping
 
 from fedhl_jax.errors import ConfigError
+from fedhl_jax.evaluation import METRICS
 
-__all__ = ["DataError", "DatasetSpec", "METRICS", "dataset_names", "dataset_spec", "register_dataset",
+__all__ = ["DataError", "DatasetSpec", "dataset_names", "dataset_spec", "register_dataset",
            "unregister_dataset"]
-
-#: Generation metrics a dataset can name (``evaluation.generation_eval``), with their display names.
-METRICS = {"exact_match": "exact match", "rouge_l": "ROUGE-L"}
 
 #: A label kind: normalised records → one label string per row.
 LabelFn = Callable[[Any], list]
@@ -56,7 +54,7 @@ class DatasetSpec:
         the first kind is the default. Empty: every row has the label ``"all"``.
       eval_split: a split of ``local_files`` (and of the Hub dataset) that holds the held-out
         rows; None holds out a seeded slice of the training rows.
-      metric: generation metric, a key of :data:`METRICS`.
+      metric: generation metric, a key of ``evaluation.METRICS`` (``exact_match``, ``rouge_l``).
       embedded: the files ship inside the package (``fedhl_jax.assets``).
     """
 
@@ -117,7 +115,7 @@ class DatasetSpec:
     @property
     def metric_name(self) -> str:
         """The metric as shown in tables (``exact match``, ``ROUGE-L``)."""
-        return METRICS[self.metric]
+        return METRICS[self.metric][0]
 
 
 _SPECS: dict[str, DatasetSpec] = {}
