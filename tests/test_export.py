@@ -190,7 +190,8 @@ def test_a_registered_family_round_trips_through_both_formats(tiny, tmp_path):
     toy = dataclasses.replace(
         LLAMA, name="toyfam", model_types=("toyfam",), architectures=("ToyForCausalLM",), gguf_arch="toyarch",
         hf_names=NameMap(pairs=tuple((p, "toy." + n) for p, n in LLAMA.hf_names.pairs)),
-        gguf_names=NameMap(pairs=tuple((p, "t_" + n) for p, n in LLAMA.gguf_names.pairs)), gguf_permute_qk=False)
+        gguf_names=NameMap(pairs=tuple((p, n.replace("attn_", "att_")) for p, n in LLAMA.gguf_names.pairs)),
+        gguf_permute_qk=False)
     register_family(toy)
     try:
         tcfg = cfg.replace(family="toyfam")
@@ -207,9 +208,10 @@ def test_a_registered_family_round_trips_through_both_formats(tiny, tmp_path):
         jax.tree.map(np.testing.assert_array_equal, params3, params)
         from fedhl_jax.model.gguf import open_gguf
         names = [t.name for t in open_gguf(g).tensors]
-        assert all(n.startswith("t_") for n in names)
+        assert "blk.0.att_q.weight" in names and not [n for n in names if "attn_" in n]
+        assert open_gguf(g).fields["general.architecture"].contents() == "toyarch"
         # q rows stay in HF order for a family that does not permute them
-        q = next(t for t in open_gguf(g).tensors if t.name == "t_blk.0.attn_q.weight")
+        q = next(t for t in open_gguf(g).tensors if t.name == "blk.0.att_q.weight")
         from fedhl_jax.model import flatten_params
         np.testing.assert_array_equal(np.asarray(q.data).reshape(-1),
                                       np.asarray(flatten_params(params)["layers.0.self_attn.q_proj"], np.float32).reshape(-1))

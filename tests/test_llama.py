@@ -311,3 +311,13 @@ def test_assets_is_data_only():
         [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert not [m for m in imported if m and m.startswith("fedhl_jax")], imported
     assert resolve_model_source("auto").path == str(assets.embedded_model_dir())
+
+
+def test_a_family_clashing_with_a_registered_one_is_refused():
+    import dataclasses
+
+    from fedhl_jax.model.families import LLAMA, register_family
+
+    for change in ({}, {"name": "other"}, {"name": "other", "model_types": ("x",)}):
+        with pytest.raises(ValueError, match="clashes with the registered family 'llama'"):
+            register_family(dataclasses.replace(LLAMA, **change))

@@ -129,7 +129,7 @@ def register_dataset(spec: DatasetSpec, *, replace: bool = False) -> DatasetSpec
     """
     if not isinstance(spec, DatasetSpec):
         raise DataError(f"register_dataset takes a DatasetSpec, got {type(spec).__name__}")
-    if spec.name in _SPECS and not replace:
+    if _SPECS.get(spec.name) is not None and not replace:
         raise DataError(f"dataset {spec.name!r} is registered already (replace=True to redefine it)")
     _SPECS[spec.name] = spec
     return spec

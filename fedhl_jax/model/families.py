@@ -184,11 +184,10 @@ def register_family(family: ModelFamily, *, replace: bool = False) -> ModelFamil
         architecture, is registered already (unless ``replace``).
     """
     if not replace:
-        for other in _FAMILIES.values():
-            clash = (other.name == family.name or set(other.model_types) & set(family.model_types)
-                     or other.gguf_arch == family.gguf_arch)
-            if clash:
-                raise ValueError(f"model family {family.name!r} clashes with the registered family {other.name!r}")
+        for key, other in _FAMILIES.items():
+            if key == family.name or set(other.model_types) & set(family.model_types) \
+                    or other.gguf_arch == family.gguf_arch:
+                raise ValueError(f"model family {family.name!r} clashes with the registered family {key!r}")
     _FAMILIES[family.name] = family
     return family
 
