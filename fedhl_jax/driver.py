@@ -374,6 +374,12 @@ class Driver:
         return state, start
 
     def train(self, *, resume: bool, extended_from: int | None = None) -> int:
+        """Runs the remaining rounds with their callbacks and exports ``final/``; returns the exit status.
+
+        Args:
+          resume: restore the newest good checkpoint first (and drop the metrics after it).
+          extended_from: the saved ``fed.rounds`` when this call raises it (``check_resume``).
+        """
         ex, run, log, cfg = self.executor, self.run, self.log, self.cfg
         run.begin(rewrite_config=extended_from is not None)
         if run.primary and ex.data is not None:
