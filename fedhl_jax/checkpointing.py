@@ -1,4 +1,4 @@
-"""Run directory: resolved config, metrics.jsonl and Orbax checkpoints.
+"""Storage of a run: its directory and lock, config, metrics.jsonl, Orbax checkpoints, final/.
 
 Crash safety: a round's metrics line is appended (and fsynced) before its
 checkpoint is written, and Orbax finalises a checkpoint by an atomic rename, so
@@ -42,7 +42,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fedhl_jax.config import ConfigError, TrainConfig, config_diff, save_config, to_dict
+from fedhl_jax.config import ConfigError, TrainConfig, save_config
 
 
 def _flatten(tree) -> dict[str, Any]:
@@ -380,13 +380,14 @@ def _error_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:200]}".rstrip(": ")
 
 
-def _jsonable(x):
+def jsonable(x):
+    """``x`` with arrays, NumPy scalars and non-finite floats (as None) turned into JSON values."""
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, (np.ndarray, jax.Array)):
-        return _jsonable(np.asarray(x).tolist())
+        return jsonable(np.asarray(x).tolist())
     if isinstance(x, (np.floating, float)):
         x = float(x)
         return x if np.isfinite(x) else None
@@ -422,9 +423,8 @@ class RunDir:
     Raises:
       PermissionError / OSError: the directory cannot be created or written.
       RunLockedError: another live process holds the directory (its pid is named).
-      ConfigError: resuming with a different config (the differences are listed; only
-        ``fed.rounds`` may be raised, to extend a run), resuming where there is no run, or a
-        run already exists and ``resume`` is false.
+      ConfigError: resuming where there is no run, or a run already exists and ``resume`` is
+        false. Whether a resume may change the config is the driver's rule (``driver.check_resume``).
     """
 
     def __init__(self, out_dir: str | Path, cfg: TrainConfig, *, resume: bool, log: Callable = print,
@@ -438,7 +438,7 @@ class RunDir:
         self.manager = None
         if not primary:  # another process of a multi-host run: process 0 holds the lock and writes the files
             self.config_path, self.metrics_path = self.path / "config.yaml", self.path / "metrics.jsonl"
-            self.ckpt_path, self.extended_from = (self.path / "checkpoints").resolve(), None
+            self.ckpt_path = (self.path / "checkpoints").resolve()
             return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -452,12 +452,12 @@ class RunDir:
                 self.lock.release()
             raise PermissionError(f"output directory {str(self.path)!r} is not writable: {e}") from e
         try:
-            self._check_existing(cfg, resume)
+            self._check_existing(resume)
         except BaseException:
             self.lock.release()
             raise
 
-    def _check_existing(self, cfg: TrainConfig, resume: bool) -> None:
+    def _check_existing(self, resume: bool) -> None:
         self.config_path = self.path / "config.yaml"
         self.metrics_path = self.path / "metrics.jsonl"
         self.ckpt_path = (self.path / "checkpoints").resolve()
@@ -466,26 +466,14 @@ class RunDir:
             raise ConfigError(f"{self.path} already holds a run; pass --resume to continue it or choose another --out")
         if resume and not self.config_path.exists():
             raise ConfigError(f"--resume: {self.path} holds no run (no config.yaml); start it without --resume")
-        self.extended_from = None
-        if resume:
-            from omegaconf import OmegaConf
 
-            old = OmegaConf.to_container(OmegaConf.load(self.config_path))
-            new = to_dict(cfg)
-            # The device layout (mesh) may change between calls: it moves arrays, not the numbers.
-            old.pop("mesh", None)
-            new.pop("mesh", None)
-            old_rounds = old.get("fed", {}).get("rounds")
-            diff = config_diff({**old, "fed": {**old.get("fed", {}), "rounds": None}},
-                               {**new, "fed": {**new["fed"], "rounds": None}})
-            if diff:
-                raise ConfigError("cannot resume with a different config (only fed.rounds may be raised); "
-                                  "differences (saved -> given):\n  " + "\n  ".join(diff))
-            if isinstance(old_rounds, int) and cfg.fed.rounds < old_rounds:
-                raise ConfigError(f"cannot resume with fed.rounds={cfg.fed.rounds}: the run was started for "
-                                  f"{old_rounds} rounds, and fed.rounds may only be raised")
-            if old_rounds != cfg.fed.rounds:
-                self.extended_from = old_rounds
+    def saved_config(self) -> dict:
+        """The run's saved ``config.yaml`` as a plain dict ({} where there is none)."""
+        if not self.config_path.exists():
+            return {}
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(OmegaConf.load(self.config_path))
 
     def close(self) -> None:
         """Releases the directory's lock (idempotent); the process's end releases it too."""
@@ -498,13 +486,14 @@ class RunDir:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def begin(self) -> None:
-        """Writes the resolved config (new runs) and opens the checkpoint manager.
+    def begin(self, *, rewrite_config: bool = False) -> None:
+        """Writes the resolved config (a new run, or ``rewrite_config``: a resumed run whose
+        ``fed.rounds`` was raised) and opens the checkpoint manager.
 
         Called once the run is known to start, so a run refused at set-up leaves nothing behind.
         """
-        if self.primary and (not self.config_path.exists() or self.extended_from is not None):
-            save_config(self.cfg, self.config_path)  # a new run, or fed.rounds raised on resume
+        if self.primary and (not self.config_path.exists() or rewrite_config):
+            save_config(self.cfg, self.config_path)
         self.manager = self._open_manager()
 
     def _open_manager(self) -> ocp.CheckpointManager:
@@ -612,6 +601,6 @@ class RunDir:
         if not self.primary:
             return
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(_jsonable(record)) + "\n")
+            f.write(json.dumps(jsonable(record)) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -14,8 +14,10 @@ ranks, client sampling and data never change a shape and never recompile. The lo
 ``loss(base, adapter, *batch_k) -> []``: the language model's cross-entropy for training runs,
 a least-squares loss for the bias experiment (``experiments/linreg.py``).
 
-``run_rounds`` is the one host-side loop (sampling, batches, callbacks for metrics, evaluation
-and checkpoints) used by ``bin/train.py``, the results suite and the benchmarks.
+The client side of a round (``make_client_step``), the schedule of sampled clients
+(``ClientSchedule``: ids, masks, scales, keys, batches) and the metrics record (``round_metrics``)
+are shared with a deployed federation (``fedhl_jax.deploy``). ``run_rounds`` is the bare host loop
+(the benchmarks use it); a run around the rounds is ``driver.py``'s.
 """
 
 from __future__ import annotations
@@ -68,6 +70,42 @@ def add_delta(base: dict, delta: dict) -> dict:
     return {k: (v + delta[k] if k in delta else v) for k, v in base.items()}
 
 
+class ClientStep(NamedTuple):
+    """One client's side of a round, as pure functions (the simulation vmaps them over the round's
+    clients; a deployed node, ``deploy.node.NodeTrainer``, calls ``train`` for itself).
+
+    Attributes:
+      train: ``train(base, B, A, mask, scale, *batch) -> (adapter, losses)``: ``K`` local steps
+        from the starting factors ``B {module: [d_out, r_max]}``, ``A {module: [r_max, d_in]}``
+        with ``mask [r_max]``, ``scale []`` and ``batch`` arrays ``[K, ...]``; returns the trained
+        ``Adapter`` (one factor per module) and ``losses [K]`` (the loss before each step).
+      from_broadcast: ``from_broadcast(base, shared, per_client, mask, scale, *batch)``: the same,
+        the starting factors first built from the server's broadcast (``algorithm.materialize``).
+    """
+
+    train: Callable
+    from_broadcast: Callable
+
+
+def make_client_step(algorithm: Algorithm, loss: Callable, optimizer: optax.GradientTransformation, *,
+                     remat: bool = False, to_client: Callable | None = None,
+                     from_client: Callable | None = None) -> ClientStep:
+    """Builds a client's step (``ClientStep``); the arguments are ``make_round_step``'s."""
+    local_train = make_local_train(loss, optimizer, remat=remat)
+
+    def train(base, B, A, mask, scale, *batch):
+        adapter = Adapter(B, A, mask, scale)
+        trained, losses = local_train(base, to_client(adapter) if to_client else adapter, *batch)
+        return (from_client(trained) if from_client else trained), losses
+
+    def from_broadcast(base, shared, per_client, mask, scale, *batch):
+        # The client builds its starting factors from the broadcast (its slice of the SVD), then trains.
+        B, A = algorithm.materialize(shared, per_client, mask)
+        return train(base, B, A, mask, scale, *batch)
+
+    return ClientStep(train, from_broadcast)
+
+
 def make_round_step(algorithm: Algorithm, loss: Callable, optimizer: optax.GradientTransformation, *,
                     clients_per_chunk: int | None = None, remat: bool = False,
                     merge_delta: Callable = add_delta, to_client: Callable | None = None,
@@ -97,19 +135,12 @@ def make_round_step(algorithm: Algorithm, loss: Callable, optimizer: optax.Gradi
       ``round_step``; ``info`` holds the algorithm's aggregation info (``p``, ``valid``, ...)
       and ``losses [n, K]`` (each client's loss before each local step).
     """
-    local_train = make_local_train(loss, optimizer, remat=remat)
+    client = make_client_step(algorithm, loss, optimizer, remat=remat, to_client=to_client, from_client=from_client)
     if mesh is not None and clients_per_chunk is not None:  # each chunk's clients split evenly over the mesh
         size = mesh.shape[CLIENTS]
         clients_per_chunk = -(-clients_per_chunk // size) * size
 
-    def client_step(base, shared, per_client, mask, scale, *batch):
-        # The client builds its starting factors from the broadcast (its slice of the SVD), then trains.
-        B, A = algorithm.materialize(shared, per_client, mask)
-        adapter = Adapter(B, A, mask, scale)
-        trained, losses = local_train(base, to_client(adapter) if to_client else adapter, *batch)
-        return (from_client(trained) if from_client else trained), losses
-
-    clients_train = make_clients_train(client_step, clients_per_chunk=clients_per_chunk, n_shared=2,
+    clients_train = make_clients_train(client.from_broadcast, clients_per_chunk=clients_per_chunk, n_shared=2,
                                        spmd_axis_name=CLIENTS if mesh is not None else None)
 
     def on_clients(tree):

@@ -1,8 +1,9 @@
-"""A run's set-up: model + data + algorithm → the round engine (host-side driver).
+"""A run's set-up: model + data + algorithm → the round engine, in one process.
 
 ``Simulation`` loads and validates everything a run needs before any compile, then exposes the
 engine's pieces: the compiled ``round_fn``, the ``schedule`` of clients and batches, the
-``evaluator`` and ``run(state, rounds, callbacks)``. The round itself lives in ``engine.py``.
+``evaluator`` and ``run(state, rounds, callbacks)``. It is the in-process ``driver.RoundExecutor``
+(``run_round``); the round itself lives in ``engine.py``, the run around it in ``driver.py``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ def client_ranks(fed, seed: int) -> np.ndarray:
     return rng.choice(values, size=n, p=w / w.sum()).astype(np.int32)
 
 
+def random_model_config(mc, vocab_size: int):
+    """The ``LlamaConfig`` of ``model.name_or_path: random`` (sizes from ``model.random_*``)."""
+    return M.LlamaConfig(vocab_size=vocab_size, hidden_size=mc.random_hidden_size,
+                         intermediate_size=mc.random_intermediate_size, num_layers=mc.random_num_layers,
+                         num_heads=mc.random_num_heads, num_kv_heads=mc.random_num_kv_heads,
+                         head_dim=mc.random_hidden_size // mc.random_num_heads, dtype=mc.dtype,
+                         compute_dtype=mc.compute_dtype, bos_token_id=1, eos_token_id=2)
+
+
 def load_model(cfg: TrainConfig, texts_for_fallback: list[str]):
     """``(model_cfg, params, tokenizer, source)`` following ``model.name_or_path``.
 
@@ -67,11 +77,7 @@ def load_model(cfg: TrainConfig, texts_for_fallback: list[str]):
     from fedhl_jax.data.toy_tokenizer import word_level_tokenizer
 
     tokenizer = word_level_tokenizer(texts_for_fallback)
-    model_cfg = M.LlamaConfig(vocab_size=len(tokenizer), hidden_size=mc.random_hidden_size,
-                              intermediate_size=mc.random_intermediate_size, num_layers=mc.random_num_layers,
-                              num_heads=mc.random_num_heads, num_kv_heads=mc.random_num_kv_heads,
-                              head_dim=mc.random_hidden_size // mc.random_num_heads, dtype=mc.dtype,
-                              compute_dtype=mc.compute_dtype, bos_token_id=1, eos_token_id=2)
+    model_cfg = random_model_config(mc, len(tokenizer))
     params = M.init_params(model_cfg, jax.random.PRNGKey(cfg.seed))
     desc = (f"random-init Llama (hidden {mc.random_hidden_size}, {mc.random_num_layers} layers) with a "
             f"word-level tokenizer")
@@ -165,13 +171,14 @@ class Simulation:
         self.loss = lambda params, adapter, tokens, mask: M.loss_fn(train_cfg, params, adapter, tokens, mask)
         self.to_client = lambda ad: M.stacked_adapter(self.model_cfg, ad)
         self.from_client = lambda ad: M.per_layer_adapter(self.model_cfg, ad)
+        self.merge_delta = M.merge_delta
         # Process-wide: the round step, evaluation and generation compile in this mode (fedhl_jax.runtime).
         runtime.set_cpu_matmul(cfg.model.cpu_matmul)
         if cfg.model.cpu_matmul == "accurate" and jax.default_backend() == "cpu":
             log("CPU float32 matmuls: accurate (XLA's own kernels, YNNPACK fusions off; model.cpu_matmul)")
         self.round_fn = engine.compile_round_step(engine.make_round_step(
             self.algorithm, self.loss, self.optimizer, clients_per_chunk=fed.clients_per_chunk,
-            merge_delta=M.merge_delta, to_client=self.to_client, from_client=self.from_client,
+            merge_delta=self.merge_delta, to_client=self.to_client, from_client=self.from_client,
             mesh=self.mesh, probe=probe))
         self.evaluator = None
         if self.data.eval is not None:
@@ -194,6 +201,9 @@ class Simulation:
         """The state for work that each process does alone (evaluation, export): host copies of
         the replicated arrays when the mesh spans several processes, else the state itself."""
         return jax.device_get(state) if self.multi_process else state
+
+    def start(self, first_round: int) -> None:
+        """Nothing to prepare: the round step compiles on its first call (``driver.RoundExecutor``)."""
 
     def run(self, state, rounds: Iterable[int], callbacks: Sequence[Callable] = ()):
         """Runs ``rounds`` through ``engine.run_rounds``; returns the final state."""

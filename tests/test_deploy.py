@@ -91,6 +91,34 @@ def test_wire_format_and_node_config():
         node_identity({"partition-id": 0})
 
 
+def test_server_shapes_come_from_the_model_config_alone(tmp_path):
+    """The server reads the LoRA shapes from ``config.json``: a folder without weights will do."""
+    import shutil
+
+    from fedhl_jax.assets import embedded_model_dir
+    from fedhl_jax.model import load_pretrained, lora_targets
+
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    shutil.copy(embedded_model_dir() / "config.json", folder / "config.json")
+    cfg = load_config(None, [f"model.name_or_path={folder}", "fed.ranks=[1,2]"])
+    model_cfg, _ = load_pretrained(embedded_model_dir())
+    assert lora_shapes(cfg) == lora_targets(model_cfg, cfg.model.targets)
+
+
+def test_the_server_compiles_in_the_runs_cpu_matmul_mode(setup):
+    from fedhl_jax import runtime
+
+    tmp, _, _, _ = setup
+    before = runtime.cpu_matmul()
+    try:
+        for mode in ("accurate", "fast"):
+            strategy_for(load_config(None, tiny_overrides(tmp, **{**FEDERATION, "model.cpu_matmul": mode})))
+            assert runtime.cpu_matmul() == mode
+    finally:
+        runtime.set_cpu_matmul(before)
+
+
 def run_in_process(strategy, cfg_path, rounds, drop=()):
     """Flower's loop without Flower's transport: ``configure_train``, each node's ``ClientApp``
     handler, ``aggregate_train``. ``drop``: ``(round, partition)`` pairs whose reply is lost."""

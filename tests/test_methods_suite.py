@@ -23,7 +23,7 @@ def test_every_run_is_a_valid_config(name):
     assert len({c["id"] for c in cells}) == len(cells)
     for cell in cells:
         for seed in spec["seeds"]:
-            cfg = from_dict(TrainConfig, R._merge(spec["base"], dict(MS.run_overrides(spec, cell, seed), seed=seed)))
+            cfg = from_dict(TrainConfig, R.merge_overrides(spec["base"], dict(MS.run_overrides(spec, cell, seed), seed=seed)))
             gen = cell["section"] == "main" and seed in spec.get("generate_seeds", spec["seeds"])
             assert (cfg.eval.generate_examples > 0) == gen
             if cell["labels"]["method"].startswith("fedit"):
@@ -82,6 +82,6 @@ def test_runs_are_cached_and_the_page_regenerates_byte_identically(tmp_path, mon
 def test_paired_differences_are_per_seed():
     cells = {"a": {"runs": {0: {"x": 1.0}, 1: {"x": 2.0}, 2: {"x": 3.0}}},
              "b": {"runs": {0: {"x": 1.5}, 1: {"x": 2.1}}}}
-    d = MS._paired(cells, "a", "b", key="x")
+    d = R.paired(cells, "a", "b", key="x")
     np.testing.assert_allclose(d, [-0.5, -0.1])
     assert MS._fmt_paired(d).endswith("(2/2 below)")

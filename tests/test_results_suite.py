@@ -14,10 +14,10 @@ def test_every_cell_is_a_valid_config():
     full, quick = R.cells(SPEC, quick=False), R.cells(SPEC, quick=True)
     assert len({c["id"] for c in full}) == len(full) and len(quick) < len(full)
     for cell in full + quick:
-        cfg = from_dict(TrainConfig, R._merge(SPEC["base"], cell["overrides"]))
+        cfg = from_dict(TrainConfig, R.merge_overrides(SPEC["base"], cell["overrides"]))
         if cell["labels"].get("method", "").startswith("fedit"):
             assert len(set(cfg.fed.ranks)) == 1
-    assert all(R._merge(SPEC["base"], c["overrides"])["fed"]["rounds"] == SPEC["quick"]["rounds"] for c in quick)
+    assert all(R.merge_overrides(SPEC["base"], c["overrides"])["fed"]["rounds"] == SPEC["quick"]["rounds"] for c in quick)
 
 
 def test_report_renders_from_fake_runs(tmp_path):
@@ -59,7 +59,7 @@ def test_cells_with_identical_configs_share_one_run(tmp_path):
     full = R.cells(SPEC, quick=False)
     part = next(c for c in full if c["id"] == "partition:partition=dirichlet_0.3/method=fedhl")
     main = next(c for c in full if c["id"] == "main:dataset=gsm8k/ranks=uniform/method=fedhl")
-    assert R._merge(SPEC["base"], part["overrides"]) == R._merge(SPEC["base"], main["overrides"])
+    assert R.merge_overrides(SPEC["base"], part["overrides"]) == R.merge_overrides(SPEC["base"], main["overrides"])
     other = next(c for c in full if c["id"] == "partition:partition=iid/method=fedhl")
     rec = {"eval_loss": [4.0], "final_eval_loss": 4.0, "seconds": 1.0}
     cache = tmp_path / "cache.jsonl"

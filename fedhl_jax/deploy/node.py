@@ -3,7 +3,7 @@
 A node of a real federation is the simulation's client ``i`` run on its own machine: the same
 model, the same partition ``i`` of the same data (from the run's config and seed), the same
 batches (``RoundBatcher``, keyed by seed, round and client id), the same optimizer and loss and
-the same ``local_train`` (``local.make_local_train``), so a federation and the in-process
+the same client step (``engine.make_client_step``), so a federation and the in-process
 simulation of the same seeds and ranks give the same global adapter (``tests/test_deploy.py``).
 
 On the wire a rank-``r`` client's factors travel at their own rank, not padded to ``r_max``:
@@ -19,10 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedhl_jax import runtime
+from fedhl_jax import engine, runtime
 from fedhl_jax.config import TrainConfig
-from fedhl_jax.local import make_local_train
-from fedhl_jax.lora import Adapter, lora_scale, rank_mask
+from fedhl_jax.lora import lora_scale, rank_mask
 
 #: Array-name prefixes of the factors and of the shared base update in a message.
 B_KEY, A_KEY, BASE_KEY = "B/", "A/", "base_delta/"
@@ -114,15 +113,13 @@ class NodeTrainer:
         self.num_examples = int(sim.data.num_examples[partition_id])
         self.mask = rank_mask(np.array([rank]), self.r_max)[0]  # [r_max]
         self.scale = lora_scale(np.array([rank]), cfg.model.alpha, rslora=cfg.model.rslora)[0]  # []
-        local_train = make_local_train(sim.loss, sim.optimizer, remat=False)
-        from fedhl_jax import model as M
+        client = engine.make_client_step(sim.algorithm, sim.loss, sim.optimizer, to_client=sim.to_client,
+                                         from_client=sim.from_client)  # the simulation's client step
 
         def step(base, base_delta, B, A, mask, scale, *batch):
-            # The engine's client step: merge the shared base update, train from the received factors.
-            if base_delta is not None:
-                base = M.merge_delta(base, base_delta)
-            trained, losses = local_train(base, sim.to_client(Adapter(B, A, mask, scale)), *batch)
-            trained = sim.from_client(trained)
+            if base_delta is not None:  # algorithms that move the base: the shared update, merged here
+                base = sim.merge_delta(base, base_delta)
+            trained, losses = client.train(base, B, A, mask, scale, *batch)
             return trained.B, trained.A, losses
 
         self._step = runtime.jit(step)

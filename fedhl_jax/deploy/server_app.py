@@ -1,4 +1,4 @@
-"""The Flower ``ServerApp``: runs the federation's rounds with ``FedLoRAStrategy``.
+"""The Flower ``ServerApp``: the run driver (``driver.run``) with the federation as its round executor.
 
 Run config (``deploy/flower/pyproject.toml``, or ``flwr run --run-config``): ``config`` (the run's
 YAML, the same file the nodes read), ``overrides``, ``out`` (the server's run directory: config,
@@ -12,33 +12,35 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import numpy as np
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedhl_jax import driver
 from fedhl_jax import model as M
 from fedhl_jax.model.hub import resolve_model_source
 from fedhl_jax.build import build_algorithm
 from fedhl_jax.config import ConfigError, TrainConfig
 from fedhl_jax.deploy.node import run_settings
 from fedhl_jax.deploy.strategy import FedLoRAStrategy
+from fedhl_jax.engine import RoundRecord
 
 
 def lora_shapes(cfg: TrainConfig) -> dict:
-    """``{module: (d_out, d_in)}`` of the run's LoRA modules, without loading any data.
+    """``{module: (d_out, d_in)}`` of the run's LoRA modules, from the model's config alone (no
+    weight and no data is read).
 
     Raises:
       ConfigError: ``fed.r_max`` exceeds a module's smaller dimension.
     """
+    from fedhl_jax.model.shapes import read_model_config
+    from fedhl_jax.simulation import random_model_config
+
     mc = cfg.model
     source = resolve_model_source(mc.name_or_path)
     if source.kind == "random":  # the shapes of the LoRA modules do not depend on the vocabulary
-        model_cfg = M.LlamaConfig(vocab_size=mc.random_vocab_size, hidden_size=mc.random_hidden_size,
-                                  intermediate_size=mc.random_intermediate_size, num_layers=mc.random_num_layers,
-                                  num_heads=mc.random_num_heads, num_kv_heads=mc.random_num_kv_heads,
-                                  head_dim=mc.random_hidden_size // mc.random_num_heads)
+        model_cfg = random_model_config(mc, mc.random_vocab_size)
     else:
-        model_cfg, _ = M.load_pretrained(source.path, dtype=mc.dtype)
+        model_cfg = read_model_config(source.path, dtype=mc.dtype)
     shapes = M.lora_targets(model_cfg, mc.targets)
     smallest = min(min(s) for s in shapes.values())
     if cfg.fed.r_max > smallest:
@@ -46,44 +48,72 @@ def lora_shapes(cfg: TrainConfig) -> dict:
     return shapes
 
 
-def serve(grid: Grid, cfg: TrainConfig, out: Path, *, round_timeout: float = 600.0,
-          discover_timeout: float = 120.0, log: Callable = print) -> FedLoRAStrategy:
-    """Runs (or resumes) the federation's rounds on ``grid``; writes ``out``'s run directory.
+class FederationExecutor:
+    """The round executor (``driver.RoundExecutor``) of a Flower federation: each ``run_round`` is
+    one Flower round (``configure_train``, ``grid.send_and_receive``, ``aggregate_train``).
 
-    The server state is checkpointed after every round (``checkpoint.every``); a server started
-    again on the same ``out`` restores the newest checkpoint and runs the remaining rounds, Flower's
-    round ``k`` being global round ``start + k - 1``. Ends by writing
-    ``out/final/global_adapter.safetensors`` (the dense global update per module).
+    The server holds no data and no base weights: no partition summary and no held-out evaluation
+    (``data`` and ``evaluator`` are None); the nodes are found when the rounds start.
+
+    Args:
+      cfg: the run's config.
+      grid: Flower's ``Grid``.
+      round_timeout: seconds a round waits for its replies.
+      discover_timeout: seconds to wait for one node per partition.
+      log: where messages go.
     """
-    from safetensors.numpy import save_file
 
-    from fedhl_jax.checkpointing import RunDir, write_final
+    data = evaluator = ranks = None
 
-    shapes = lora_shapes(cfg)
-    algorithm = build_algorithm(cfg.fed)
+    def __init__(self, cfg: TrainConfig, grid: Grid, *, round_timeout: float = 600.0,
+                 discover_timeout: float = 120.0, log: Callable = print):
+        self.cfg, self.grid, self.round_timeout, self.discover_timeout = cfg, grid, round_timeout, discover_timeout
+        self.model_source = resolve_model_source(cfg.model.name_or_path)
+        self.shapes = lora_shapes(cfg)
+        self.strategy = FedLoRAStrategy(cfg, self.shapes, None, log=log)
+        self.algorithm = self.strategy.algorithm
+
+    def init_state(self):
+        return self.algorithm.init(self.shapes, jax.random.PRNGKey(self.cfg.seed))
+
+    def place_state(self, state):
+        return state
+
+    host_state = place_state
+
+    def start(self, first_round: int) -> None:
+        """Finds the nodes; Flower's round 1 of this call is global round ``first_round``."""
+        self.strategy.start_round = first_round
+        self.strategy.discover(self.grid, timeout=self.discover_timeout)
+
+    def run_round(self, state, t: int) -> RoundRecord:
+        strategy = self.strategy
+        strategy.state = state
+        server_round = t - strategy.start_round + 1
+        messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), self.grid)
+        strategy.aggregate_train(server_round, self.grid.send_and_receive(messages, timeout=self.round_timeout))
+        return strategy.last
+
+    def evaluate(self, state, t: int = 0, *, generate: bool | None = None) -> dict:
+        return {}  # the held-out data is on no machine of the server
+
+    def global_delta(self, state) -> dict:
+        return self.algorithm.global_delta(state)
+
+
+def serve(grid: Grid, cfg: TrainConfig, out: Path, *, round_timeout: float = 600.0,
+          discover_timeout: float = 120.0, log: Callable = print) -> int:
+    """Runs (or resumes) the federation's rounds on ``grid`` through ``driver.run``; writes ``out``'s
+    run directory (the same files as ``bin/train.py``'s) and returns the driver's exit status.
+
+    A server started again on the same ``out`` restores the newest checkpoint and runs the remaining
+    rounds (``fed.rounds`` may be raised, nothing else changed: ``driver.check_resume``).
+    """
     out = Path(out)
-    resume = (out / "config.yaml").exists()
-    with RunDir(out, cfg, resume=resume, log=log) as run:
-        run.begin()
-        state = algorithm.init(shapes, jax.random.PRNGKey(cfg.seed))
-        start = 0
-        if resume:
-            restored, start = run.restore(state)
-            if restored is not None:
-                state = restored
-                log(f"resuming after round {start} from {run.ckpt_path}")
-            run.truncate_metrics(start)
-        strategy = FedLoRAStrategy(cfg, shapes, state, start_round=start, run=run, log=log)
-        if start < cfg.fed.rounds:
-            strategy.discover(grid, timeout=discover_timeout)
-            strategy.start(grid, ArrayRecord(), num_rounds=cfg.fed.rounds - start, timeout=round_timeout)
-        else:
-            log(f"the run already finished {cfg.fed.rounds} rounds")
-        delta = jax.device_get(algorithm.global_delta(strategy.state))
-        final = write_final(out, delta, lambda folder, d: save_file(
-            {k: np.asarray(v, np.float32) for k, v in d.items()}, str(folder / "global_adapter.safetensors")))
-        log(f"exported the global adapter to {final}/global_adapter.safetensors")
-    return strategy
+    return driver.run(cfg, out, lambda: FederationExecutor(cfg, grid, round_timeout=round_timeout,
+                                                           discover_timeout=discover_timeout, log=log),
+                      resume=(out / "config.yaml").exists(), log=log,
+                      resume_hint=f"flwr run with the same out={str(out)!r}")
 
 
 app = ServerApp()
@@ -93,5 +123,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     cfg = run_settings(rc)
-    serve(grid, cfg, Path(str(rc.get("out", "runs/flower"))), round_timeout=float(rc.get("round-timeout", 600)),
-          discover_timeout=float(rc.get("discover-timeout", 120)), log=lambda m: print(m, flush=True))
+    code = serve(grid, cfg, Path(str(rc.get("out", "runs/flower"))), round_timeout=float(rc.get("round-timeout", 600)),
+                 discover_timeout=float(rc.get("discover-timeout", 120)), log=lambda m: print(m, flush=True))
+    if code:
+        raise RuntimeError(f"the federation's run stopped with exit status {code} (see the messages above)")

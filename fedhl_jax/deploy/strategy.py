@@ -2,22 +2,23 @@
 
 A round runs the same pure functions as the simulation's round (``engine.make_round_step``)::
 
-    ids       = sample_clients(num_clients, clients_per_round, t, seed)      # ClientSchedule.sample
+    inputs, ids = ClientSchedule(node ranks, ...)(t)                         # the simulation's schedule
     B, A      = algorithm.broadcast(state, mask, scale, key_t)               # plan + materialize
     message_i = pack(B_i, A_i, r_i)  (+ base_delta)  -> node of partition i   # its own rank only
-    ...the nodes train (deploy.node.NodeTrainer)...
+    ...the nodes train (deploy.node.NodeTrainer: engine.make_client_step)...
     state     = algorithm.aggregate(state, B, A, mask, scale, n_i, fold_in(key_t, AGGREGATE_STREAM))
 
 with ``key_t = engine.round_key(seed, t)`` and the global round ``t = start_round + server_round - 1``
 (Flower counts the rounds of each call from 1; a resumed server continues after its checkpoint).
 The replies are padded back into the ``[n, ...]`` client axis with the round's masks, so the
-aggregation compiles once. A node that does not answer (killed, timed out, or replying with an
-error) is entered as a non-finite update, which every algorithm's ``aggregate`` leaves out: the
-round aggregates the replies it got, with the weights renormalised over them, and says so in the
-log and in ``metrics.jsonl`` (``missing``).
+aggregation compiles once (``runtime.jit``, in the run's ``model.cpu_matmul`` mode). A node that
+does not answer (killed, timed out, or replying with an error) is entered as a non-finite update,
+which every algorithm's ``aggregate`` leaves out: the round aggregates the replies it got, with the
+weights renormalised over them, and says so in the log and in its metrics (``missing``).
 
-Each round appends a metrics line (bytes measured on the messages next to
-``algorithm.comm_bytes``) and checkpoints the server state (``checkpointing.RunDir``).
+Each round's metrics are the simulation's record (``engine.round_metrics``) plus the bytes measured
+on the messages; the run around the rounds (metrics file, checkpoints, export) is the driver's
+(``server_app.FederationExecutor``, ``driver.run``).
 """
 
 from __future__ import annotations
@@ -33,12 +34,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedhl_jax import engine, runtime
 from fedhl_jax.build import build_algorithm
 from fedhl_jax.config import ConfigError, TrainConfig
-from fedhl_jax.data.batching import sample_clients
 from fedhl_jax.deploy.node import BASE_KEY, pack, unpack
-from fedhl_jax.engine import AGGREGATE_STREAM, round_key
-from fedhl_jax.lora import lora_scale, rank_mask
 
 #: Message types besides Flower's ``train``: the node says who it is (partition id, rank).
 QUERY = "query"
@@ -61,27 +60,31 @@ class FedLoRAStrategy(Strategy):
     Args:
       cfg: the run's config (algorithm, ranks' bound, clients per round, seed, LoRA α).
       shapes: ``{module: (d_out, d_in)}`` of the LoRA modules.
-      state: the server state to start from (``algorithm.init`` or a restored checkpoint).
+      state: the server state to start from (``algorithm.init`` or a restored checkpoint; the
+        driver's executor sets it before each round).
       start_round: global rounds already done (Flower's round 1 is global round ``start_round``).
-      run: a ``checkpointing.RunDir`` for metrics and checkpoints (None: keep nothing).
       log: where messages go.
+
+    After each ``aggregate_train``, ``last`` holds the round's ``engine.RoundRecord`` and
+    ``history`` its metrics.
 
     The nodes are registered first (``discover`` over the grid, or ``register``): each says its
     partition id and rank; every partition ``0 .. fed.num_clients-1`` must have a node.
     """
 
-    def __init__(self, cfg: TrainConfig, shapes: dict, state, *, start_round: int = 0, run=None,
-                 log: Callable = print):
+    def __init__(self, cfg: TrainConfig, shapes: dict, state, *, start_round: int = 0, log: Callable = print):
         self.cfg, self.shapes, self.state = cfg, dict(shapes), state
         self.algorithm = build_algorithm(cfg.fed)
-        self.r_max, self.start_round, self.run, self.log = cfg.fed.r_max, int(start_round), run, log
+        self.r_max, self.start_round, self.log = cfg.fed.r_max, int(start_round), log
         self.nodes: dict[int, tuple[int, int]] = {}  # partition id -> (node id, rank)
         self._round = None
         self.history: list[dict] = []
+        self.last: engine.RoundRecord | None = None
         algorithm = self.algorithm
-        self._broadcast = jax.jit(algorithm.broadcast)
-        self._aggregate = jax.jit(lambda state, B, A, mask, scale, n, key:
-                                  algorithm.aggregate(state, B, A, mask, scale, n, key=key))
+        runtime.set_cpu_matmul(cfg.model.cpu_matmul)  # the server compiles in the run's mode, as the simulation
+        self._broadcast = runtime.jit(algorithm.broadcast)
+        self._aggregate = runtime.jit(lambda state, B, A, mask, scale, n, key:
+                                      algorithm.aggregate(state, B, A, mask, scale, n, key=key))
 
     # ---------------------------------------------------------------- nodes
     def register(self, partition_id: int, node_id: int, rank: int) -> None:
@@ -119,10 +122,7 @@ class FedLoRAStrategy(Strategy):
                 continue
             m = reply.content[METRICS]
             self.register(int(m["partition-id"]), reply.metadata.src_node_id, int(m["rank"]))
-        missing = sorted(set(range(fed.num_clients)) - set(self.nodes))
-        if missing:
-            raise ConfigError(f"no node holds partition-id {missing}; start one flower-supernode per partition "
-                              f"with --node-config \"partition-id=<i> rank=<r>\"")
+        self.schedule()  # every partition has a node
         self.log("nodes: " + ", ".join(f"partition {p} -> node {n} (rank {r})" for p, (n, r) in sorted(self.nodes.items())))
 
     # ---------------------------------------------------------------- a round
@@ -130,15 +130,30 @@ class FedLoRAStrategy(Strategy):
         """The 0-based global round of Flower's ``server_round`` (1-based, per call)."""
         return self.start_round + server_round - 1
 
+    def schedule(self) -> engine.ClientSchedule:
+        """The simulation's ``ClientSchedule`` over the registered nodes' ranks (the data sizes
+        come with the replies; the batches are drawn on the nodes).
+
+        Raises:
+          ConfigError: a partition has no node yet.
+        """
+        fed = self.cfg.fed
+        missing = sorted(set(range(fed.num_clients)) - set(self.nodes))
+        if missing:
+            raise ConfigError(f"no node holds partition-id {missing}; start one flower-supernode per partition "
+                              f"with --node-config \"partition-id=<i> rank=<r>\"")
+        ranks = np.array([self.nodes[i][1] for i in range(fed.num_clients)], np.int32)
+        return engine.ClientSchedule(ranks, np.ones(fed.num_clients, np.float32), self.r_max, self.cfg.model.alpha,
+                                     fed.clients_per_round, self.cfg.seed, rslora=self.cfg.model.rslora)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """One message per sampled client: its starting factors at its own rank, and the round."""
-        fed, t = self.cfg.fed, self.global_round(server_round)
-        ids = sample_clients(fed.num_clients, fed.clients_per_round, t, self.cfg.seed)
-        ranks = np.array([self.nodes[int(i)][1] for i in ids])
-        mask = rank_mask(ranks, self.r_max)  # [n, r_max]
-        scale = lora_scale(ranks, self.cfg.model.alpha, rslora=self.cfg.model.rslora)  # [n]
-        key = round_key(self.cfg.seed, t)
+        t = self.global_round(server_round)
+        schedule = self.schedule()
+        inputs, ids = schedule(t)  # the simulation's schedule: clients, masks [n, r_max], scales [n], key
+        ranks = schedule.ranks[ids]
+        mask, scale, key = inputs.mask, inputs.scale, inputs.key
         start = jax.device_get(self._broadcast(self.state, mask, scale, key))
         base_delta = {BASE_KEY + k: np.asarray(v, np.float32) for k, v in (start.base_delta or {}).items()}
         messages, down, wire = [], 0, 0
@@ -201,20 +216,16 @@ class FedLoRAStrategy(Strategy):
             if missing:  # the library's "non-finite update" warning would misname a missing reply
                 warnings.filterwarnings("ignore", message=r"clients \[.*\] sent non-finite", category=RuntimeWarning)
             state, info = self._aggregate(self.state, B, A, rnd["mask"], rnd["scale"], jnp.asarray(num_examples),
-                                          jax.random.fold_in(rnd["key"], AGGREGATE_STREAM))
+                                          jax.random.fold_in(rnd["key"], engine.AGGREGATE_STREAM))
             state, info = jax.block_until_ready((state, info))
         self.state = state
-        metrics = self._metrics(rnd, info, losses, missing, up, wire)
+        metrics = self._metrics(rnd, dict(info, losses=losses), missing, up, wire)
         for p in problems:
             self.log(f"round {rnd['t'] + 1}: {p}")
         if missing:
             self.log(f"round {rnd['t'] + 1}: aggregated {n - len(missing)} of {n} replies; clients {missing} did not "
                      f"answer and were left out, the weights of the others renormalised to sum to 1")
-        if self.run is not None:
-            self.run.append_metrics(metrics)
-            if metrics["applied"] and ((rnd["t"] + 1) % self.cfg.checkpoint.every == 0
-                                       or rnd["t"] + 1 == self.cfg.fed.rounds):
-                self.run.save(rnd["t"] + 1, self.state)
+        self.last = engine.RoundRecord(rnd["t"], state, dict(info, losses=losses), ids, ranks, metrics)
         self.history.append(metrics)
         self._round = None
         summary = {k: metrics[k] for k in ("round", "bytes_down", "bytes_up", "excluded") if k in metrics}
@@ -222,18 +233,17 @@ class FedLoRAStrategy(Strategy):
         summary["replies"] = n - len(missing)
         return None, MetricRecord({k: float(v) if isinstance(v, float) else int(v) for k, v in summary.items()})
 
-    def _metrics(self, rnd, info, losses, missing, up, wire) -> dict:
-        valid = np.asarray(info["valid"])
-        kept = losses[valid & np.all(np.isfinite(losses), axis=1)]
+    def _metrics(self, rnd, info, missing, up, wire) -> dict:
+        """The simulation's metrics record (``engine.round_metrics``) with the bytes measured on the
+        messages: ``bytes_*`` (array values), ``wire_bytes_*`` (serialised), ``comm_bytes_*`` (what
+        ``algorithm.comm_bytes`` expects of the clients that answered), and the ``missing`` clients."""
         answered = np.array([int(i) not in missing for i in rnd["ids"]])
-        down_expected, _ = self.algorithm.comm_bytes(self.shapes, rnd["ranks"])
+        m = engine.round_metrics(rnd["t"], rnd["ids"], rnd["ranks"], info, self.algorithm, self.shapes,
+                                 time.perf_counter() - rnd["t0"])
         _, up_expected = self.algorithm.comm_bytes(self.shapes, rnd["ranks"][answered])
-        return {"round": rnd["t"], "clients": rnd["ids"], "ranks": rnd["ranks"], "missing": missing,
-                "train_loss": float(kept.mean()) if kept.size else float("nan"),
-                "p": np.asarray(info["p"]), "excluded": int((~valid).sum()), "applied": bool(info["applied"]),
-                "bytes_down": rnd["bytes_down"], "bytes_up": up, "comm_bytes_down": down_expected,
-                "comm_bytes_up": up_expected, "wire_bytes_down": rnd["wire_down"], "wire_bytes_up": wire,
-                "seconds": time.perf_counter() - rnd["t0"]}
+        m.update(missing=missing, comm_bytes_down=m["bytes_down"], comm_bytes_up=up_expected,
+                 bytes_down=rnd["bytes_down"], bytes_up=up, wire_bytes_down=rnd["wire_down"], wire_bytes_up=wire)
+        return m
 
     # ---------------------------------------------------------------- no client-side evaluation
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

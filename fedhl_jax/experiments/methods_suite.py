@@ -12,7 +12,7 @@ has whole seeds rather than whole methods.
 
 from __future__ import annotations
 
-import json
+import functools
 import time
 from pathlib import Path
 from typing import Callable
@@ -51,7 +51,7 @@ def run_overrides(spec: dict, cell: dict, seed: int) -> dict:
 def zero_shot_cell(base: dict, log: Callable = lambda *_: None) -> dict:
     """Held-out loss and generation metric of the starting model (no training)."""
     t0 = time.perf_counter()
-    sim = Simulation(from_dict(TrainConfig, R._merge(base, {"seed": 0})), log=log)
+    sim = Simulation(from_dict(TrainConfig, R.merge_overrides(base, {"seed": 0})), log=log)
     res = sim.evaluate(sim.init_state(), 0, generate=True)
     rec = {k: float(v) for k, v in res.items() if k.startswith("eval_") and not isinstance(v, str) and np.ndim(v) == 0}
     rec["eval_sample"] = str(res.get("eval_sample", ""))
@@ -60,31 +60,18 @@ def zero_shot_cell(base: dict, log: Callable = lambda *_: None) -> dict:
     return rec
 
 
-def _read_cache(cache: Path) -> dict:
-    rows = {}
-    if cache.exists():
-        for line in cache.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from an interrupted run
-            rows[row["config"]] = row["rec"]
-    return rows
-
-
 def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable = print) -> dict:
     """Runs every run not yet in ``cache`` (only cells whose id contains ``only``, if given).
 
     Returns:
       ``{"zero_shot": rec | None, "cells": {cell_id: {"cell", "runs": {seed: rec}}}}``.
     """
-    by_config = _read_cache(cache)
+    by_config = {row["config"]: row["rec"] for row in R.read_cache(cache)}
     base = spec["base"]
 
     def append(cid, seed, digest, rec):
         by_config[digest] = rec
-        with open(cache, "a") as f:
-            f.write(json.dumps({"id": cid, "seed": seed, "config": digest, "rec": rec}) + "\n")
+        R.append_cache(cache, cid, seed, digest, rec)
 
     zs_digest = "zero_shot-" + R.config_digest(base, {}, 0)
     if spec.get("zero_shot", True) and zs_digest not in by_config and (only is None or only in ZERO_SHOT):
@@ -112,25 +99,8 @@ def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable
 # --------------------------------------------------------------------------- report
 
 
-_paired = R._paired  # per-seed differences over the seeds both cells have run
-_stats = R._stats
-
-
-def _fmt_paired(d, digits=3):
-    if d is None:
-        return "–"
-    if len(d) == 1:
-        return f"{d[0]:+.{digits}f} (1 seed)"
-    m, s = float(d.mean()), float(d.std())
-    wins = int(np.sum(d < 0))
-    return f"{m:+.{digits}f} ± {s:.{digits}f}" + (" *" if abs(m) > s else "") + f" ({wins}/{len(d)} below)"
-
-
-def _fmt(st, digits=3):
-    if st is None:
-        return "–"
-    m, s, n = st
-    return f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f} (1 seed)"
+_fmt = functools.partial(R.fmt, single=" (1 seed)")
+_fmt_paired = functools.partial(R.fmt_paired, single=" (1 seed)", wins=True)
 
 
 def render(spec: dict, res: dict, out_dir: Path, *, seconds: float, stem: str) -> str:
@@ -181,9 +151,9 @@ def render(spec: dict, res: dict, out_dir: Path, *, seconds: float, stem: str) -
         mb = [r["bytes"] / 2**20 for r in runs.values()]
         rounds = len(next(iter(runs.values()))["eval_loss"]) if runs else 0
         L.append(" | ".join([
-            f"| {m}", _fmt(_stats(cells_, cid)),
-            _fmt_paired(_paired(cells_, cid, main["fedhl"])) if m != "fedhl" else "",
-            _fmt_paired(_paired(cells_, cid, main["flexlora"])) if m != "flexlora" else "",
+            f"| {m}", _fmt(R.stats(cells_, cid)),
+            _fmt_paired(R.paired(cells_, cid, main["fedhl"])) if m != "fedhl" else "",
+            _fmt_paired(R.paired(cells_, cid, main["flexlora"])) if m != "flexlora" else "",
             f"{np.mean(em):.3f}" if em else "–",
             f"{np.mean(mb) / rounds:.1f}" if mb else "–",
             f"{np.mean(mb):.0f}" if mb else "–"]) + " |")
@@ -192,7 +162,7 @@ def render(spec: dict, res: dict, out_dir: Path, *, seconds: float, stem: str) -
         L += ["", "## Paired comparisons named in the discussion", "", "| comparison | paired difference of held-out loss |",
               "|---|---|"]
         for a, bb in pairs:
-            L.append(f"| {a} − {bb} | {_fmt_paired(_paired(cells_, main[a], main[bb]))} |")
+            L.append(f"| {a} − {bb} | {_fmt_paired(R.paired(cells_, main[a], main[bb]))} |")
         rounds = spec["base"]["fed"]["rounds"]
         L += ["", "The same pairs round by round (held-out loss after each round, paired by seed):", "",
               "| comparison | " + " | ".join(f"round {t + 1}" for t in range(rounds)) + " |",
@@ -208,11 +178,11 @@ def render(spec: dict, res: dict, out_dir: Path, *, seconds: float, stem: str) -
               "| method | held-out loss | − same method in the main table (paired) |", "|---|---|---|"]
         ids = {m: f"{name}:method={m}" for m in sec["methods"]}
         for m in sec["methods"]:
-            L.append(f"| {m} | {_fmt(_stats(cells_, ids[m]))} | {_fmt_paired(_paired(cells_, ids[m], main[m]))} |")
+            L.append(f"| {m} | {_fmt(R.stats(cells_, ids[m]))} | {_fmt_paired(R.paired(cells_, ids[m], main[m]))} |")
         if len(sec["methods"]) == 2:
             a, bb = sec["methods"]
-            L += ["", f"{a} − {bb} in this section: {_fmt_paired(_paired(cells_, ids[a], ids[bb]))}; in the main "
-                  f"table: {_fmt_paired(_paired(cells_, main[a], main[bb]))}."]
+            L += ["", f"{a} − {bb} in this section: {_fmt_paired(R.paired(cells_, ids[a], ids[bb]))}; in the main "
+                  f"table: {_fmt_paired(R.paired(cells_, main[a], main[bb]))}."]
     # plots: held-out loss against megabytes communicated; FedHL's weights per rank
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))

@@ -21,10 +21,12 @@ from omegaconf import OmegaConf
 
 from fedhl_jax.config import TrainConfig, from_dict
 from fedhl_jax.data.registry import dataset_spec
+from fedhl_jax.driver import drive_rounds
 from fedhl_jax.simulation import Simulation
 
 
-def _merge(base: dict, overrides: dict) -> dict:
+def merge_overrides(base: dict, overrides: dict) -> dict:
+    """``base`` (a config as a dict) with dotted ``overrides`` (``{"fed.rounds": 2}``) merged in."""
     conf = OmegaConf.merge(OmegaConf.create(base),
                            OmegaConf.from_dotlist([f"{k}={json.dumps(v)}" for k, v in overrides.items()]))
     return OmegaConf.to_container(conf)
@@ -71,8 +73,9 @@ def cells(spec: dict, quick: bool) -> list[dict]:
 
 
 def run_cell(base: dict, overrides: dict, seed: int, log: Callable = lambda *_: None) -> dict:
-    """Trains one (cell, seed) through the engine's ``run_rounds`` and returns its curves and final metrics."""
-    data = _merge(base, dict(overrides, seed=seed))
+    """Trains one (cell, seed) through the run driver's loop (``driver.drive_rounds``, the in-process
+    executor) and returns its curves and final metrics; the held-out loss after every round."""
+    data = merge_overrides(base, dict(overrides, seed=seed))
     gen = data.get("eval", {}).get("generate_examples", 0)  # generation only once, at the end
     cfg = from_dict(TrainConfig, data)
     t0 = time.perf_counter()
@@ -89,7 +92,7 @@ def run_cell(base: dict, overrides: dict, seed: int, log: Callable = lambda *_: 
         rec["bytes"] += m["bytes_down"] + m["bytes_up"]
         rec["eval_loss"].append(sim.evaluate(r.state, r.t, generate=False)["eval_loss"])
 
-    state = sim.run(sim.init_state(), range(cfg.fed.rounds), [record])
+    state = drive_rounds(sim, sim.init_state(), range(cfg.fed.rounds), [record])
     if gen:
         g = sim.evaluator.generation(sim.global_delta(state), n=gen)
         rec.update({k: v for k, v in g.items() if k not in ("eval_sample", "eval_generated")})
@@ -113,12 +116,31 @@ def config_digest(base: dict, overrides: dict, seed: int) -> str:
     A changed config, or a changed default, reruns the cell instead of reusing a stale result. Changes
     to the numerics of the code itself are not seen: delete the cache after those.
     """
-    cfg = dataclasses.asdict(from_dict(TrainConfig, _merge(base, dict(overrides, seed=seed))))
+    cfg = dataclasses.asdict(from_dict(TrainConfig, merge_overrides(base, dict(overrides, seed=seed))))
     for (section, key), default in _LATER_DEFAULTS.items():  # options added later, at values that
         if cfg[section].get(key, default) == default:        # reproduce the older runs exactly
             cfg[section].pop(key, None)
     blob = json.dumps(cfg, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def read_cache(cache: Path) -> list[dict]:
+    """The rows ``{"id", "seed", "config", "rec"}`` of a JSONL results cache (none when it is missing);
+    a torn last line from an interrupted run is skipped."""
+    rows = []
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def append_cache(cache: Path, cid: str, seed: int, digest: str, rec: dict) -> None:
+    """Appends one finished run to a JSONL results cache."""
+    with open(cache, "a") as f:
+        f.write(json.dumps({"id": cid, "seed": seed, "config": digest, "rec": rec}) + "\n")
 
 
 def run_suite(spec: dict, cache: Path, *, quick: bool, only: str | None = None, log: Callable = print) -> dict:
@@ -134,21 +156,16 @@ def run_suite(spec: dict, cache: Path, *, quick: bool, only: str | None = None, 
     todo = [(c, s) for c in cells(spec, quick) for s in seeds]
     digests = {(c["id"], s): config_digest(spec["base"], c["overrides"], s) for c, s in todo}
     by_config, legacy = {}, {}  # config digest -> rec; (id, seed) -> digest of rows without one
-    if cache.exists():
-        for line in cache.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from an interrupted run
-            key = (row["id"], row["seed"])
-            if "config" not in row:  # written before digests were stored: taken as its cell's current config
-                if key in digests:
-                    legacy[key] = digests[key]
-                    by_config[digests[key]] = row["rec"]
-                continue
-            by_config[row["config"]] = row["rec"]
-            if key in legacy and legacy[key] != row["config"]:
-                by_config.pop(legacy.pop(key), None)  # a later row of the same cell supersedes the old one
+    for row in read_cache(cache):
+        key = (row["id"], row["seed"])
+        if "config" not in row:  # written before digests were stored: taken as its cell's current config
+            if key in digests:
+                legacy[key] = digests[key]
+                by_config[digests[key]] = row["rec"]
+            continue
+        by_config[row["config"]] = row["rec"]
+        if key in legacy and legacy[key] != row["config"]:
+            by_config.pop(legacy.pop(key), None)  # a later row of the same cell supersedes the old one
     results = {}
     t0 = time.perf_counter()
     for i, (cell, seed) in enumerate(todo):
@@ -158,8 +175,7 @@ def run_suite(spec: dict, cache: Path, *, quick: bool, only: str | None = None, 
         if d not in by_config:
             rec = run_cell(spec["base"], cell["overrides"], seed)
             by_config[d] = rec
-            with open(cache, "a") as f:
-                f.write(json.dumps({"id": cell["id"], "seed": seed, "config": d, "rec": rec}) + "\n")
+            append_cache(cache, cell["id"], seed, d, rec)
             log(f"[{i + 1}/{len(todo)}] {cell['id']} seed {seed}: eval loss {rec['final_eval_loss']:.4f} "
                 f"({rec['seconds']:.1f} s; {time.perf_counter() - t0:.0f} s so far)", flush=True)
         results.setdefault(cell["id"], {"cell": cell, "runs": {}})["runs"][seed] = by_config[d]
@@ -185,7 +201,7 @@ def keep_discussion(old_page: str | None, new_page: str) -> str:
     return new_page.replace(f"{DISCUSSION_BEGIN}\n{DISCUSSION_END}", block)
 
 
-def _stats(results, cid, key="final_eval_loss"):
+def stats(results, cid, key="final_eval_loss"):
     runs = results.get(cid, {}).get("runs", {})
     vals = [r[key] for r in runs.values() if r.get(key) is not None]
     if not vals:
@@ -193,27 +209,31 @@ def _stats(results, cid, key="final_eval_loss"):
     return float(np.mean(vals)), float(np.std(vals)), len(vals)
 
 
-def _fmt(st, digits=3):
+def fmt(st, digits=3, single: str = "") -> str:
+    """``mean ± std`` of ``stats``' triple; ``single`` is appended to a one-seed mean."""
     if st is None:
         return "–"
     m, s, n = st
-    return f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f}{single}"
 
 
-def _paired(results, cid, ref, key="final_eval_loss"):
+def paired(results, cid, ref, key="final_eval_loss"):
     """Per-seed differences ``cid − ref`` over the seeds both cells have run, or None."""
     a, b = results.get(cid, {}).get("runs", {}), results.get(ref, {}).get("runs", {})
     d = [a[s][key] - b[s][key] for s in sorted(set(a) & set(b))]
     return np.asarray(d) if d else None
 
 
-def _fmt_paired(d, digits=3):
+def fmt_paired(d, digits=3, *, single: str = "", wins: bool = False) -> str:
+    """``mean ± std`` of paired differences (``*``: |mean| > std); ``single`` is appended to a
+    one-seed difference; ``wins``: how many seeds are below 0 (``(k/n below)``)."""
     if d is None:
         return "–"
     if len(d) == 1:
-        return f"{d[0]:+.{digits}f}"
+        return f"{d[0]:+.{digits}f}{single}"
     m, s = float(d.mean()), float(d.std())
-    return f"{m:+.{digits}f} ± {s:.{digits}f}" + (" *" if abs(m) > s else "")
+    out = f"{m:+.{digits}f} ± {s:.{digits}f}" + (" *" if abs(m) > s else "")
+    return out + (f" ({int(np.sum(d < 0))}/{len(d)} below)" if wins else "")
 
 
 def _mb_per_round(results, cid) -> str:
@@ -279,15 +299,15 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
         cells_ = []
         for d in datasets:
             for lv in levels:
-                st = _stats(results, cid_of("main", dataset=d, ranks=lv, method=m))
-                ref = _stats(results, cid_of("main", dataset=d, ranks=lv, method="fedhl"))
-                cells_.append(_fmt(st) + (" *" if m != "fedhl" and _beyond_spread(st, ref) else ""))
+                st = stats(results, cid_of("main", dataset=d, ranks=lv, method=m))
+                ref = stats(results, cid_of("main", dataset=d, ranks=lv, method="fedhl"))
+                cells_.append(fmt(st) + (" *" if m != "fedhl" and _beyond_spread(st, ref) else ""))
         L.append(f"| {m} | " + " | ".join(cells_) + " |")
     for m in [m for m in spec["methods"] if m.startswith("fedit")]:
         cells_ = []
         for d in datasets:
-            st = _stats(results, cid_of("main", dataset=d, ranks="homogeneous", method=m))
-            cells_ += [_fmt(st)] + [""] * (len(levels) - 1)
+            st = stats(results, cid_of("main", dataset=d, ranks="homogeneous", method=m))
+            cells_ += [fmt(st)] + [""] * (len(levels) - 1)
         L.append(f"| {m} (all clients at rank {m.split('_r')[-1]}) | " + " | ".join(cells_) + " |")
     # paired differences: every method of a seed sees the same split, so the split's variance cancels
     L += ["", "Paired differences against FedHL (same seed, hence the same data split and held-out set): mean ± "
@@ -304,7 +324,7 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
                 else:
                     pair = (cid_of("main", dataset=d, ranks=lv, method=m),
                             cid_of("main", dataset=d, ranks=lv, method="fedhl"))
-                cells_.append(_fmt_paired(_paired(results, *pair)) if pair else "")
+                cells_.append(fmt_paired(paired(results, *pair)) if pair else "")
         L.append(f"| {m} | " + " | ".join(cells_) + " |")
     # generation metrics
     L += ["", "Generation metrics of the same runs (uniform ranks; FedIT: its homogeneous rank): GSM8K exact match "
@@ -318,7 +338,7 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
         for d in datasets:
             cid = cid_of("main", dataset=d, ranks="uniform" if not m.startswith("fedit") else "homogeneous", method=m)
             key = f"eval_{dataset_spec(d).metric}"
-            row.append(_fmt(_stats(results, cid, key)))
+            row.append(fmt(stats(results, cid, key)))
         row.append(_mb_per_round(results, cid_of("main", dataset="gsm8k", method=m,
                                                  ranks="uniform" if not m.startswith("fedit") else "homogeneous")))
         L.append(f"| {m} | " + " | ".join(row) + " |")
@@ -331,16 +351,16 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
           "|---" * (2 * len(pm)) + "|"]
     for part in spec["partitions"]:
         ids = [cid_of("partition", partition=part, method=m) for m in pm]
-        L.append(f"| {part} | " + " | ".join(_fmt(_stats(results, c)) for c in ids) + " | "
-                 + " | ".join(_fmt_paired(_paired(results, c, ids[0])) for c in ids[1:]) + " |")
+        L.append(f"| {part} | " + " | ".join(fmt(stats(results, c)) for c in ids) + " | "
+                 + " | ".join(fmt_paired(paired(results, c, ids[0])) for c in ids[1:]) + " |")
     L += ["", "## Cross-device (100 clients, 10% per round, Fed-GSM8K, uniform ranks)", "",
           "| method | held-out loss | paired difference against FedHL | bytes per round (MB, down + up) |",
           "|---|---|---|---|"]
     xd_ref = cid_of("cross_device", method="fedhl")
     for m in spec["cross_device_methods"]:
         cid = cid_of("cross_device", method=m)
-        diff = _fmt_paired(_paired(results, cid, xd_ref)) if m != "fedhl" else ""
-        L.append(f"| {m} | {_fmt(_stats(results, cid))} | {diff} | {_mb_per_round(results, cid)} |")
+        diff = fmt_paired(paired(results, cid, xd_ref)) if m != "fedhl" else ""
+        L.append(f"| {m} | {fmt(stats(results, cid))} | {diff} | {_mb_per_round(results, cid)} |")
     default_cid = cid_of("main", dataset="gsm8k", ranks="uniform", method="fedhl")
     L += ["", "## FedHL ablations (Fed-GSM8K, uniform ranks)", "",
           "Paired differences as above: (variant − default) per seed; `*`: |mean| exceeds the standard deviation.",
@@ -350,12 +370,12 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
           "|---|---|---|---|---|"]
     flex = cid_of("main", dataset="gsm8k", ranks="uniform", method="flexlora")
     L.append(f"| default | optimal weights, ε = 1e-2 relative, power 2, balanced split | "
-             f"{_fmt(_stats(results, default_cid))} | | {_fmt_paired(_paired(results, default_cid, flex))} |")
+             f"{fmt(stats(results, default_cid))} | | {fmt_paired(paired(results, default_cid, flex))} |")
 
     def ablation_row(label, cid, overrides, ref=default_cid, vs_flex=None):
         ov = ", ".join(f"{k}={v}" for k, v in overrides.items())
-        last = _fmt_paired(_paired(results, cid, vs_flex)) if vs_flex else ""
-        return (f"| {label} | {ov} | {_fmt(_stats(results, cid))} | {_fmt_paired(_paired(results, cid, ref))} "
+        last = fmt_paired(paired(results, cid, vs_flex)) if vs_flex else ""
+        return (f"| {label} | {ov} | {fmt(stats(results, cid))} | {fmt_paired(paired(results, cid, ref))} "
                 f"| {last} |")
 
     for name, ov in spec["ablations"].items():
@@ -407,15 +427,15 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
     # the ε sweep: FedHL's held-out loss against ε (relative mode), with uniform weights as a reference
     sweep = [(float(ov["fed.options.eps"]), cid_of("ablation", variant=n, method="fedhl"))
              for n, ov in spec["ablations"].items() if set(ov) == {"fed.options.eps"}]
-    sweep.append((from_dict(TrainConfig, _merge(spec["base"], {})).fed.options["eps"], default_cid))
-    sweep = sorted((e, st) for e, st in ((e, _stats(results, c)) for e, c in sweep) if st is not None)
+    sweep.append((from_dict(TrainConfig, merge_overrides(spec["base"], {})).fed.options["eps"], default_cid))
+    sweep = sorted((e, st) for e, st in ((e, stats(results, c)) for e, c in sweep) if st is not None)
     has_sweep = len(sweep) > 1
     if has_sweep:
         fig, ax = plt.subplots(figsize=(5.2, 3.8))
         ax.errorbar([e for e, _ in sweep], [st[0] for _, st in sweep], yerr=[st[1] for _, st in sweep],
                     marker="o", ms=4, capsize=3, label="FedHL, optimal weights")
         for name, style in (("weights_uniform", "--"), ("weights_data_size", ":")):
-            st = _stats(results, cid_of("ablation", variant=name, method="fedhl"))
+            st = stats(results, cid_of("ablation", variant=name, method="fedhl"))
             if st is not None:
                 ax.axhline(st[0], ls=style, color="gray", label=name.replace("_", " "))
         ax.set_xscale("log")
