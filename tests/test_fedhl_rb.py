@@ -8,29 +8,18 @@ import pytest
 import fedhl_jax as F
 from fedhl_jax import aggregation as agg
 from fedhl_jax.algorithms.fedhl_rb import fedhl_rb_update
-
-SHAPES = {"q": (8, 6), "v": (5, 6)}
-R_MAX = 4
-RANKS = np.array([1, 2, 4, 3])
-SIZES = jnp.array([3.0, 1.0, 2.0, 5.0])
+from tests.test_fedhl_momentum import R_MAX, RANKS, SHAPES, SIZES, trained  # the same small two-module round
 
 
-def trained(start, mask, seed, size=0.3):
-    rng = np.random.default_rng(seed)
-    B = {k: b + size * jnp.asarray(rng.normal(size=b.shape), jnp.float32) * mask[:, None, :] for k, b in start.B.items()}
-    A = {k: a + size * jnp.asarray(rng.normal(size=a.shape), jnp.float32) * mask[:, :, None] for k, a in start.A.items()}
-    return B, A
 
-
-def rounds(alg, n, ranks=RANKS, sizes=SIZES, state=None, jit=False):
-    """``n`` rounds with fixed inputs; returns the states and infos of every round."""
+def rounds(alg, n, ranks=RANKS, jit=False):
+    """``n`` rounds from ``init`` with fixed inputs and the given ranks; the states and infos of every round."""
     mask, scale = F.rank_mask(ranks, R_MAX), F.lora_scale(ranks, 8.0)
-    state = alg.init(SHAPES) if state is None else state
-    broadcast, aggregate = (jax.jit(alg.broadcast), jax.jit(alg.aggregate)) if jit else (alg.broadcast, alg.aggregate)
-    out = []
+    step = jax.jit(alg.aggregate) if jit else alg.aggregate
+    state, out = alg.init(SHAPES), []
     for t in range(n):
-        B, A = trained(broadcast(state, mask, scale, jax.random.PRNGKey(t)), mask, t)
-        state, info = aggregate(state, B, A, mask, scale, sizes)
+        state, info = step(state, *trained(alg.broadcast(state, mask, scale, jax.random.PRNGKey(t)), mask, t),
+                           mask, scale, SIZES)
         out.append((state, info))
     return out
 
@@ -87,17 +76,22 @@ def test_matches_float64_numpy(cap):
     assert int(new.round) == 3
 
 
+def handed_back(alg, state):
+    """The round in which every client returns exactly the factors it was handed: ``(state, info)``."""
+    mask, scale = F.rank_mask(RANKS, R_MAX), F.lora_scale(RANKS, 8.0)
+    start = alg.broadcast(state, mask, scale, jax.random.PRNGKey(5))
+    return alg.aggregate(state, start.B, start.A, mask, scale, SIZES)
+
+
 def test_untrained_round_is_a_fixed_point_tail_included():
     alg = F.make_algorithm("fedhl_rb", R_MAX)
     state, _ = rounds(alg, 2)[-1]
-    mask, scale = F.rank_mask(RANKS, R_MAX), F.lora_scale(RANKS, 8.0)
-    start = alg.broadcast(state, mask, scale, jax.random.PRNGKey(5))
-    new, info = alg.aggregate(state, start.B, start.A, mask, scale, SIZES)
+    new, info = handed_back(alg, state)
     assert bool(info["applied"])
     for k in SHAPES:
         np.testing.assert_allclose(new.G[k], state.G[k], atol=1e-5)
     # RB-LoRA from the same state drops the tail past the largest rank held
-    rb, _ = F.make_algorithm("rb_lora", R_MAX).aggregate(state, start.B, start.A, mask, scale, SIZES)
+    rb, _ = handed_back(F.make_algorithm("rb_lora", R_MAX), state)
     assert any(float(jnp.linalg.norm(rb.G[k] - state.G[k])) > 1e-2 for k in SHAPES)
 
 
