@@ -90,3 +90,26 @@ def test_bad_cap_is_refused_by_name(cap):
 def test_default_is_the_published_rule():
     assert F.make_algorithm("rb_lora", R_MAX).options.beta_cap is None
     assert agg.check_beta_cap(None) is None and agg.check_beta_cap(2) == 2.0
+
+
+def test_cached_runs_keep_their_digest_and_a_cap_changes_it():
+    """``beta_cap`` at its default stays out of the results caches' config digest (docs/results_smollm2.jsonl)."""
+    import json
+
+    import yaml
+
+    from fedhl_jax.experiments import methods_suite as M
+    from fedhl_jax.experiments import results as R
+    from tests.conftest import REPO
+
+    spec = yaml.safe_load((REPO / "configs" / "results_smollm2.yaml").read_text())
+    cells = {c["id"]: c for c in M.cells(spec)}
+    rows = [json.loads(line) for line in (REPO / "docs" / "results_smollm2.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "rb_lora" in r["id"] and r["id"] in cells]
+    if not rows:
+        pytest.skip("no RB-LoRA run in the committed cache")
+    for row in rows:
+        ov = M.run_overrides(spec, cells[row["id"]], row["seed"])
+        assert R.config_digest(spec["base"], ov, row["seed"]) == row["config"], row["id"]
+        capped = dict(ov, **{"fed.options.beta_cap": 4.0})
+        assert R.config_digest(spec["base"], capped, row["seed"]) != row["config"]

@@ -9,6 +9,7 @@ suite continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -103,7 +104,8 @@ def run_cell(base: dict, overrides: dict, seed: int, log: Callable = lambda *_: 
 # these values they stay out of the digest, so the caches keep their keys.
 _LATER_DEFAULTS = {("data", "prompt_format"): "auto", ("eval", "loss_examples"): None,
                    ("eval", "generate_every"): None, ("eval", "zero_shot"): False,
-                   ("eval", "generate_batch_size"): None, ("model", "cpu_matmul"): "fast"}
+                   ("eval", "generate_batch_size"): None, ("model", "cpu_matmul"): "fast",
+                   ("fed", "options", "beta_cap"): None}
 
 
 def config_digest(base: dict, overrides: dict, seed: int) -> str:
@@ -113,9 +115,10 @@ def config_digest(base: dict, overrides: dict, seed: int) -> str:
     to the numerics of the code itself are not seen: delete the cache after those.
     """
     cfg = dataclasses.asdict(from_dict(TrainConfig, _merge(base, dict(overrides, seed=seed))))
-    for (section, key), default in _LATER_DEFAULTS.items():  # options added later, at values that
-        if cfg[section].get(key, default) == default:        # reproduce the older runs exactly
-            cfg[section].pop(key, None)
+    for (*path, key), default in _LATER_DEFAULTS.items():  # options added later, at values that
+        node = functools.reduce(lambda d, k: d.get(k, {}), path, cfg)  # reproduce the older runs exactly
+        if node.get(key, default) == default:
+            node.pop(key, None)
     blob = json.dumps(cfg, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
