@@ -18,7 +18,9 @@ import numpy as np
 
 from fedhl_jax.truncation import SVD, masked_factors, svd, weighted_delta, weighted_product
 
-WEIGHTINGS = ("optimal", "uniform", "data_size", "optimal_data_size", "balanced")
+WEIGHTINGS = ("optimal", "uniform", "data_size", "optimal_data_size", "balanced", "drift_sampling")
+#: The weightings that need the clients' data sizes.
+DATA_WEIGHTINGS = ("data_size", "optimal_data_size", "balanced", "drift_sampling")
 EPS_MODES = ("absolute", "relative")
 #: The one default of FedHL's ε and its mode, shared by ``fedhl_weights``, ``fedhl_aggregate``,
 #: ``algorithms.FedHLOptions`` and the configs: ``ε_eff = 1e-2 · mean(r̂^power)`` (docs/algorithms.md).
@@ -40,7 +42,7 @@ def check_eps(eps) -> float:
 def check_weighting(weighting: str, num_examples) -> None:
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
-    if weighting in ("data_size", "optimal_data_size", "balanced") and num_examples is None:
+    if weighting in DATA_WEIGHTINGS and num_examples is None:
         raise ValueError(f"weighting={weighting!r} needs num_examples")
 
 
@@ -116,8 +118,10 @@ def fedhl_weights(errors: jax.Array, *, eps: float = DEFAULT_EPS, eps_mode: str 
       eps_mode: ``"relative"`` (default, ``DEFAULT_EPS_MODE``) or ``"absolute"``.
       power: exponent applied to ``r̂_i``.
       weighting: ``"optimal"`` (default), ``"uniform"``, ``"data_size"`` (∝ n_i),
-        ``"optimal_data_size"`` (∝ n_i/(r̂_i^power + ε)) or ``"balanced"``
-        (∝ n_i/(r̂_i^power + m), see :func:`balanced_weights`; ``eps`` and ``eps_mode`` unused).
+        ``"optimal_data_size"`` (∝ n_i/(r̂_i^power + ε)), ``"balanced"``
+        (∝ n_i/(r̂_i^power + m), see :func:`balanced_weights`) or ``"drift_sampling"``
+        (∝ 1/(r̂_i^power + m/q_i), see :func:`drift_sampling_weights`); the last two ignore ``eps``
+        and ``eps_mode``.
       num_examples: ``[n]`` local data sizes, needed by the data-size variants.
       valid: ``[n]`` bool; invalid clients (and clients whose ``r̂_i`` is not finite) get weight 0.
 
@@ -149,6 +153,8 @@ def fedhl_weights(errors: jax.Array, *, eps: float = DEFAULT_EPS, eps_mode: str 
     opt = jnp.where(den > 0, (xmin + eps_eff) / jnp.where(den > 0, den, 1.0), 1.0)  # in (0, 1]
     if weighting == "balanced":
         return balanced_weights(errors, num_examples, power=power, valid=valid)
+    if weighting == "drift_sampling":
+        return drift_sampling_weights(errors, num_examples, power=power, valid=valid)
     if weighting == "optimal":
         w = opt
     elif weighting == "uniform":
@@ -159,14 +165,34 @@ def fedhl_weights(errors: jax.Array, *, eps: float = DEFAULT_EPS, eps_mode: str 
     return normalise(w, valid)
 
 
+def drift_terms(errors: jax.Array, num_examples: jax.Array, power: float, valid: jax.Array | None):
+    """The inputs of the ε-free weightings: drift terms scaled to ``[0, 1]``, data sizes, valid clients.
+
+    Returns:
+      ``(x [n], size [n], valid [n])``: ``x_i = (r̂_i / max_j r̂_j)^power`` (the weights built from it
+      are invariant to the scale of ``r̂``), ``size_i = n_i`` (0 for the clients left out), and
+      ``valid`` without the clients whose ``r̂_i`` is not finite.
+    """
+    n = errors.shape[0]
+    valid = jnp.ones((n,), bool) if valid is None else valid
+    r = jnp.maximum(errors, 0.0)
+    valid = valid & jnp.isfinite(r)
+    r = jnp.where(valid, r, 0.0)
+    top = jnp.max(r)
+    x = (r / jnp.where(top > 0, top, 1.0)) ** power
+    return x, jnp.where(valid, jnp.asarray(num_examples, x.dtype), 0.0), valid
+
+
 def balanced_weights(errors: jax.Array, num_examples: jax.Array, *, power: float = 2.0,
                      valid: jax.Array | None = None) -> jax.Array:
-    """Drift-and-data weights with no tuned ε: ``p_i ∝ n_i / (x_i + m)``, ``x_i = r̂_i^power``.
+    """Data weights tempered by drift, with no tuned ε: ``p_i ∝ n_i / (x_i + m)``, ``x_i = r̂_i^power``.
 
     ``m = Σ_j n_j x_j / Σ_j n_j`` is the data-weighted mean of the clients' drift terms in this
-    round. The weights minimise ``Σ_i p_i² (x_i + m) / n_i`` subject to ``Σ_i p_i = 1``: FedHL's
-    drift term ``Σ p_i² x_i`` (Eq. 12) plus FedAvg's sampling term ``Σ p_i² σ²/n_i``, with the
-    noise scale ``σ²`` tied to the round's drift (``σ² / n_i ≈ m / n_i``) instead of a tuned ε.
+    round. With a Lagrange multiplier λ for ``Σ_i p_i = 1``, ``∂/∂p_i [Σ_j p_j² (x_j + m)/n_j] =
+    2 p_i (x_i + m)/n_i = λ``, so these weights minimise ``Σ_i p_i² (x_i + m) / n_i`` (a per-example
+    drift ``Σ p_i² x_i / n_i`` plus a sampling term ``m Σ p_i² / n_i``). They do **not** minimise
+    FedHL's drift ``Σ p_i² x_i`` (Eq. 12) plus FedAvg's sampling term ``Σ p_i² σ²/n_i``: that sum
+    is minimised by ``p_i ∝ 1/(x_i + σ²/n_i)`` (:func:`drift_sampling_weights`).
 
     Properties (tested): scaling every ``r̂`` by one constant leaves the weights unchanged; equal
     errors (as in round 1, where ``G = 0``) give the data-size weights exactly; and no client can be
@@ -183,54 +209,100 @@ def balanced_weights(errors: jax.Array, num_examples: jax.Array, *, power: float
     Returns:
       ``[n]`` weights: finite, ≥ 0, summing to 1 over the clients kept.
     """
-    n = errors.shape[0]
-    valid = jnp.ones((n,), bool) if valid is None else valid
-    r = jnp.maximum(errors, 0.0)
-    valid = valid & jnp.isfinite(r)
-    r = jnp.where(valid, r, 0.0)
-    top = jnp.max(r)
-    x = (r / jnp.where(top > 0, top, 1.0)) ** power  # [n], scale-free: the weights are invariant
-    size = jnp.where(valid, jnp.asarray(num_examples, x.dtype), 0.0)
+    x, size, valid = drift_terms(errors, num_examples, power, valid)
     m = jnp.sum(size * x) / jnp.maximum(jnp.sum(size), jnp.finfo(x.dtype).tiny)
     den = x + m
     w = size * jnp.where(den > 0, (jnp.min(jnp.where(valid, x, jnp.inf)) + m) / jnp.where(den > 0, den, 1.0), 1.0)
     return normalise(jnp.where(jnp.isfinite(w), w, 0.0), valid)
 
 
-def rank_rarity(mask: jax.Array, num_examples: jax.Array, valid: jax.Array) -> jax.Array:
+def drift_sampling_weights(errors: jax.Array, num_examples: jax.Array, *, power: float = 2.0,
+                           valid: jax.Array | None = None) -> jax.Array:
+    """Drift plus sampling weights: ``p_i ∝ 1/(x_i + m/q_i) ∝ n_i/(q_i x_i + m)``, ``x_i = r̂_i^power``.
+
+    The minimiser of FedHL's drift term plus FedAvg's sampling term,
+    ``Σ_i p_i² x_i + Σ_i p_i² σ²/n_i`` subject to ``Σ_i p_i = 1``: the Lagrange condition
+    ``2 p_i (x_i + σ²/n_i) = λ`` gives ``p_i ∝ 1/(x_i + σ²/n_i)``. The noise scale is tied to the
+    round's drift, ``σ² = m Σ_j n_j`` with ``m = Σ_j q_j x_j`` and ``q_j = n_j/Σ n`` (so
+    ``σ²/n_i = m/q_i``), which leaves nothing to tune. When no client has any drift (``m = 0``,
+    as in round 1 where ``G = 0``) only the sampling term is left and the weights are the data
+    sizes.
+
+    Properties (tested): invariant to the scale of ``r̂``; equal errors ``x_i = x > 0`` give
+    ``p_i ∝ q_i/(1 + q_i)`` (a little flatter than the data sizes: the drift term favours equal
+    weights); and since ``q_i x_i ≤ m``, ``m/(q_i x_i + m) ∈ [1/2, 1]``, so for any two clients
+    ``(p_i/n_i)/(p_j/n_j) ≥ 1/2``: drift moves a client's weight at most a factor 2 away from its
+    data-size weight.
+
+    Args:
+      errors: ``[n]`` truncation errors ``r̂_i``.
+      num_examples: ``[n]`` local data sizes ``n_i``.
+      power: exponent applied to ``r̂_i`` (FedHL's ``power``).
+      valid: ``[n]`` bool; invalid (or non-finite ``r̂``) clients get weight 0 and are left out
+        of ``q`` and ``m``.
+
+    Returns:
+      ``[n]`` weights: finite, ≥ 0, summing to 1 over the clients kept.
+    """
+    x, size, valid = drift_terms(errors, num_examples, power, valid)
+    q = size / jnp.maximum(jnp.sum(size), jnp.finfo(x.dtype).tiny)  # [n] data shares
+    m = jnp.sum(q * x)
+    den = q * x + m  # p_i ∝ n_i / (q_i x_i + m)
+    w = jnp.where(m > 0, size * m / jnp.where(den > 0, den, 1.0), size)  # m/(q_i x_i + m) ∈ (0, 1]
+    return normalise(jnp.where(jnp.isfinite(w), w, 0.0), valid)
+
+
+def rank_rarity(mask: jax.Array, num_examples: jax.Array, valid: jax.Array, cap: float | None = None) -> jax.Array:
     """RB-LoRA's rank-rarity factors ``β_r = Σ_k n_k / Σ_{k: r_k > r} n_k`` over the valid clients.
 
     Rank column ``r`` held by clients with a share ``q_r`` of the round's data gets ``β_r = 1/q_r``,
     so with the data shares ``α_k = n_k / Σ n`` the weights ``γ_r^(k) = α_k β_r`` of the clients
-    holding column ``r`` sum to 1. Columns nobody holds get 0.
+    holding column ``r`` sum to 1. Columns nobody holds get 0. ``β_r`` has no upper bound: one
+    client with 1% of the round's data holding a column gives ``β_r = 100``; ``cap`` replaces it
+    by ``min(β_r, cap)`` (the holders' weights of a capped column then sum to ``cap · q_r < 1``).
 
     Args:
       mask: ``[n, r_max]`` rank masks.
       num_examples: ``[n]`` data sizes.
       valid: ``[n]`` bool.
+      cap: ``None`` (no cap) or the largest ``β_r`` (``≥ 1``; see :func:`check_beta_cap`).
 
     Returns:
       ``[r_max]`` float32.
     """
     size = jnp.where(valid, jnp.asarray(num_examples, jnp.float32), 0.0)  # [n]
     held = jnp.einsum("n,nr->r", size, (mask > 0).astype(jnp.float32))  # [r_max]
-    return jnp.where(held > 0, jnp.sum(size) / jnp.where(held > 0, held, 1.0), 0.0)
+    beta = jnp.where(held > 0, jnp.sum(size) / jnp.where(held > 0, held, 1.0), 0.0)
+    return beta if cap is None else jnp.minimum(beta, cap)
+
+
+def check_beta_cap(cap) -> float | None:
+    """``cap`` as a float, or ``None``; ``ValueError`` naming it unless it is a finite number ``≥ 1``
+    (``β_r ≥ 1`` always, so a cap below 1 would shrink the columns every client holds too)."""
+    if cap is None:
+        return None
+    if isinstance(cap, bool) or not isinstance(cap, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(cap) or cap < 1:
+        raise ValueError(f"beta_cap must be None or a finite number >= 1, got beta_cap={cap!r}")
+    return float(cap)
 
 
 def rb_lora_aggregate(G: jax.Array, B: jax.Array, A: jax.Array, mask: jax.Array, scale: jax.Array, *,
-                      num_examples: jax.Array | None = None) -> jax.Array:
+                      num_examples: jax.Array | None = None, beta_cap: float | None = None) -> jax.Array:
     """RB-LoRA on one module: ``G ← Σ_k Σ_{r < r_k} α_k β_r s_k b_r^(k) a_r^(k)ᵀ``.
 
     Each client's update is split into its rank-one components (column ``r`` of ``B_k`` times row
     ``r`` of ``A_k``); component ``r`` is averaged over the clients that hold it, with data-size
     weights (``α_k β_r``, :func:`rank_rarity`). Clients receive SVD truncations of ``G``, so
     column ``r`` of every client is aligned with the ``r``-th singular direction of ``G``.
+    ``beta_cap`` (``None`` or ``≥ 1``) bounds ``β_r`` (:func:`rank_rarity`).
 
     Returns:
       ``[d_out, d_in]``; ``G`` unchanged when no client is valid.
     """
+    cap = check_beta_cap(beta_cap)
     valid, sizes = round_clients(G.shape, B, A, mask, scale, num_examples)
-    return rb_lora_update(G, B, A, mask, scale, data_weights(sizes, valid), rank_rarity(mask, sizes, valid),
+    return rb_lora_update(G, B, A, mask, scale, data_weights(sizes, valid), rank_rarity(mask, sizes, valid, cap),
                           jnp.any(valid))
 
 

@@ -1,6 +1,7 @@
 """The results suite: every cell of configs/results.yaml is a valid config; the report renders."""
 
 import numpy as np
+import pytest
 from omegaconf import OmegaConf
 
 from fedhl_jax.config import TrainConfig, from_dict
@@ -83,3 +84,16 @@ def test_config_digest_sees_resolved_defaults_and_seed():
     assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"fed.options.split": "balanced"}), 0) == d  # the default
     assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"fed.options.split": "left"}), 0) != d
     assert R.config_digest(SPEC["base"], cell["overrides"], 1) != d
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_committed_cache_covers_every_cell(quick):
+    """A new config field at its default must not change the digests of the committed runs (else
+    ``bin/results.py`` would rerun the whole suite instead of rendering its pages from the cache)."""
+    spec, name = SPEC, f"results_{'quick' if quick else 'full'}.jsonl"
+    cache = next(p for p in (REPO / "docs" / "results" / name, REPO / "docs" / name) if p.exists())
+    have = {row.get("config") for row in R.read_cache(cache)}
+    seeds = spec.get("quick", {}).get("seeds", [0]) if quick else spec["seeds"]
+    missing = [(c["id"], s) for c in R.cells(spec, quick) for s in seeds
+               if R.config_digest(spec["base"], c["overrides"], s) not in have]
+    assert not missing, missing[:5]

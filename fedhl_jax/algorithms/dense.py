@@ -68,7 +68,8 @@ class FedHLOptions(SVDOptions):
       eps_mode: ``relative`` (default, ``ε · mean(r̂^power)``) or ``absolute``
         (``aggregation.DEFAULT_EPS_MODE``, the same default as ``fedhl_aggregate``).
       power: exponent on ``r̂`` (2 follows the paper's formula as written).
-      weighting: ``optimal`` | ``uniform`` | ``data_size`` | ``optimal_data_size``.
+      weighting: ``optimal`` | ``uniform`` | ``data_size`` | ``optimal_data_size`` | ``balanced`` |
+        ``drift_sampling`` (``aggregation.WEIGHTINGS``).
       per_module: one weight per client and module instead of one per client.
       split, svd_method: see ``SVDOptions``.
     """
@@ -87,6 +88,23 @@ class FedHLOptions(SVDOptions):
             raise ValueError(f"unknown eps_mode {self.eps_mode!r}; expected one of {agg.EPS_MODES}")
         if not (isinstance(self.power, (int, float)) and np.isfinite(self.power) and self.power > 0):
             raise ValueError(f"power must be > 0, got power={self.power!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RBLoRAOptions(SVDOptions):
+    """Options of the rank-balanced algorithms (RB-LoRA, FedHL-RB).
+
+    Attributes:
+      beta_cap: ``None`` (RB-LoRA's rule as published: ``β_r`` unbounded) or the largest rank
+        rarity ``β_r`` used (a number ``≥ 1``, ``aggregation.rank_rarity``).
+      split, svd_method: see ``SVDOptions``.
+    """
+
+    beta_cap: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        agg.check_beta_cap(self.beta_cap)
 
 
 def dense_family(name: str, r_max: int, options: SVDOptions, combine: Callable, *, state_type=DenseState,
@@ -211,7 +229,7 @@ def flexlora(r_max: int, options: SVDOptions | dict | None = None, **overrides) 
 
 
 @register("rb_lora")
-def rb_lora(r_max: int, options: SVDOptions | dict | None = None, **overrides) -> Algorithm:
+def rb_lora(r_max: int, options: RBLoRAOptions | dict | None = None, **overrides) -> Algorithm:
     """RB-LoRA (Ha, Oh and Jeon, "RB-LoRA: Rank-Balanced Aggregation for Low-Rank Adaptation with
     Federated Fine-Tuning", Findings of EACL 2026).
 
@@ -223,13 +241,13 @@ def rb_lora(r_max: int, options: SVDOptions | dict | None = None, **overrides) -
     client's rank by SVD, as FlexLoRA (this module's dense-G family). Clients that were handed
     ``G``'s truncations and did not move give back ``G`` truncated to the largest rank held (no
     shrinkage of the components only high-rank clients hold), unlike FlexLoRA; the tail past that
-    rank is dropped, unlike FedHL.
+    rank is dropped, unlike FedHL. ``beta_cap`` (``RBLoRAOptions``) bounds ``β_r``.
     """
-    o = resolve_options(SVDOptions, options, overrides)
+    o = resolve_options(RBLoRAOptions, options, overrides)
 
     def combine(state, B, A, mask, scale, num_examples, valid, errors):
         p = agg.data_weights(num_examples, valid)
-        beta = agg.rank_rarity(mask, num_examples, valid)  # [r_max]
+        beta = agg.rank_rarity(mask, num_examples, valid, o.beta_cap)  # [r_max]
         keep = jnp.any(valid)
         G = {k: agg.rb_lora_update(g, B[k], A[k], mask, scale, p, beta, keep) for k, g in state.G.items()}
         return {"G": G}, {"p": p}

@@ -9,6 +9,7 @@ suite continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 from omegaconf import OmegaConf
 
-from fedhl_jax.config import TrainConfig, from_dict
+from fedhl_jax.config import MeshConfig, TrainConfig, from_dict
 from fedhl_jax.data.registry import dataset_spec
 from fedhl_jax.driver import drive_rounds
 from fedhl_jax.simulation import Simulation
@@ -107,7 +108,9 @@ def run_cell(base: dict, overrides: dict, seed: int, log: Callable = lambda *_: 
 # these values they stay out of the digest, so the caches keep their keys.
 _LATER_DEFAULTS = {("data", "prompt_format"): "auto", ("eval", "loss_examples"): None,
                    ("eval", "generate_every"): None, ("eval", "zero_shot"): False,
-                   ("eval", "generate_batch_size"): None, ("model", "cpu_matmul"): "fast"}
+                   ("eval", "generate_batch_size"): None, ("model", "cpu_matmul"): "fast",
+                   ("fed", "options", "beta_cap"): None}
+_LATER_SECTIONS = {"mesh": MeshConfig()}
 
 
 def config_digest(base: dict, overrides: dict, seed: int) -> str:
@@ -117,9 +120,13 @@ def config_digest(base: dict, overrides: dict, seed: int) -> str:
     to the numerics of the code itself are not seen: delete the cache after those.
     """
     cfg = dataclasses.asdict(from_dict(TrainConfig, merge_overrides(base, dict(overrides, seed=seed))))
-    for (section, key), default in _LATER_DEFAULTS.items():  # options added later, at values that
-        if cfg[section].get(key, default) == default:        # reproduce the older runs exactly
-            cfg[section].pop(key, None)
+    for (*path, key), default in _LATER_DEFAULTS.items():  # options added later, at values that
+        node = functools.reduce(lambda d, k: d.get(k, {}), path, cfg)  # reproduce the older runs exactly
+        if node.get(key, default) == default:
+            node.pop(key, None)
+    for section, default in _LATER_SECTIONS.items():  # whole sections added later, likewise
+        if cfg.get(section) == dataclasses.asdict(default):
+            cfg.pop(section)
     blob = json.dumps(cfg, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
