@@ -2,6 +2,7 @@
 PYTHON ?= python3.12
 VENV ?= .venv
 PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
 
 TORCH_PYTHON ?= python3.11
 TORCH_SPEC ?= torch==2.13.0
@@ -17,12 +18,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Main job on its default configuration.
+# Main job on its default configuration (fedhl-train is the console script of fedhl_jax.cli).
 quickstart: venv
-	$(PY) bin/train.py --config configs/quickstart.yaml --out runs/quickstart-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/fedhl-train --config configs/quickstart.yaml --out runs/quickstart-$$(date +%Y%m%d-%H%M%S)
 
+# The bias-elimination experiment: docs/bias_experiment.md and docs/figures/bias_experiment.png.
 bias: venv
-	$(PY) bin/bias_experiment.py
+	$(BIN)/fedhl-bias
 
 # Unit and integration suite (slow experiments excluded).
 test: venv
@@ -37,11 +39,11 @@ bench: venv
 	$(PY) benchmarks/run.py --quick
 
 bench-full: venv
-	$(PY) benchmarks/run.py --full --markdown docs/performance.md --out docs/performance.json
+	$(PY) benchmarks/run.py --full --markdown docs/performance.md --out docs/results/performance.json
 
 # Accelerator round (SmolLM2-shaped x 100 clients, Llama-2-7B-shaped bf16); needs jax[cuda12] on a GPU.
 bench-gpu: venv
-	XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 $(PY) benchmarks/run.py --gpu --out docs/performance_gpu.json --markdown docs/performance_gpu.md
+	XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 $(PY) benchmarks/run.py --gpu --out docs/results/performance_gpu.json --markdown docs/performance_gpu.md
 
 torch-venv:
 	$(TORCH_PYTHON) -m venv .venv-torch

@@ -23,18 +23,16 @@ import time
 from datetime import date
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedhl_jax import model as M
+from fedhl_jax.assets import embedded_model_dir
+from fedhl_jax.local import make_clients_train, make_local_train, make_optimizer
+from fedhl_jax.lora import Adapter, lora_scale, rank_mask
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from fedhl_jax import model as M  # noqa: E402
-from fedhl_jax.local import make_clients_train, make_local_train, make_optimizer  # noqa: E402
-from fedhl_jax.lora import Adapter, lora_scale, rank_mask  # noqa: E402
-
-from fedhl_jax.assets import embedded_model_dir  # noqa: E402
 
 STORIES = embedded_model_dir()  # the embedded stories260K (HF folder)
 # SmolLM2-135M-Instruct as a GGUF file (or a folder holding one): README, "A real instruction model".
@@ -317,13 +315,13 @@ def bench_memory(client_counts, chunk, steps=2, batch=4, seq=128):
         for c in (None, chunk):
             # VmHWM (peak RSS of this process's address space): unlike ru_maxrss it is not
             # inherited from the (large) parent across fork/exec.
-            code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {str(REPO)!r});"
+            code = (f"import sys; sys.argv=['x'];"  # run from REPO, so that benchmarks.run imports
                     f"from benchmarks.run import bench_local;"
                     f"r = bench_local('stories260K', {n}, {steps}, {batch}, {seq}, repeat=1, chunk={c});"
                     f"import json, re; hwm = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1));"
                     f"print(json.dumps({{'s': r['vmap_s'], 'rss': hwm}}))")
             res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
-                                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                                 cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
             if res.returncode != 0:
                 rows.append({"clients": n, "chunk": c, "error": res.stderr[-300:]})
                 continue
@@ -571,7 +569,7 @@ def markdown(res) -> str:
         pe = res["peft"]
         L += ["", "## The engine against the PEFT loop (stories260K and SmolLM2-135M-Instruct)", "",
               f"One run on {pe['date']} (matmul peak in the run {pe['peak_flops'] / 1e9:.0f} GFLOP/s): "
-              "`python benchmarks/run.py --only peft --update docs/performance.json --markdown docs/performance.md`. "
+              "`python benchmarks/run.py --only peft --update docs/results/performance.json --markdown docs/performance.md`. "
               "LoRA on q and v, ranks 2/4/8/16 (r_max 16), AdamW, random tokens. SmolLM2 is "
               f"`{pe['smollm2_file']}` (30 layers, hidden 576, vocabulary 49,152) dequantised to float32 by each "
               "side: `M.load_pretrained` here, transformers' `from_pretrained(..., gguf_file=)` under PEFT in a "
@@ -589,7 +587,7 @@ def markdown(res) -> str:
         f, a = c["median_s"]["fast"], c["median_s"]["accurate"]
         par = c.get("parity_max_abs", {})
         L += ["", "## CPU float32 matmul modes (`model.cpu_matmul`, `fedhl_jax.runtime`)", "",
-              f"One run on {c['date']}: `python benchmarks/run.py --only cpu_matmul --update docs/performance.json "
+              f"One run on {c['date']}: `python benchmarks/run.py --only cpu_matmul --update docs/results/performance.json "
               "--markdown docs/performance.md`. SmolLM2-135M-Instruct; *fast* = XLA's defaults (float32 dots, "
               "reductions and elementwise fusions handed to YNNPACK), *accurate* = YNNPACK fusions off. Calls "
               f"interleaved, medians of {c['rounds']} (generation: 2). Parity: largest difference of the logits "

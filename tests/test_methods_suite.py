@@ -63,14 +63,14 @@ def test_runs_are_cached_and_the_page_regenerates_byte_identically(tmp_path, mon
     main_seeds = [s for (ov, s) in calls[:len(spec["methods"]) * len(spec["seeds"])]]
     assert main_seeds == sorted(main_seeds)
     md1 = MS.render(spec, res, tmp_path, seconds=100.0, stem="results_smollm2")
-    png1 = (tmp_path / "results_smollm2_loss_vs_mb.png").read_bytes()
+    png1 = (tmp_path / "figures" / "results_smollm2_loss_vs_mb.png").read_bytes()
     # a second call reuses every cached run (nothing runs) and renders the same page
     res2 = MS.run_suite(spec, cache, log=quiet)
     assert len(calls) == n_runs
     md2 = MS.render(spec, res2, tmp_path, seconds=100.0, stem="results_smollm2")
-    assert md1 == md2 and (tmp_path / "results_smollm2_loss_vs_mb.png").read_bytes() == png1
+    assert md1 == md2 and (tmp_path / "figures" / "results_smollm2_loss_vs_mb.png").read_bytes() == png1
     assert "| fedhl |" in md1 and "| rb_lora |" in md1 and "0.030" in md1  # the zero-shot floor is shown
-    assert (tmp_path / "results_smollm2_weights.png").exists()
+    assert (tmp_path / "figures" / "results_smollm2_weights.png").exists()
     # the hand-written discussion survives a regeneration
     page = R.keep_discussion(None, md1).replace(R.DISCUSSION_END, "my words\n" + R.DISCUSSION_END)
     assert "my words" in R.keep_discussion(page, md2)

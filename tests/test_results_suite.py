@@ -35,7 +35,8 @@ def test_report_renders_from_fake_runs(tmp_path):
         results[c["id"]] = {"cell": c, "runs": runs}
     md = R.render(SPEC, results, tmp_path, quick=True, seconds=60)
     assert "| fedhl |" in md and "± " in md
-    assert (tmp_path / "results_convergence_quick.png").exists() and (tmp_path / "results_weights_quick.png").exists()
+    figures = tmp_path / "figures"
+    assert (figures / "results_convergence_quick.png").exists() and (figures / "results_weights_quick.png").exists()
 
 
 def test_cache_is_reused_only_for_the_same_config(tmp_path):

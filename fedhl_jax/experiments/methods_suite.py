@@ -104,7 +104,7 @@ _fmt_paired = functools.partial(R.fmt_paired, single=" (1 seed)", wins=True)
 
 
 def render(spec: dict, res: dict, out_dir: Path, *, seconds: float, stem: str) -> str:
-    """Writes the plots ``<stem>_*.png`` and returns the page's Markdown."""
+    """Writes the plots ``out_dir/figures/<stem>_*.png`` and returns the page's Markdown."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,7 +126,7 @@ def render(spec: dict, res: dict, out_dir: Path, *, seconds: float, stem: str) -
          f"{n_runs} of {n_total} runs done, seeds {seeds}; **{seconds / 60:.0f} min of compute** in all (sum of "
          f"the runs' wall times{', zero-shot evaluation included' if zs else ''}, on "
          f"{spec.get('machine', 'this machine')}). Regenerate: `python bin/results.py --config "
-         f"configs/{stem}.yaml` (finished runs are cached in `docs/{stem}.jsonl` and reused; the page is "
+         f"configs/{stem}.yaml` (finished runs are cached in `docs/results/{stem}.jsonl` and reused; the page is "
          "regenerated from the cache alone).", "",
          spec.get("setup", "").strip(), "",
          f"Held-out loss: mean over response tokens of the first {e.get('loss_examples')} GSM8K test answers "
@@ -184,7 +184,7 @@ def render(spec: dict, res: dict, out_dir: Path, *, seconds: float, stem: str) -
             L += ["", f"{a} − {bb} in this section: {_fmt_paired(R.paired(cells_, ids[a], ids[bb]))}; in the main "
                   f"table: {_fmt_paired(R.paired(cells_, main[a], main[bb]))}."]
     # plots: held-out loss against megabytes communicated; FedHL's weights per rank
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for m in methods:
         runs = list(cells_.get(main[m], {}).get("runs", {}).values())
@@ -201,7 +201,7 @@ def render(spec: dict, res: dict, out_dir: Path, *, seconds: float, stem: str) -
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / f"{stem}_loss_vs_mb.png", dpi=110)
+    fig.savefig(out_dir / "figures" / f"{stem}_loss_vs_mb.png", dpi=110)
     plt.close(fig)
     shown = [m for m in spec.get("weight_plot", ["fedhl"]) if main[m] in cells_]
     if shown:
@@ -220,10 +220,10 @@ def render(spec: dict, res: dict, out_dir: Path, *, seconds: float, stem: str) -
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out_dir / f"{stem}_weights.png", dpi=110)
+        fig.savefig(out_dir / "figures" / f"{stem}_weights.png", dpi=110)
         plt.close(fig)
-    L += ["", R.DISCUSSION_BEGIN, R.DISCUSSION_END, "", "## Plots", "", f"![loss against MB]({stem}_loss_vs_mb.png)",
-          ""]
+    L += ["", R.DISCUSSION_BEGIN, R.DISCUSSION_END, "", "## Plots", "",
+          f"![loss against MB](figures/{stem}_loss_vs_mb.png)", ""]
     if shown:
-        L += [f"![weights per rank]({stem}_weights.png)", ""]
+        L += [f"![weights per rank](figures/{stem}_weights.png)", ""]
     return "\n".join(L)

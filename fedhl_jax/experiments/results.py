@@ -264,7 +264,7 @@ def _style(ax, title: str, ylabel: str | None = None) -> None:
 
 
 def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: float) -> str:
-    """Writes the plots and returns the Markdown of ``docs/results.md``."""
+    """Writes the plots into ``out_dir/figures`` and returns the Markdown of ``docs/results.md``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -396,7 +396,7 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
                                   cid_of("main", dataset="gsm8k", ranks="uniform", method=m)))
 
     # plots
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(5.2 * max(len(datasets), 1), 3.8), squeeze=False)
     for ax, d in zip(axes[0], datasets):
         for m in list(spec["methods"]):
@@ -408,7 +408,7 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
         _style(ax, f"{d}, uniform ranks {{2,4,8,16}}", "held-out loss")
     fig.tight_layout()
     suffix = "_quick" if quick else ""
-    fig.savefig(out_dir / f"results_convergence{suffix}.png", dpi=110)
+    fig.savefig(out_dir / "figures" / f"results_convergence{suffix}.png", dpi=110)
     plt.close(fig)
     cid = cid_of("main", dataset="gsm8k", ranks="uniform", method="fedhl")
     if cid in results:
@@ -429,7 +429,7 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
         _style(axes[0], "FedHL weight p_i per client (mean by rank)")
         _style(axes[1], "truncation error r̂_i (summed over modules)")
         fig.tight_layout()
-        fig.savefig(out_dir / f"results_weights{suffix}.png", dpi=110)
+        fig.savefig(out_dir / "figures" / f"results_weights{suffix}.png", dpi=110)
         plt.close(fig)
     # the ε sweep: FedHL's held-out loss against ε (relative mode), with uniform weights as a reference
     sweep = [(float(ov["fed.options.eps"]), cid_of("ablation", variant=n, method="fedhl"))
@@ -449,11 +449,11 @@ def render(spec: dict, results: dict, out_dir: Path, *, quick: bool, seconds: fl
         _style(ax, "ε sweep (relative to mean r̂²), Fed-GSM8K", "held-out loss")
         ax.set_xlabel("ε")
         fig.tight_layout()
-        fig.savefig(out_dir / f"results_eps{suffix}.png", dpi=110)
+        fig.savefig(out_dir / "figures" / f"results_eps{suffix}.png", dpi=110)
         plt.close(fig)
     L += ["", DISCUSSION_BEGIN, DISCUSSION_END]
-    L += ["", "## Plots", "", f"![convergence](results_convergence{suffix}.png)", "",
-          f"![weights](results_weights{suffix}.png)", ""]
+    L += ["", "## Plots", "", f"![convergence](figures/results_convergence{suffix}.png)", "",
+          f"![weights](figures/results_weights{suffix}.png)", ""]
     if has_sweep:
-        L += [f"![eps sweep](results_eps{suffix}.png)", ""]
+        L += [f"![eps sweep](figures/results_eps{suffix}.png)", ""]
     return "\n".join(L)
