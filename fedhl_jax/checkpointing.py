@@ -42,6 +42,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fedhl_jax.algorithms.base import LEGACY_LAYOUT
 from fedhl_jax.config import ConfigError, TrainConfig, save_config
 
 
@@ -402,6 +403,12 @@ def jsonable(x):
 STATE_ITEM, CHECKSUM_ITEM = "state", "checksum"
 #: The single item of checkpoints written before checksums existed.
 LEGACY_ITEM = "default"
+#: The key of the checksum item that records the server state's layout (``Algorithm.state_layout``).
+LAYOUT_KEY = "state_layout"
+
+
+class CheckpointLayoutError(ConfigError):
+    """A checkpoint whose server-state layout this version's algorithm cannot read."""
 
 
 class RunDir:
@@ -512,8 +519,8 @@ class RunDir:
         return dest
 
     # ---------------------------------------------------------------- checkpoints
-    def _restore_step(self, step: int, abstract: dict) -> dict:
-        """The flat arrays of one checkpoint, checked against its checksum.
+    def _restore_step(self, step: int, abstract: dict) -> tuple[dict, dict]:
+        """The flat arrays of one checkpoint, checked against its checksum, and its JSON item.
 
         Raises:
           ChecksumMismatchError: the arrays differ from what was saved.
@@ -522,7 +529,7 @@ class RunDir:
         step_dir = self.ckpt_path / str(step)
         if (step_dir / LEGACY_ITEM).is_dir() and not (step_dir / STATE_ITEM).exists():
             # Written before checkpoints carried a checksum: restorable, not verifiable.
-            return ocp.StandardCheckpointer().restore(step_dir / LEGACY_ITEM, abstract)
+            return ocp.StandardCheckpointer().restore(step_dir / LEGACY_ITEM, abstract), {}
         out = self.manager.restore(step, args=ocp.args.Composite(
             **{STATE_ITEM: ocp.args.StandardRestore(abstract), CHECKSUM_ITEM: ocp.args.JsonRestore()}))
         flat, meta = out[STATE_ITEM], out[CHECKSUM_ITEM]
@@ -533,15 +540,33 @@ class RunDir:
         if got != want:
             raise ChecksumMismatchError(f"{CHECKSUM_ALGORITHM} of the arrays is {got[:12]}..., "
                                         f"saved {want[:12]}...")
-        return flat
+        return flat, meta
 
-    def restore(self, template) -> tuple[Any, int]:
+    def _unreadable(self, step: int, e: BaseException) -> None:
+        what = "does not match its checksum" if isinstance(e, ChecksumMismatchError) else "is unreadable"
+        dest = self._set_aside(step)
+        self.log(f"checkpoint of round {step} in {self.ckpt_path} {what} ({_error_line(e)}); "
+                 f"moved to {dest}; trying the previous one")
+
+    def restore(self, template, *, layout: str | None = None,
+                migrate: Callable[[str, dict], dict] | None = None) -> tuple[Any, int]:
         """Newest complete checkpoint that restores and matches its checksum, else ``(None, 0)``.
+
+        Args:
+          template: a server state of the expected tree (its arrays' shapes and dtypes are read).
+          layout: the algorithm's ``state_layout``. A checkpoint records the layout it was written
+            with (those written before layouts were recorded are ``algorithms.LEGACY_LAYOUT``);
+            when it differs, ``migrate(old_layout, flat) -> flat`` reads its arrays.
+          migrate: the algorithm's ``migrate_state``.
 
         Returns:
           ``(state, rounds_done)``. A checkpoint that fails to restore or whose arrays do not
           match its checksum is moved into ``checkpoints_unreadable/`` with one log line,
           and the previous one is tried. Orbax/TensorStore noise is kept off stderr.
+
+        Raises:
+          CheckpointLayoutError: the newest good checkpoint's layout cannot be read by this version (both
+            layouts are named); the checkpoint is left where it is.
         """
         several = jax.process_count() > 1  # restore straight into the template's (global) layout
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
@@ -551,23 +576,39 @@ class RunDir:
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 with quiet_restore():
-                    flat = self._restore_step(step, abstract)
+                    flat, meta = self._restore_step(step, abstract)
+            except Exception as e:  # corrupt, partial or tampered files
+                self._unreadable(step, e)
+                bad = True
+                continue
+            old = meta.get(LAYOUT_KEY, LEGACY_LAYOUT) if isinstance(meta, dict) else LEGACY_LAYOUT
+            if layout is not None and old != layout:
+                try:
+                    if migrate is None:
+                        raise ValueError("the algorithm reads no other layout")
+                    flat = migrate(old, flat)
+                except ValueError as e:
+                    raise CheckpointLayoutError(f"checkpoint of round {step} in {self.ckpt_path} holds server-state "
+                                      f"layout {old!r}, which this algorithm's layout {layout!r} cannot read "
+                                      f"({e}); resume it with the version that wrote it") from None
+                self.log(f"checkpoint of round {step}: server state read from layout {old!r} as {layout!r}")
+            try:
                 result = (_unflatten(template, flat), int(step))
                 break
-            except Exception as e:  # corrupt, partial or tampered files
-                what = "does not match its checksum" if isinstance(e, ChecksumMismatchError) else "is unreadable"
-                dest = self._set_aside(step)
-                self.log(f"checkpoint of round {step} in {self.ckpt_path} {what} ({_error_line(e)}); "
-                         f"moved to {dest}; trying the previous one")
+            except Exception as e:  # arrays that do not fit the state's tree
+                self._unreadable(step, e)
                 bad = True
         if bad:
             self.manager = self._open_manager()
         return result
 
-    def save(self, rounds_done: int, state) -> None:
-        """Checkpoints the state after ``rounds_done`` rounds, with the checksum of its arrays."""
+    def save(self, rounds_done: int, state, *, layout: str | None = None) -> None:
+        """Checkpoints the state after ``rounds_done`` rounds, with the checksum of its arrays and
+        (``layout``: the algorithm's ``state_layout``) the layout of its tree."""
         flat = _flatten(state)
         meta = {CHECKSUM_ALGORITHM: arrays_checksum(flat), "arrays": len(flat)}
+        if layout is not None:
+            meta[LAYOUT_KEY] = layout
         self.manager.save(rounds_done, args=ocp.args.Composite(
             **{STATE_ITEM: ocp.args.StandardSave(flat), CHECKSUM_ITEM: ocp.args.JsonSave(meta)}), force=True)
         self.manager.wait_until_finished()

@@ -1,4 +1,4 @@
-"""``bin/train.py``: run a federated simulation from a YAML config.
+"""``fedhl-train`` (also ``bin/train.py``): run a federated simulation from a YAML config.
 
 Argument parsing and the joining of several processes; the run itself is ``driver.run`` (its
 guarantees: docs/engine.md, "Guarantees").
@@ -17,7 +17,7 @@ from fedhl_jax.driver import EXIT_BAD_INPUT
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="bin/train.py",
+        prog="fedhl-train",
         description="Federated LoRA fine-tuning with heterogeneous ranks (FedHL and peers).",
         epilog="Overrides are dotted key=value pairs, e.g. fed.algorithm=flexlora optim.lr=3e-4 fed.ranks=[2,8]. "
                "With --resume the run's own config.yaml is used; fed.rounds=N may raise its rounds.")

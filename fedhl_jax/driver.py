@@ -51,14 +51,17 @@ class RoundExecutor(Protocol):
 
     Attributes:
       cfg: the run's config.
-      model_source: ``assets.ModelSource`` of the base model (``kind == "random"``: no files).
+      model_source: ``model.hub.ModelSource`` of the base model (``kind == "random"``: no files).
       data: the federated dataset (``partition.txt`` is written from it), or None where the
         data lives elsewhere (a Flower server: on the nodes).
       evaluator: held-out evaluation of the global model, or None (no zero-shot then).
       ranks: ``[num_clients]`` each client's rank, or None where unknown before the rounds.
+      algorithm: the ``algorithms.Algorithm``; its ``state_layout`` is recorded in each checkpoint
+        and its ``migrate_state`` reads checkpoints of another layout.
     """
 
     cfg: TrainConfig
+    algorithm: Any
     model_source: Any
     data: Any
     evaluator: Any
@@ -330,7 +333,7 @@ def run(cfg: TrainConfig, out: Path, build: Callable[[], RoundExecutor], *, resu
       0, ``EXIT_BAD_INPUT`` (2: refused at set-up, the message on stderr), ``EXIT_DIVERGED`` (3) or
       ``EXIT_INTERRUPTED`` (130).
     """
-    from fedhl_jax.checkpointing import RunDir
+    from fedhl_jax.checkpointing import CheckpointLayoutError, RunDir
 
     out = Path(out)
     created = not out.exists()
@@ -346,10 +349,14 @@ def run(cfg: TrainConfig, out: Path, build: Callable[[], RoundExecutor], *, resu
         if primary:
             _remove_if_empty(out, created)
         return EXIT_BAD_INPUT
-    hint = resume_hint or f"bin/train.py --out {out} --resume"
+    hint = resume_hint or f"fedhl-train --out {out} --resume"
     with rundir:
-        return Driver(executor, rundir, log=log, progress=progress, resume_hint=hint).train(
-            resume=resume, extended_from=extended_from)
+        try:
+            return Driver(executor, rundir, log=log, progress=progress, resume_hint=hint).train(
+                resume=resume, extended_from=extended_from)
+        except CheckpointLayoutError as e:  # a checkpoint this version cannot read: left as it is
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
 
 
 class Driver:
@@ -364,7 +371,8 @@ class Driver:
         ex, run, log = self.executor, self.run, self.log
         state, start = ex.init_state(), 0
         if resume:
-            restored, start = run.restore(state)
+            alg = ex.algorithm
+            restored, start = run.restore(state, layout=alg.state_layout, migrate=alg.migrate_state)
             if restored is not None:
                 state = ex.place_state(restored)
                 log(f"resuming after round {start} from {run.ckpt_path}")
@@ -381,10 +389,12 @@ class Driver:
           extended_from: the saved ``fed.rounds`` when this call raises it (``check_resume``).
         """
         ex, run, log, cfg = self.executor, self.run, self.log, self.cfg
-        run.begin(rewrite_config=extended_from is not None)
+        run.begin()
+        state, start = self.restore(resume, extended_from)  # a refused checkpoint rewrites nothing
+        if extended_from is not None:
+            run.begin(rewrite_config=True)
         if run.primary and ex.data is not None:
             write_partition(ex, run.path, log)
-        state, start = self.restore(resume, extended_from)
         total = cfg.fed.rounds
         if start >= total:
             log(f"the run already finished {total} rounds")
@@ -408,7 +418,7 @@ class Driver:
                 raise RunStopped(f"stopping: {problem}; the last good checkpoint (round {saved['round']}) is kept in "
                                  f"{run.ckpt_path}", EXIT_DIVERGED)
             if (record.t + 1) % cfg.checkpoint.every == 0 or record.t + 1 == total or interrupted:
-                run.save(record.t + 1, record.state)
+                run.save(record.t + 1, record.state, layout=ex.algorithm.state_layout)
                 saved["round"] = record.t + 1
             if interrupted:
                 raise RunStopped(f"interrupted: stopped after round {record.t + 1}, saved; continue with "

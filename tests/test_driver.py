@@ -19,6 +19,7 @@ class CountingExecutor:
 
     data = evaluator = ranks = None
     model_source = SimpleNamespace(kind="random", path="random")
+    algorithm = SimpleNamespace(state_layout="counting/1", migrate_state=None)
 
     def __init__(self, cfg, nan_from=None):
         self.cfg, self.nan_from, self.started, self.rounds = cfg, nan_from, [], []
@@ -135,3 +136,28 @@ def test_watchdog_names_excluded_clients_but_not_missing_ones():
     off = dict(m, applied=False)
     assert dog(RoundRecord(1, None, {}, np.array([5]), None, off)) is None
     assert "2 rounds in a row" in dog(RoundRecord(2, None, {}, np.array([5]), None, off))
+
+
+
+def test_a_checkpoint_of_an_unreadable_layout_refuses_the_resume_and_keeps_everything(tmp_path, capsys):
+    """A run whose newest checkpoint holds a server-state layout its algorithm cannot read ends with
+    exit 2 and one line naming both layouts; checkpoints, config and metrics are left as they were."""
+    from fedhl_jax.simulation import Simulation
+    from tests.conftest import tiny_overrides
+
+    out, quiet = tmp_path / "run", (lambda *a, **k: None)
+    over = tiny_overrides(tmp_path, **{"fed.algorithm": "fedhl_momentum", "fed.rounds": 2, "eval.every": 2})
+    cfg = load_config(None, over)
+    assert driver.run(cfg, out, lambda: Simulation(cfg, log=quiet), resume=False, log=quiet) == 0
+    meta = out / "checkpoints" / "2" / "checksum" / "metadata"
+    saved = json.loads(meta.read_text())
+    assert saved["state_layout"] == "fedhl-momentum/1"
+    meta.write_text(json.dumps({k: v for k, v in saved.items() if k != "state_layout"}))  # as before layouts
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    cfg3 = load_config(None, over + ["fed.rounds=3"])
+    capsys.readouterr()
+    code = driver.run(cfg3, out, lambda: Simulation(cfg3, log=quiet), resume=True, log=quiet)
+    err = capsys.readouterr().err
+    assert code == driver.EXIT_BAD_INPUT
+    assert "'server-state/1'" in err and "'fedhl-momentum/1'" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before

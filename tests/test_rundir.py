@@ -287,3 +287,63 @@ def test_write_final_refuses_non_finite(tmp_path):
     assert "ok" not in msg.split("arrays:")[1] and "\n" not in msg
     np.testing.assert_array_equal(np.load(tmp_path / "final" / "x.npy"), np.ones(3))
     check_finite({"fine": jnp.zeros(3, jnp.bfloat16), "empty": np.zeros(0)})
+
+
+# ------------------------------------------------------------------------------------ state layouts
+def _alg_state(name: str, seed: int = 0):
+    import jax
+
+    from fedhl_jax.algorithms import make_algorithm
+
+    alg = make_algorithm(name, 4)
+    st = alg.init({"m": (6, 5)}, jax.random.PRNGKey(seed))
+    G = {"m": jnp.asarray(np.random.default_rng(seed).normal(size=(6, 5)).astype(np.float32))}
+    return alg, st.replace(G=G) if hasattr(st, "replace") else type(st)(**{**vars(st), "G": G})
+
+
+def _save_legacy(out: Path, st) -> None:
+    """A checkpoint as written before layouts were recorded (no ``state_layout`` in its JSON item)."""
+    run = RunDir(out, TrainConfig(), resume=False, log=lambda m: None)
+    run.begin()
+    run.save(1, st)
+    run.close()
+
+
+def test_checkpoints_record_the_state_layout_and_restore_it(tmp_path):
+    out = tmp_path / "run"
+    alg, st = _alg_state("fedhl")
+    run = RunDir(out, TrainConfig(), resume=False, log=lambda m: None)
+    run.begin()
+    run.save(1, st, layout=alg.state_layout)
+    run.close()
+    saved = json.loads((out / "checkpoints" / "1" / "checksum" / "metadata").read_text())
+    assert saved[C.LAYOUT_KEY] == alg.state_layout == "dense/2"
+    logs: list = []
+    _, fresh = _alg_state("fedhl", seed=1)
+    restored, done = resume(out, logs).restore(fresh, layout=alg.state_layout, migrate=alg.migrate_state)
+    assert done == 1 and logs == []
+    np.testing.assert_array_equal(np.asarray(restored.G["m"]), np.asarray(st.G["m"]))
+
+
+def test_a_legacy_checkpoint_is_migrated_when_the_algorithm_reads_it(tmp_path):
+    out = tmp_path / "run"
+    alg, st = _alg_state("fedhl")
+    _save_legacy(out, st)
+    logs: list = []
+    _, fresh = _alg_state("fedhl", seed=1)
+    restored, done = resume(out, logs).restore(fresh, layout=alg.state_layout, migrate=alg.migrate_state)
+    assert done == 1
+    np.testing.assert_array_equal(np.asarray(restored.G["m"]), np.asarray(st.G["m"]))
+    assert len(logs) == 1 and "'server-state/1'" in logs[0] and "'dense/2'" in logs[0], logs
+
+
+def test_a_checkpoint_of_an_unreadable_layout_is_refused_and_kept(tmp_path):
+    out = tmp_path / "run"
+    alg, st = _alg_state("fedhl_momentum")
+    _save_legacy(out, st)  # fedhl_momentum reads only its own layout
+    logs: list = []
+    _, fresh = _alg_state("fedhl_momentum", seed=1)
+    with pytest.raises(ConfigError, match=r"'server-state/1'.*'fedhl-momentum/1'"):
+        resume(out, logs).restore(fresh, layout=alg.state_layout, migrate=alg.migrate_state)
+    assert (out / "checkpoints" / "1").is_dir() and not (out / "checkpoints_unreadable").exists()
+    assert logs == []
