@@ -20,7 +20,7 @@ from fedhl_jax.model.hub import resolve_model_source
 from fedhl_jax.build import build_algorithm
 from fedhl_jax.config import ConfigError, TrainConfig
 from fedhl_jax.data.federated import build_federated_dataset, load_records
-from fedhl_jax.global_eval import GlobalEvaluator, eval_metric
+from fedhl_jax.evaluator import GlobalEvaluator, eval_metric
 from fedhl_jax.local import make_optimizer
 
 _AUTO_MESH = object()

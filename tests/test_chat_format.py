@@ -1,5 +1,5 @@
 """Chat-template formatting of instruction data (fedhl_jax.data.prompts, ``data.prompt_format``) and
-generation that compiles once per run (fedhl_jax.global_eval)."""
+generation that compiles once per run (fedhl_jax.evaluator)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from fedhl_jax.data import build_prompt, tokenize_dataset, word_level_tokenizer
 from fedhl_jax.data.federated import DataConfig, build_federated_dataset
 from fedhl_jax.data.loading import DataError
 from fedhl_jax.data.prompts import chat_messages, resolve_prompt_format
-from fedhl_jax.global_eval import GlobalEvaluator
+from fedhl_jax.evaluator import GlobalEvaluator
 from fedhl_jax.model.generate import _generate_padded
 from tests.gguf_helpers import CFG, write_tiny_gguf
 
@@ -137,7 +137,7 @@ def test_generation_compiles_once_per_run(chat_tok):
                                          eos_id=chat_tok.eos_token_id), chat_tok.eos_token_id)[0]
     texts = []
     ev.cfg = EvalConfig(batch_size=3, generate_examples=7, max_new_tokens=3)
-    from fedhl_jax import evaluation
+    from fedhl_jax import metrics as evaluation
 
     orig = evaluation.generation_eval
 

@@ -369,7 +369,7 @@ from fedhl_jax.config import load_config  # noqa: E402
 from fedhl_jax.data import build_federated_dataset, dataset_labels, word_level_tokenizer  # noqa: E402
 from fedhl_jax.data.registry import (DatasetSpec, dataset_names, dataset_spec, register_dataset,  # noqa: E402
                                      unregister_dataset)
-from fedhl_jax.global_eval import eval_metric  # noqa: E402
+from fedhl_jax.evaluator import eval_metric  # noqa: E402
 
 
 def _length_label(records) -> list:

@@ -253,7 +253,7 @@ def test_adapter_type_is_the_shared_one():
 
 # ------------------------------------------------------------------------- model families
 def test_unsupported_family_and_gguf_arch_are_named():
-    from fedhl_jax.model.config import LlamaConfig as LC
+    from fedhl_jax.model.architecture import LlamaConfig as LC
     from fedhl_jax.model.families import family_for_gguf_arch, family_for_model_type, get_family
     from fedhl_jax.model.gguf import config_from_gguf
 

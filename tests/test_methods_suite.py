@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from fedhl_jax.config import TrainConfig, from_dict
 from fedhl_jax.experiments import methods_suite as MS
-from fedhl_jax.experiments import results as R
+from fedhl_jax.experiments import results_suite as R
 from tests.conftest import REPO
 
 SPECS = {name: OmegaConf.to_container(OmegaConf.load(REPO / "configs" / name))
@@ -85,3 +85,18 @@ def test_paired_differences_are_per_seed():
     d = R.paired(cells, "a", "b", key="x")
     np.testing.assert_allclose(d, [-0.5, -0.1])
     assert MS._fmt_paired(d).endswith("(2/2 below)")
+
+
+def test_committed_smollm2_cache_matches_the_spec():
+    """Every run of the committed SmolLM2 cache is found under the digest its cell has today (a new
+    config field at its default must not orphan them and make the suite rerun hours of work)."""
+    spec = SPECS["results_smollm2.yaml"]
+    cells = {c["id"]: c for c in MS.cells(spec)}
+    rows = [json.loads(line) for line in (REPO / "docs" / "results" / "results_smollm2.jsonl").read_text().splitlines()]
+    assert rows
+    for row in rows:
+        if row["id"] == MS.ZERO_SHOT:
+            assert row["config"] == "zero_shot-" + R.config_digest(spec["base"], {}, 0)
+        else:
+            ov = MS.run_overrides(spec, cells[row["id"]], row["seed"])
+            assert R.config_digest(spec["base"], ov, row["seed"]) == row["config"], row["id"]

@@ -1,4 +1,4 @@
-"""Metrics and evaluation drivers (fedhl_jax.evaluation)."""
+"""Metrics and evaluation drivers (fedhl_jax.metrics)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedhl_jax.evaluation import (
+from fedhl_jax.metrics import (
     exact_match,
     extract_gsm8k_answer,
     generation_eval,

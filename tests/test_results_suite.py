@@ -5,7 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedhl_jax.config import TrainConfig, from_dict
-from fedhl_jax.experiments import results as R
+from fedhl_jax.experiments import results_suite as R
 from tests.conftest import REPO
 
 SPEC = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "results.yaml"))

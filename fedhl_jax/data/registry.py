@@ -22,7 +22,7 @@ import types
 from typing import Any, Callable, Mapping
 
 from fedhl_jax.errors import ConfigError
-from fedhl_jax.evaluation import METRICS
+from fedhl_jax.metrics import METRICS
 
 __all__ = ["DataError", "DatasetSpec", "dataset_names", "dataset_spec", "register_dataset",
            "unregister_dataset"]
@@ -54,7 +54,7 @@ class DatasetSpec:
         the first kind is the default. Empty: every row has the label ``"all"``.
       eval_split: a split of ``local_files`` (and of the Hub dataset) that holds the held-out
         rows; None holds out a seeded slice of the training rows.
-      metric: generation metric, a key of ``evaluation.METRICS`` (``exact_match``, ``rouge_l``).
+      metric: generation metric, a key of ``metrics.METRICS`` (``exact_match``, ``rouge_l``).
       embedded: the files ship inside the package (``fedhl_jax.assets``).
     """
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from fedhl_jax.experiments import methods_suite as MS
-from fedhl_jax.experiments import results as R
+from fedhl_jax.experiments import results_suite as R
 
 #: The folder under ``--out`` that holds the run caches (the plots go to ``figures/``, written by the renderers).
 RESULTS_DIR = "results"

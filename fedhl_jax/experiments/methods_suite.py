@@ -22,7 +22,7 @@ import numpy as np
 
 from fedhl_jax.config import TrainConfig, from_dict
 from fedhl_jax.data.registry import dataset_spec
-from fedhl_jax.experiments import results as R
+from fedhl_jax.experiments import results_suite as R
 from fedhl_jax.simulation import Simulation
 
 ZERO_SHOT = "zero_shot"

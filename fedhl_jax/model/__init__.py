@@ -9,7 +9,7 @@ from fedhl_jax.model.adapters import (adapter_delta, init_adapter, lora_targets,
                                       per_layer_adapter, resolve_targets, stacked_adapter)
 from fedhl_jax.model.checkpoint import (hf_key_to_path, load_pretrained, load_tokenizer,
                                         path_to_hf_key, resolve_checkpoint)
-from fedhl_jax.model.config import LlamaConfig
+from fedhl_jax.model.architecture import LlamaConfig
 from fedhl_jax.model.families import (ModelFamily, family_for_gguf_arch, family_for_model_type, get_family,
                                       register_family)
 from fedhl_jax.model.hub import ModelSource, resolve_model_source

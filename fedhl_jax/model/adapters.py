@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedhl_jax.lora import Adapter, lora_scale, rank_mask
-from fedhl_jax.model.config import LlamaConfig
+from fedhl_jax.model.architecture import LlamaConfig
 from fedhl_jax.model.llama import (LORA_MODULES, locate_param, module_name, module_shapes,
                                    split_layer_path)
 

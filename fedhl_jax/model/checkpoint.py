@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from fedhl_jax.model.config import LlamaConfig, read_config_json
+from fedhl_jax.model.architecture import LlamaConfig, read_config_json
 from fedhl_jax.model.families import get_family
 from fedhl_jax.model.hub import (PICKLE_WEIGHT_PATTERNS, UnsafeCheckpointError, refuse_pickle_weights,  # noqa: F401
                                   resolve_checkpoint)

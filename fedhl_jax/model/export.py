@@ -26,7 +26,7 @@ from fedhl_jax.lora import Adapter, lora_scale
 from fedhl_jax.model.adapters import lora_targets, merge_delta
 from fedhl_jax.model.checkpoint import (SAFETENSORS_FILE, SAFETENSORS_INDEX, open_safetensors,
                                         path_to_hf_key)
-from fedhl_jax.model.config import LlamaConfig, read_config_json
+from fedhl_jax.model.architecture import LlamaConfig, read_config_json
 from fedhl_jax.model.hub import resolve_checkpoint
 from fedhl_jax.model.llama import LORA_MODULES, flatten_params, param_shapes
 

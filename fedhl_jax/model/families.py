@@ -2,7 +2,7 @@
 
 A family says how a Hugging Face checkpoint (``config.json``'s ``model_type`` and
 ``architectures``, its config keys, its weight names) and a GGUF file (``general.architecture``,
-its tensor names, llama.cpp's q/k row order) map onto :class:`~fedhl_jax.model.config.LlamaConfig`
+its tensor names, llama.cpp's q/k row order) map onto :class:`~fedhl_jax.model.architecture.LlamaConfig`
 and the parameter paths of :mod:`fedhl_jax.model.llama`, and which block details it has (biases,
 tied embeddings, per-head q/k norm, RoPE scaling types). The loaders and exporters look the family
 up here (:func:`family_for_model_type`, :func:`family_for_gguf_arch`, :func:`get_family`); an

@@ -18,7 +18,7 @@ import numpy as np
 
 from fedhl_jax import runtime
 from fedhl_jax.lora import Adapter
-from fedhl_jax.model.config import LlamaConfig
+from fedhl_jax.model.architecture import LlamaConfig
 from fedhl_jax.model.llama import forward_cached, init_cache, positions_from_mask
 
 

@@ -43,7 +43,7 @@ import ml_dtypes
 import numpy as np
 
 from fedhl_jax.model.checkpoint import check_finite_weight
-from fedhl_jax.model.config import LlamaConfig
+from fedhl_jax.model.architecture import LlamaConfig
 from fedhl_jax.model.families import family_for_gguf_arch, get_family
 from fedhl_jax.model.llama import param_shapes, unflatten_params
 

@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 
 from fedhl_jax.model.adapters import merge_delta
-from fedhl_jax.model.config import LlamaConfig
+from fedhl_jax.model.architecture import LlamaConfig
 from fedhl_jax.model.gguf import QK, find_gguf, open_gguf, path_to_gguf_key, permute_qk
 from fedhl_jax.model.llama import flatten_params, param_shapes
 

@@ -1,6 +1,6 @@
 """Where a model comes from: ``model.name_or_path`` resolved, a local folder, or a Hub snapshot.
 
-Imported by both ``model.config`` and ``model.checkpoint`` (and importing neither), so the model
+Imported by both ``model.architecture`` and ``model.checkpoint`` (and importing neither), so the model
 package has no import cycle; it reads only paths from ``fedhl_jax.assets`` (a data-only package).
 
 :func:`resolve_model_source` resolves ``model.name_or_path``. The Hugging Face Hub is used only when

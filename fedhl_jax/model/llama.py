@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedhl_jax.lora import Adapter
-from fedhl_jax.model.config import LlamaConfig
+from fedhl_jax.model.architecture import LlamaConfig
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")

@@ -21,7 +21,7 @@ import numpy as np
 from jax.ad_checkpoint import print_saved_residuals
 
 from fedhl_jax.model.adapters import init_adapter, lora_targets
-from fedhl_jax.model.config import LlamaConfig
+from fedhl_jax.model.architecture import LlamaConfig
 from fedhl_jax.model.llama import init_params, param_shapes
 
 DEFAULT_RANKS = (4, 8, 16, 32, 64)
@@ -220,7 +220,7 @@ def measured_bytes(cfg: LlamaConfig, *, clients: int, clients_per_chunk: int | N
 _RSS_SCRIPT = """
 import json, sys, jax, jax.numpy as jnp
 from fedhl_jax.model import planning as P
-from fedhl_jax.model.config import LlamaConfig
+from fedhl_jax.model.architecture import LlamaConfig
 cfg = LlamaConfig(**json.loads(sys.argv[1])); kw = json.loads(sys.argv[2])
 fn, shapes = P.round_program(cfg, **kw)
 compiled = fn.lower(*shapes).compile()

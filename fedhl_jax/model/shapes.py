@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from fedhl_jax.model.config import LlamaConfig, read_config_json
+from fedhl_jax.model.architecture import LlamaConfig, read_config_json
 from fedhl_jax.model.hub import resolve_checkpoint
 
 

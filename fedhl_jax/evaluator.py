@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from fedhl_jax import evaluation, runtime
+from fedhl_jax import metrics, runtime
 from fedhl_jax import model as M
 from fedhl_jax.algorithms import Algorithm
 from fedhl_jax.data.prompts import TokenizedDataset
@@ -43,7 +43,7 @@ class GlobalEvaluator:
 
     def loss(self, delta: dict) -> dict:
         """``{"loss", "ppl"}`` of the base plus ``delta`` on the held-out response tokens."""
-        return evaluation.heldout_loss(lambda t, m: self.loss_fn(self.params, delta, t, m), self.loss_tokens,
+        return metrics.heldout_loss(lambda t, m: self.loss_fn(self.params, delta, t, m), self.loss_tokens,
                                        self.loss_mask, self.cfg.batch_size)
 
     def __call__(self, state, key: jax.Array, *, generate: bool = True) -> dict:
@@ -80,7 +80,7 @@ class GlobalEvaluator:
                               max_new_tokens=ec.max_new_tokens, eos_id=eos, pad_to=self.prompt_width)
             return [self.tokenizer.decode(r, skip_special_tokens=True) for r in M.strip_after_eos(toks, eos)]
 
-        res = evaluation.generation_eval(gen, self.data.prompt_ids[:n], self.data.references[:n], self.metric,
+        res = metrics.generation_eval(gen, self.data.prompt_ids[:n], self.data.references[:n], self.metric,
                                          batch_size=self.generate_batch)
         return {f"eval_{self.metric}": res["score"], "eval_generated": n,
                 "eval_sample": res["predictions"][0] if n else ""}
