@@ -213,9 +213,9 @@ class HardStop:
     """A second Ctrl-C that stops at once, even while a round's compiled step holds the main thread.
 
     Python runs signal handlers in the main thread between bytecodes only, so a handler cannot stop
-    a long device call. Once armed (by the first Ctrl-C), the signal's wake-up byte goes to a pipe
-    that a daemon thread reads: the next SIGINT calls ``on_stop`` (the status) and ends the process
-    with ``os._exit(130)``. Checkpoints are finalised by an atomic rename, so the last completed one
+    a long device call (and two quick SIGINTs reach it as one). While armed, each signal's wake-up
+    byte goes to a pipe that a daemon thread reads: the second SIGINT calls ``on_stop`` (the status)
+    and ends the process with ``os._exit(130)``; the first one is the handler's (stop after the round). Checkpoints are finalised by an atomic rename, so the last completed one
     is intact; a metrics line torn by the stop is reported on resume.
     """
 
@@ -223,7 +223,7 @@ class HardStop:
         self.on_stop, self.fds, self.previous = on_stop, None, None
 
     def arm(self) -> None:
-        """Called in the main thread (the first Ctrl-C's handler)."""
+        """Called in the main thread, before the rounds."""
         if self.fds is not None:
             return
         r, w = os.pipe()
@@ -237,6 +237,7 @@ class HardStop:
         threading.Thread(target=self._wait, args=(r,), daemon=True).start()
 
     def _wait(self, r: int) -> None:
+        seen = 0
         while True:
             try:
                 data = os.read(r, 64)
@@ -245,7 +246,8 @@ class HardStop:
             if not data:  # disarmed
                 os.close(r)
                 return
-            if signal.SIGINT in data:
+            seen += data.count(int(signal.SIGINT))
+            if seen >= 2:
                 print("\nsecond Ctrl-C: stopping now (the last completed checkpoint is kept)", file=sys.stderr,
                       flush=True)
                 try:
@@ -580,7 +582,6 @@ class Driver:
                 raise KeyboardInterrupt
             interrupted.append(True)
             log("\nCtrl-C: stopping after this round (saved); press Ctrl-C again to stop at once")
-            hard_stop.arm()
 
         if start < total:
             try:
@@ -595,6 +596,8 @@ class Driver:
         hard_stop = HardStop(lambda: run.write_status("interrupted", "stopped at once by a second Ctrl-C",
                                                       self.saved))
         previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+        if main_thread:
+            hard_stop.arm()
         progress = Progress(total, start, self.progress, log)
         t_run = time.perf_counter()
         last = {}
