@@ -56,3 +56,13 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
     res = train(out, ["--export-only", "export_rank=1"])  # the checkpoint restores and matches its checksum
     assert f"exported the checkpoint of round {saved}" in res.stdout and "unreadable" not in res.stdout
     assert json.loads((out / "final" / "peft_adapter" / "adapter_config.json").read_text())["r"] == 1
+
+
+def test_an_export_rank_the_model_cannot_hold_is_refused_before_training(tmp_path, capsys):
+    """The tiny model's k/v projections are 32 x 16: export_rank=64 is refused at once, exit 2."""
+    out = tmp_path / "run"
+    assert cli.main(["--no-progress", "--out", str(out), *tiny_overrides(tmp_path, export_rank=64)]) == 2
+    err = capsys.readouterr().err
+    assert "export_rank=64 exceeds the largest rank the LoRA modules allow (16" in err, err
+    assert [line for line in err.splitlines() if "Traceback" in line or line.startswith("error")] == [
+        err[err.index("error:"):].strip()] and not out.exists()
