@@ -9,9 +9,11 @@ federation (``deploy.strategy.FederationExecutor``). ``bin/train.py`` (``cli``),
 ``ServerApp`` and the results suites are its users.
 
 Guarantees (docs/engine.md, "Guarantees"): the run directory is locked before anything is written;
-a refused start leaves nothing behind; checkpoints are verified on restore; ``final/`` is replaced
-atomically and never holds non-finite values; a diverging run stops with exit status 3 keeping
-its last good checkpoint; Ctrl-C stops after the current round, saved, with exit status 130.
+a refused start leaves nothing behind; the export's checks run before the first round; checkpoints
+are verified on restore; ``final/`` is replaced atomically and never holds non-finite values; a
+diverging run (an untrained last round, a non-finite loss) stops with exit status 3 keeping its last
+good checkpoint; Ctrl-C stops after the current round, saved, with exit status 130, a second one at
+once; a failed write is one line with exit status 1; each call's outcome is in ``status.json``.
 """
 
 from __future__ import annotations
@@ -471,6 +473,9 @@ def run(cfg: TrainConfig, out: Path, build: Callable[[], RoundExecutor], *, resu
         except CheckpointLayoutError as e:  # a checkpoint this version cannot read: left as it is
             print(f"error: {e}", file=sys.stderr)
             driver.reason, code = str(e).splitlines()[0], EXIT_BAD_INPUT
+        except OSError as e:  # a file around the rounds (config, partition, zero-shot) on a full disk
+            driver.reason, code = (str(e) or type(e).__name__).splitlines()[0], EXIT_FAILED
+            print(f"error: {driver.reason}", file=sys.stderr)
         except BaseException as e:  # a crash (or a second Ctrl-C) still leaves its outcome
             state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             rundir.write_status(state, f"{type(e).__name__}: {e}".splitlines()[0][:300], driver.saved)
@@ -537,6 +542,8 @@ class Driver:
         """
         ex, run, log, cfg = self.executor, self.run, self.log, self.cfg
         run.begin(rewrite_config=restart)
+        if restart:  # a zero-shot result of the config replaced is not this run's
+            (run.path / ZERO_SHOT_FILE).unlink(missing_ok=True)
         state, start = self.restore(resume, extended_from)  # a refused checkpoint rewrites nothing
         self.saved = start
         if extended_from is not None:

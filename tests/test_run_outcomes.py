@@ -207,3 +207,18 @@ def test_a_full_disk_gives_one_line_and_loses_nothing(tmp_path, capsys, monkeypa
     assert driver.run(cfg, out, lambda: ex, resume=True, log=quiet) == driver.EXIT_OK
     assert ex.rounds == [2, 3] and [r["round"] for r in rows(out)] == [0, 1, 2, 3]
     np.testing.assert_array_equal(load_file(str(out / "final" / "global_adapter.safetensors"))[MODULE], 10.0)
+
+
+def test_a_full_disk_before_the_first_round_is_one_line_too(tmp_path, capsys, monkeypatch):
+    import fedhl_jax.checkpointing as C
+
+    def save_config(cfg, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(C, "save_config", save_config)
+    out, cfg = tmp_path / "run", config(2)
+    ex = CountingExecutor(cfg)
+    assert driver.run(cfg, out, lambda: ex, resume=False, log=quiet) == driver.EXIT_FAILED
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: [Errno 28] No space left on device: '{out / 'config.yaml'}'" and ex.rounds == []
+    assert status(out)["state"] == "failed"
