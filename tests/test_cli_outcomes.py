@@ -32,6 +32,8 @@ def test_export_only_refuses_other_changes_and_runs_with_no_run(tmp_path, capsys
     assert cli.main(["--out", str(tmp_path / "run"), "--export-only", "export_rank=2", "optim.lr=0.1"]) == 2
     assert "--export-only may change the export settings only (export_rank); refused: optim.lr" in \
         capsys.readouterr().err
+    assert cli.main(["--out", str(tmp_path / "run"), "--export-only", "--resume"]) == 2
+    assert "--export-only reads the run's own config.yaml; leave out --resume and --config" in capsys.readouterr().err
     assert cli.main(["--out", str(tmp_path / "none"), "--export-only"]) == 2
     assert "--export-only: " in capsys.readouterr().err and not (tmp_path / "none").exists()
 
