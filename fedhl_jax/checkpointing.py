@@ -33,6 +33,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -533,7 +534,7 @@ class RunDir:
             return
         status = {"state": state, "reason": reason, "rounds": int(rounds),
                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        tmp = self.path / f".{STATUS_NAME}.tmp"
+        tmp = self.path / f".{STATUS_NAME}.{os.getpid()}-{threading.get_ident()}.tmp"  # one per writer
         try:
             tmp.write_text(json.dumps(status, indent=1) + "\n")
             os.replace(tmp, self.path / STATUS_NAME)

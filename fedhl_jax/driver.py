@@ -585,7 +585,9 @@ class Driver:
                                  f"{self.resume_hint}", EXIT_INTERRUPTED)
 
         def on_sigint(signum, frame):
-            if interrupted:  # the hard stop below normally ends the process first
+            if interrupted:  # a second Ctrl-C: the armed hard stop ends the process (its thread)
+                if hard_stop.fds is not None:
+                    return
                 raise KeyboardInterrupt
             interrupted.append(True)
             log("\nCtrl-C: stopping after this round (saved); press Ctrl-C again to stop at once")
