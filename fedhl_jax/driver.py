@@ -438,7 +438,8 @@ def run(cfg: TrainConfig, out: Path, build: Callable[[], RoundExecutor], *, resu
       0, ``EXIT_FAILED`` (1: a checkpoint or metrics line could not be written, e.g. a full disk),
       ``EXIT_BAD_INPUT`` (2: refused before any round, the message on stderr), ``EXIT_DIVERGED``
       (3) or ``EXIT_INTERRUPTED`` (130). The outcome is also written to ``out/status.json``
-      (:meth:`checkpointing.RunDir.write_status`), except where a refused start removed ``out``.
+      (:meth:`checkpointing.RunDir.write_status`), except where a refused start removed ``out`` and
+      by ``export_only`` (which leaves the run's outcome as it was).
     """
     from fedhl_jax.checkpointing import CheckpointLayoutError, RunDir
 
@@ -456,7 +457,7 @@ def run(cfg: TrainConfig, out: Path, build: Callable[[], RoundExecutor], *, resu
     except (ConfigError, OSError, ValueError) as e:  # OSError: files, permissions, network, the lock
         print(f"error: {e}", file=sys.stderr)
         if rundir is not None:
-            if rundir.lock is not None and not (created and set(os.listdir(out)) <= {".lock"}):
+            if rundir.lock is not None and not export_only and not (created and set(os.listdir(out)) <= {".lock"}):
                 rundir.write_status("failed", str(e).splitlines()[0], 0)  # a directory that stays
             rundir.close()
         if primary:
@@ -476,11 +477,12 @@ def run(cfg: TrainConfig, out: Path, build: Callable[[], RoundExecutor], *, resu
         except OSError as e:  # a file around the rounds (config, partition, zero-shot) on a full disk
             driver.reason, code = (str(e) or type(e).__name__).splitlines()[0], EXIT_FAILED
             print(f"error: {driver.reason}", file=sys.stderr)
-        except BaseException as e:  # a crash (or a second Ctrl-C) still leaves its outcome
-            state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            rundir.write_status(state, f"{type(e).__name__}: {e}".splitlines()[0][:300], driver.saved)
+        except BaseException as e:  # a crash still leaves its outcome
+            if not export_only:
+                state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                rundir.write_status(state, f"{type(e).__name__}: {e}".splitlines()[0][:300], driver.saved)
             raise
-        if not export_only or code != EXIT_OK:
+        if not export_only:  # an export leaves the run's outcome as it was
             rundir.write_status(STATES.get(code, "failed"), driver.reason, driver.saved)
         return code
 

@@ -147,7 +147,7 @@ def test_export_only_writes_final_from_the_checkpoint_and_trains_nothing(tmp_pat
     assert ex.rounds == [] and ex.started == []
     assert json.loads((out / "final" / "peft_adapter" / "adapter_config.json").read_text())["r"] == 1
     np.testing.assert_array_equal(load_file(str(out / "final" / "global_adapter.safetensors"))[MODULE], 6.0)
-    assert (out / "metrics.jsonl").read_bytes() == before
+    assert (out / "metrics.jsonl").read_bytes() == before and status(out)["state"] == "done"
     assert any("exported the checkpoint of round 3" in line for line in logs)
 
 
@@ -158,6 +158,7 @@ def test_export_only_without_a_checkpoint_is_refused(tmp_path, capsys):
     assert driver.run(cfg, out, lambda: CountingExecutor(cfg), resume=False, export_only=True,
                       log=quiet) == driver.EXIT_BAD_INPUT
     assert "holds no checkpoint to export" in capsys.readouterr().err and not (out / "final").exists()
+    assert status(out)["state"] == "diverged"  # the run's outcome, not the export's
 
 
 def test_a_start_refused_by_the_nodes_leaves_nothing_that_blocks_a_fixed_rerun(tmp_path, capsys):
