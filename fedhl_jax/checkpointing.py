@@ -33,6 +33,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -58,6 +59,8 @@ def _unflatten(template, flat: dict[str, Any]):
 
 # --------------------------------------------------------------------------- run lock
 LOCK_NAME = ".lock"
+#: The run's outcome for scripts (:meth:`RunDir.write_status`).
+STATUS_NAME = "status.json"
 
 
 class RunLockedError(OSError):
@@ -407,6 +410,10 @@ LEGACY_ITEM = "default"
 LAYOUT_KEY = "state_layout"
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, lost permissions); the message is one line."""
+
+
 class CheckpointLayoutError(ConfigError):
     """A checkpoint whose server-state layout this version's algorithm cannot read."""
 
@@ -502,6 +509,37 @@ class RunDir:
         if self.primary and (not self.config_path.exists() or rewrite_config):
             save_config(self.cfg, self.config_path)
         self.manager = self._open_manager()
+
+    def started(self) -> bool:
+        """Whether a round of the run has left a trace (a metrics line or a checkpoint step)."""
+        if self.metrics_path.exists() and self.metrics_path.stat().st_size > 0:
+            return True
+        return self.ckpt_path.is_dir() and any(p.name.isdigit() for p in self.ckpt_path.iterdir())
+
+    def unbegin(self) -> None:
+        """Undoes :meth:`begin` of a run that ran no round (a start refused once the rounds were
+        about to begin, e.g. a federation's node configs): ``config.yaml`` and the empty checkpoint
+        folder go, so a corrected start is a new run, not a resume."""
+        if not self.primary or self.started():
+            return
+        self.config_path.unlink(missing_ok=True)
+        if self.ckpt_path.is_dir():
+            shutil.rmtree(self.ckpt_path, ignore_errors=True)
+
+    def write_status(self, state: str, reason: str, rounds: int) -> None:
+        """Writes ``status.json`` ``{"state", "reason", "rounds", "time"}`` atomically: the run's outcome
+        for scripts (``state``: ``done``, ``failed``, ``diverged``, ``interrupted``; ``rounds``: rounds
+        done and checkpointed)."""
+        if not self.primary:
+            return
+        status = {"state": state, "reason": reason, "rounds": int(rounds),
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        tmp = self.path / f".{STATUS_NAME}.{os.getpid()}-{threading.get_ident()}.tmp"  # one per writer
+        try:
+            tmp.write_text(json.dumps(status, indent=1) + "\n")
+            os.replace(tmp, self.path / STATUS_NAME)
+        except OSError as e:  # a full disk: the exit status still says it
+            self.log(f"could not write {self.path / STATUS_NAME}: {e}")
 
     def _open_manager(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(
@@ -609,27 +647,62 @@ class RunDir:
         meta = {CHECKSUM_ALGORITHM: arrays_checksum(flat), "arrays": len(flat)}
         if layout is not None:
             meta[LAYOUT_KEY] = layout
-        self.manager.save(rounds_done, args=ocp.args.Composite(
-            **{STATE_ITEM: ocp.args.StandardSave(flat), CHECKSUM_ITEM: ocp.args.JsonSave(meta)}), force=True)
-        self.manager.wait_until_finished()
+        try:
+            self.manager.save(rounds_done, args=ocp.args.Composite(
+                **{STATE_ITEM: ocp.args.StandardSave(flat), CHECKSUM_ITEM: ocp.args.JsonSave(meta)}), force=True)
+            self.manager.wait_until_finished()
+        except Exception as e:
+            cause = e
+            while cause.__cause__ is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__
+            if not isinstance(cause, OSError):
+                raise
+            raise CheckpointWriteError(cause.errno, f"cannot write the checkpoint of round {rounds_done} to "
+                                       f"{self.ckpt_path}: {cause.strerror or cause}") from None
 
     # ---------------------------------------------------------------- metrics
-    def read_metrics(self) -> list[dict]:
+    def read_metrics_lines(self) -> tuple[list[dict], list[int]]:
+        """``(rows, bad)``: the readable rows of ``metrics.jsonl`` in file order, and the 1-based
+        numbers of its lines that are not a JSON object with an integer ``round`` (torn by a kill,
+        damaged bytes, not UTF-8)."""
         if not self.metrics_path.exists():
-            return []
-        rows = []
-        for line in self.metrics_path.read_text().splitlines():
+            return [], []
+        rows, bad = [], []
+        for i, raw in enumerate(self.metrics_path.read_bytes().splitlines(), 1):
+            if not raw.strip():
+                continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line from a kill
-        return rows
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("round"), int) and not isinstance(row["round"], bool):
+                rows.append(row)
+            else:
+                bad.append(i)
+        return rows, bad
+
+    def read_metrics(self) -> list[dict]:
+        """The readable rows of ``metrics.jsonl`` (see :meth:`read_metrics_lines`)."""
+        return self.read_metrics_lines()[0]
 
     def truncate_metrics(self, rounds_done: int) -> None:
-        """Keeps the metrics of rounds ``< rounds_done`` only (atomic rewrite)."""
-        if not self.primary:
+        """Keeps the readable metrics of rounds ``< rounds_done`` only (atomic rewrite).
+
+        The run's checkpoint decides (``rounds_done``): a readable row of an earlier round is kept
+        wherever it stands in the file, rows of later rounds are dropped (they run again). Lines
+        that cannot be read are reported with their line numbers, and the file as it was is kept
+        beside the repaired one as ``metrics.jsonl.damaged-<time>`` (nothing is deleted).
+        """
+        if not self.primary or not self.metrics_path.exists():
             return
-        rows = [r for r in self.read_metrics() if r.get("round", -1) < rounds_done]
+        rows, bad = self.read_metrics_lines()
+        if bad:
+            kept = self.path / f"{self.metrics_path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+            shutil.copy2(self.metrics_path, kept)
+            shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+            self.log(f"{self.metrics_path}: {len(bad)} unreadable line(s) (line {shown}) left out; the file as it "
+                     f"was is kept as {kept}")
+        rows = [r for r in rows if r["round"] < rounds_done]
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         with open(tmp, "w") as f:
             for r in rows:

@@ -14,6 +14,9 @@ from pathlib import Path
 from fedhl_jax.config import ConfigError, load_config
 from fedhl_jax.driver import EXIT_BAD_INPUT
 
+#: The keys ``--export-only`` may change.
+EXPORT_KEYS = ("export_rank",)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -25,6 +28,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, required=True, help="output directory (metrics, checkpoints, export)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (reads --out/config.yaml)")
+    p.add_argument("--export-only", action="store_true",
+                   help="write --out/final/ from the run's newest checkpoint, training nothing (export_rank=N may change)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     g = p.add_argument_group("several hosts (jax.distributed; or the environment variables JAX_COORDINATOR_ADDRESS, "
                              "JAX_NUM_PROCESSES, JAX_PROCESS_ID, JAX_LOCAL_DEVICE_IDS)")
@@ -33,7 +38,7 @@ def parse_args(argv=None):
     g.add_argument("--process-id", type=int, default=None, help="this process's id, 0 .. num-processes-1")
     g.add_argument("--local-device-ids", default=None, help="comma-separated ids of the local devices this process uses")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # key=value pairs may come before the options too
 
 
 def distributed_settings(args, environ=os.environ) -> dict | None:
@@ -92,9 +97,12 @@ def read_config(args):
     """The run's config: ``--config`` and overrides, or with ``--resume`` the run's own config.yaml
     with the overrides (which changes are allowed is ``driver.check_resume``)."""
     saved = args.out / "config.yaml"
-    if args.resume and args.config is None:
+    flag = "--export-only" if args.export_only else "--resume"
+    if args.export_only and (args.resume or args.config is not None):
+        raise ConfigError("--export-only reads the run's own config.yaml; leave out --resume and --config")
+    if (args.resume or args.export_only) and args.config is None:
         if not saved.is_file():
-            raise ConfigError(f"--resume: {args.out} holds no run (no config.yaml); start it without --resume")
+            raise ConfigError(f"{flag}: {args.out} holds no run (no config.yaml); start it without {flag}")
         from omegaconf import OmegaConf
 
         from fedhl_jax.driver import check_resume
@@ -103,7 +111,13 @@ def read_config(args):
             given = OmegaConf.to_container(OmegaConf.from_dotlist(list(args.overrides)))
         except Exception as e:  # OmegaConf parse errors
             raise ConfigError(f"cannot parse the overrides: {e}") from e
-        check_resume(OmegaConf.to_container(OmegaConf.load(saved)), given)  # before the merged config is validated
+        if args.export_only:
+            other = sorted(o.split("=", 1)[0] for o in args.overrides if o.split("=", 1)[0] not in EXPORT_KEYS)
+            if other:
+                raise ConfigError(f"--export-only may change the export settings only ({', '.join(EXPORT_KEYS)}); "
+                                  f"refused: {', '.join(other)}")
+        else:
+            check_resume(OmegaConf.to_container(OmegaConf.load(saved)), given)  # before the merged config is validated
         return load_config(saved, args.overrides)
     return load_config(args.config, args.overrides)
 
@@ -129,4 +143,4 @@ def main(argv=None) -> int:
     from fedhl_jax.simulation import Simulation
 
     return driver.run(cfg, args.out, lambda: Simulation(cfg, log=log), resume=args.resume, log=log, primary=primary,
-                      progress=primary and not args.no_progress)
+                      progress=primary and not args.no_progress, export_only=args.export_only)

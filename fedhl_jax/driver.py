@@ -9,9 +9,11 @@ federation (``deploy.strategy.FederationExecutor``). ``bin/train.py`` (``cli``),
 ``ServerApp`` and the results suites are its users.
 
 Guarantees (docs/engine.md, "Guarantees"): the run directory is locked before anything is written;
-a refused start leaves nothing behind; checkpoints are verified on restore; ``final/`` is replaced
-atomically and never holds non-finite values; a diverging run stops with exit status 3 keeping
-its last good checkpoint; Ctrl-C stops after the current round, saved, with exit status 130.
+a refused start leaves nothing behind; the export's checks run before the first round; checkpoints
+are verified on restore; ``final/`` is replaced atomically and never holds non-finite values; a
+diverging run (an untrained last round, a non-finite loss) stops with exit status 3 keeping its last
+good checkpoint; Ctrl-C stops after the current round, saved, with exit status 130, a second one at
+once; a failed write is one line with exit status 1; each call's outcome is in ``status.json``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ from fedhl_jax.config import ConfigError, TrainConfig, config_diff, to_dict
 if TYPE_CHECKING:
     from fedhl_jax.engine import RoundRecord
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+#: ``status.json``'s ``state`` for each exit status.
+STATES = {EXIT_OK: "done", EXIT_FAILED: "failed", EXIT_BAD_INPUT: "failed", EXIT_DIVERGED: "diverged",
+          EXIT_INTERRUPTED: "interrupted"}
 ZERO_SHOT_FILE = "zero_shot.json"
 
 
@@ -170,14 +175,15 @@ class Watchdog:
     """Round callback: makes divergence loud.
 
     A round that keeps no client update (all excluded as non-finite or overflowing) leaves the
-    server state unchanged and says so; ``patience`` such rounds in a row, or a non-finite loss
-    of the kept clients or of the held-out set, stop the run (``RunStopped``, exit status 3)
-    before that round is checkpointed. Clients listed in ``metrics["missing"]`` (a federation's
+    server state unchanged and says so; ``patience`` such rounds in a row, the run's last round
+    (``total``) keeping none, a non-finite loss of the kept clients, or a non-finite held-out
+    loss at any evaluation stop the run (``RunStopped``, exit status 3) before that round is
+    checkpointed. Clients listed in ``metrics["missing"]`` (a federation's
     nodes that did not answer) are reported by the executor, not here.
     """
 
-    def __init__(self, patience: int, log):
-        self.patience, self.log, self.failed = patience, log, 0
+    def __init__(self, patience: int, log, total: int | None = None):
+        self.patience, self.log, self.failed, self.total = patience, log, 0, total
 
     def __call__(self, record) -> str | None:
         m = record.metrics
@@ -196,10 +202,68 @@ class Watchdog:
         if self.failed >= self.patience:
             return (f"no client update was usable in {self.failed} rounds in a row (round {record.t + 1}); "
                     f"training diverged: lower optim.lr or set optim.grad_clip")
+        if not m["applied"] and record.t + 1 == self.total:
+            return (f"the last round (round {record.t + 1}) kept no client update, so the result would not be "
+                    f"trained; training diverged: lower optim.lr or set optim.grad_clip")
         for key in ("train_loss", "eval_loss"):
-            if key in m and m[key] is not None and m["applied"] and not math.isfinite(m[key]):
+            if key in m and m[key] is not None and (m["applied"] or key == "eval_loss") and not math.isfinite(m[key]):
                 return f"{key} became {m[key]} in round {record.t + 1}; training diverged: lower optim.lr"
         return None
+
+
+class HardStop:
+    """A second Ctrl-C that stops at once, even while a round's compiled step holds the main thread.
+
+    Python runs signal handlers in the main thread between bytecodes only, so a handler cannot stop
+    a long device call (and two quick SIGINTs reach it as one). While armed, each signal's wake-up
+    byte goes to a pipe that a daemon thread reads: the second SIGINT calls ``on_stop`` (the status)
+    and ends the process with ``os._exit(130)``; the first one is the handler's (stop after the round). Checkpoints are finalised by an atomic rename, so the last completed one
+    is intact; a metrics line torn by the stop is reported on resume.
+    """
+
+    def __init__(self, on_stop: Callable[[], None]):
+        self.on_stop, self.fds, self.previous = on_stop, None, None
+
+    def arm(self) -> None:
+        """Called in the main thread, before the rounds."""
+        if self.fds is not None:
+            return
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        try:
+            self.previous = signal.set_wakeup_fd(w)
+        except ValueError:  # not the main thread
+            os.close(r), os.close(w)
+            return
+        self.fds = (r, w)
+        threading.Thread(target=self._wait, args=(r,), daemon=True).start()
+
+    def _wait(self, r: int) -> None:
+        seen = 0
+        while True:
+            try:
+                data = os.read(r, 64)
+            except OSError:
+                return
+            if not data:  # disarmed
+                os.close(r)
+                return
+            seen += data.count(int(signal.SIGINT))
+            if seen >= 2:
+                print("\nsecond Ctrl-C: stopping now (the last completed checkpoint is kept)", file=sys.stderr,
+                      flush=True)
+                try:
+                    self.on_stop()
+                finally:
+                    os._exit(EXIT_INTERRUPTED)
+
+    def disarm(self) -> None:
+        if self.fds is None:
+            return
+        signal.set_wakeup_fd(self.previous if self.previous is not None else -1)
+        w = self.fds[1]
+        self.fds = None
+        os.close(w)  # the thread's read returns b"" and it closes its end
 
 
 # --------------------------------------------------------------------------- files of a run
@@ -235,6 +299,42 @@ def export_final(executor: RoundExecutor, state, out: Path, log) -> Path:
     final = write_final(out, jax.device_get(executor.global_delta(executor.host_state(state))), write)
     log(f"exported the global adapter to {final}/ (dense, and PEFT rank {rank})")
     return final
+
+
+def check_export(executor: RoundExecutor) -> None:
+    """Every check :func:`export_final` makes that does not depend on the trained values, run before
+    the first round: the export rank against the LoRA modules' shapes, and a dry export of
+    zero updates (module names, rank, ``model.alpha``) into a temporary folder.
+
+    Raises:
+      ConfigError: naming ``export_rank`` (or ``fed.r_max``) and the largest rank that fits, or
+        what ``model.export_peft`` refuses.
+    """
+    import tempfile
+
+    from fedhl_jax import model as M
+
+    cfg = executor.cfg
+    rank = cfg.export_rank or cfg.fed.r_max
+    key = "export_rank" if cfg.export_rank else "fed.r_max (the export rank when export_rank is unset)"
+    shapes = getattr(executor, "shapes", None)
+    if shapes is None:
+        import jax
+
+        shapes = jax.eval_shape(lambda: executor.global_delta(executor.host_state(executor.init_state())))
+    shapes = {name: tuple(getattr(s, "shape", s)) for name, s in shapes.items()}
+    if not shapes:
+        raise ConfigError("the model has no LoRA module to export; check model.targets")
+    largest = min(min(s) for s in shapes.values())
+    if rank > largest:
+        raise ConfigError(f"{key}={rank} exceeds the largest rank the LoRA modules allow ({largest}: their "
+                          f"smallest dimension); set export_rank to at most {largest}")
+    try:
+        with tempfile.TemporaryDirectory(prefix="fedhl-export-check-") as tmp:
+            M.export_peft(Path(tmp) / "peft", {name: np.zeros((rank, rank), np.float32) for name in shapes},
+                          rank, cfg.model.alpha, base_model(executor), rslora=cfg.model.rslora)
+    except ValueError as e:
+        raise ConfigError(f"the export would fail: {e}") from None
 
 
 def zero_shot(executor: RoundExecutor, state, path: Path, log) -> dict:
@@ -314,7 +414,8 @@ def _remove_if_empty(out: Path, created: bool) -> None:
 
 # --------------------------------------------------------------------------- a run
 def run(cfg: TrainConfig, out: Path, build: Callable[[], RoundExecutor], *, resume: bool, log: Callable = print,
-        primary: bool = True, progress: bool = False, resume_hint: str | None = None) -> int:
+        primary: bool = True, progress: bool = False, resume_hint: str | None = None,
+        export_only: bool = False) -> int:
     """Runs (or resumes) one run into ``out`` and returns its exit status.
 
     Args:
@@ -323,40 +424,67 @@ def run(cfg: TrainConfig, out: Path, build: Callable[[], RoundExecutor], *, resu
       build: makes the executor; called once the directory is locked and the resume is allowed,
         so a start refused at set-up (bad data or model path, ...) leaves nothing behind.
       resume: continue the run found in ``out`` (only ``fed.rounds`` may be raised: :func:`check_resume`).
+        A run that has not finished a round (no metrics line, no checkpoint) is started afresh
+        with ``cfg`` instead.
       log: where messages go.
       primary: False in the processes other than process 0 of a multi-host run (they neither log
         nor write the run's files; checkpoints: every process).
       progress: a progress bar instead of one log line per round.
       resume_hint: the command that continues an interrupted run (in the Ctrl-C message).
+      export_only: write ``final/`` from the newest checkpoint of the run in ``out`` and train
+        nothing (``cfg`` is the run's config with its export settings changed, if at all).
 
     Returns:
-      0, ``EXIT_BAD_INPUT`` (2: refused at set-up, the message on stderr), ``EXIT_DIVERGED`` (3) or
-      ``EXIT_INTERRUPTED`` (130).
+      0, ``EXIT_FAILED`` (1: a checkpoint or metrics line could not be written, e.g. a full disk),
+      ``EXIT_BAD_INPUT`` (2: refused before any round, the message on stderr), ``EXIT_DIVERGED``
+      (3) or ``EXIT_INTERRUPTED`` (130). The outcome is also written to ``out/status.json``
+      (:meth:`checkpointing.RunDir.write_status`), except where a refused start removed ``out`` and
+      by ``export_only`` (which leaves the run's outcome as it was).
     """
     from fedhl_jax.checkpointing import CheckpointLayoutError, RunDir
 
     out = Path(out)
     created = not out.exists()
     rundir = None
+    restart = False
     try:
-        rundir = RunDir(out, cfg, resume=resume, log=log, primary=primary)  # the lock comes first
-        extended_from = check_resume(rundir.saved_config(), to_dict(cfg)) if resume and primary else None
+        rundir = RunDir(out, cfg, resume=resume or export_only, log=log, primary=primary)  # the lock comes first
+        restart = resume and primary and not export_only and not rundir.started()
+        extended_from = (check_resume(rundir.saved_config(), to_dict(cfg)) if resume and primary
+                         and not restart and not export_only else None)
         executor = build()
+        check_export(executor)
     except (ConfigError, OSError, ValueError) as e:  # OSError: files, permissions, network, the lock
         print(f"error: {e}", file=sys.stderr)
         if rundir is not None:
+            if rundir.lock is not None and not export_only and not (created and set(os.listdir(out)) <= {".lock"}):
+                rundir.write_status("failed", str(e).splitlines()[0], 0)  # a directory that stays
             rundir.close()
         if primary:
             _remove_if_empty(out, created)
         return EXIT_BAD_INPUT
     hint = resume_hint or f"fedhl-train --out {out} --resume"
     with rundir:
+        driver = Driver(executor, rundir, log=log, progress=progress, resume_hint=hint)
         try:
-            return Driver(executor, rundir, log=log, progress=progress, resume_hint=hint).train(
-                resume=resume, extended_from=extended_from)
+            if export_only:
+                code = driver.export_saved()
+            else:
+                code = driver.train(resume=resume and not restart, extended_from=extended_from, restart=restart)
         except CheckpointLayoutError as e:  # a checkpoint this version cannot read: left as it is
             print(f"error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            driver.reason, code = str(e).splitlines()[0], EXIT_BAD_INPUT
+        except OSError as e:  # a file around the rounds (config, partition, zero-shot) on a full disk
+            driver.reason, code = (str(e) or type(e).__name__).splitlines()[0], EXIT_FAILED
+            print(f"error: {driver.reason}", file=sys.stderr)
+        except BaseException as e:  # a crash still leaves its outcome
+            if not export_only:
+                state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                rundir.write_status(state, f"{type(e).__name__}: {e}".splitlines()[0][:300], driver.saved)
+            raise
+        if not export_only:  # an export leaves the run's outcome as it was
+            rundir.write_status(STATES.get(code, "failed"), driver.reason, driver.saved)
+        return code
 
 
 class Driver:
@@ -365,6 +493,31 @@ class Driver:
     def __init__(self, executor: RoundExecutor, run, *, log: Callable, progress: bool, resume_hint: str):
         self.executor, self.run, self.log, self.progress, self.resume_hint = executor, run, log, progress, resume_hint
         self.cfg = executor.cfg
+        self.reason, self.saved = "", 0  # for status.json: why the call ended, rounds checkpointed
+
+    def export_saved(self) -> int:
+        """``--export-only``: ``final/`` from the newest good checkpoint, no round run; the exit status."""
+        from fedhl_jax.checkpointing import NonFiniteError
+
+        ex, run = self.executor, self.run
+        run.manager = run._open_manager()
+        alg = ex.algorithm
+        restored, rounds = run.restore(ex.init_state(), layout=alg.state_layout, migrate=alg.migrate_state)
+        if restored is None:
+            self.reason = f"{run.path} holds no checkpoint to export (no round was saved)"
+            print(f"error: {self.reason}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        self.saved = rounds
+        if rounds < self.cfg.fed.rounds:
+            self.log(f"the run stopped after round {rounds} of {self.cfg.fed.rounds}; exporting that state")
+        try:
+            final = export_final(ex, ex.place_state(restored), run.path, self.log)
+        except NonFiniteError as e:
+            self.reason = f"nothing exported: {e}"
+            print(f"error: {self.reason}", file=sys.stderr)
+            return EXIT_DIVERGED
+        self.log(f"exported the checkpoint of round {rounds} to {final}/ (no round run)")
+        return EXIT_OK
 
     def restore(self, resume: bool, extended_from: int | None):
         """``(state, rounds done)``: the newest good checkpoint on resume, else the initial state."""
@@ -381,16 +534,20 @@ class Driver:
                 log(f"fed.rounds raised from {extended_from} to {self.cfg.fed.rounds}")
         return state, start
 
-    def train(self, *, resume: bool, extended_from: int | None = None) -> int:
+    def train(self, *, resume: bool, extended_from: int | None = None, restart: bool = False) -> int:
         """Runs the remaining rounds with their callbacks and exports ``final/``; returns the exit status.
 
         Args:
           resume: restore the newest good checkpoint first (and drop the metrics after it).
           extended_from: the saved ``fed.rounds`` when this call raises it (``check_resume``).
+          restart: the directory holds a run that finished no round; its config is replaced.
         """
         ex, run, log, cfg = self.executor, self.run, self.log, self.cfg
-        run.begin()
+        run.begin(rewrite_config=restart)
+        if restart:  # a zero-shot result of the config replaced is not this run's
+            (run.path / ZERO_SHOT_FILE).unlink(missing_ok=True)
         state, start = self.restore(resume, extended_from)  # a refused checkpoint rewrites nothing
+        self.saved = start
         if extended_from is not None:
             run.begin(rewrite_config=True)
         if run.primary and ex.data is not None:
@@ -399,10 +556,15 @@ class Driver:
         if start >= total:
             log(f"the run already finished {total} rounds")
         if cfg.eval.zero_shot and start == 0 and ex.evaluator is not None:
-            zero_shot(ex, state, run.path, log)
+            zs = zero_shot(ex, state, run.path, log)
+            if "eval_loss" in zs and not (isinstance(zs["eval_loss"], float) and math.isfinite(zs["eval_loss"])):
+                self.reason = ("the starting model's held-out loss is not finite (zero_shot.json: "
+                               f"eval_loss={zs['eval_loss']}); check the base model's weights")
+                print(f"stopping: {self.reason}; nothing trained or exported", file=sys.stderr, flush=True)
+                return EXIT_DIVERGED
 
         interrupted = []
-        watchdog = Watchdog(cfg.fed.stop_after_failed_rounds, log)
+        watchdog = Watchdog(cfg.fed.stop_after_failed_rounds, log, total)
         saved = {"round": start}
 
         def evaluate(record):
@@ -419,22 +581,34 @@ class Driver:
                                  f"{run.ckpt_path}", EXIT_DIVERGED)
             if (record.t + 1) % cfg.checkpoint.every == 0 or record.t + 1 == total or interrupted:
                 run.save(record.t + 1, record.state, layout=ex.algorithm.state_layout)
-                saved["round"] = record.t + 1
+                saved["round"] = self.saved = record.t + 1
             if interrupted:
                 raise RunStopped(f"interrupted: stopped after round {record.t + 1}, saved; continue with "
                                  f"{self.resume_hint}", EXIT_INTERRUPTED)
 
         def on_sigint(signum, frame):
-            if interrupted:  # a second Ctrl-C stops at once
+            if interrupted:  # a second Ctrl-C: the armed hard stop ends the process (its thread)
+                if hard_stop.fds is not None:
+                    return
                 raise KeyboardInterrupt
             interrupted.append(True)
             log("\nCtrl-C: stopping after this round (saved); press Ctrl-C again to stop at once")
 
         if start < total:
-            ex.start(start)
+            try:
+                ex.start(start)
+            except ConfigError as e:  # e.g. a federation's node configs: nothing ran, nothing blocks a fixed rerun
+                print(f"error: {e}", file=sys.stderr)
+                self.reason = str(e).splitlines()[0]
+                run.unbegin()
+                return EXIT_BAD_INPUT
             log(f"round {start + 1}/{total}: compiling the round step (the first round of a run takes longer)")
         main_thread = threading.current_thread() is threading.main_thread()  # signals: the main thread only
+        hard_stop = HardStop(lambda: run.write_status("interrupted", "stopped at once by a second Ctrl-C",
+                                                      self.saved))
         previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+        if main_thread:
+            hard_stop.arm()
         progress = Progress(total, start, self.progress, log)
         t_run = time.perf_counter()
         last = {}
@@ -443,10 +617,18 @@ class Driver:
                                                                   lambda r: last.update(r.metrics)])
         except RunStopped as e:
             progress.close()  # before the message (closing twice is harmless)
+            self.reason = str(e).splitlines()[0]
             print(str(e), file=sys.stderr if e.code == EXIT_DIVERGED else sys.stdout, flush=True)
             return e.code
+        except OSError as e:  # a full disk, lost permissions: one line, the last checkpoint kept
+            progress.close()
+            self.reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"error: {self.reason}; the checkpoint of round {saved['round']} is kept; continue with "
+                  f"{self.resume_hint} once this is fixed", file=sys.stderr, flush=True)
+            return EXIT_FAILED
         finally:
             progress.close()
+            hard_stop.disarm()
             if main_thread:
                 signal.signal(signal.SIGINT, previous)
         seconds = time.perf_counter() - t_run
@@ -457,7 +639,13 @@ class Driver:
         try:
             final = export_final(ex, state, run.path, log)
         except NonFiniteError as e:
-            print(f"error: nothing exported: {e}", file=sys.stderr)
+            self.reason = f"nothing exported: {e}"
+            print(f"error: {self.reason}", file=sys.stderr)
             return EXIT_DIVERGED
+        except OSError as e:
+            self.reason = f"cannot write {run.path / 'final'}: {e}"
+            print(f"error: {self.reason}; continue with {self.resume_hint} once this is fixed", file=sys.stderr)
+            return EXIT_FAILED
+        self.reason = f"{total} rounds; exported to {final}"
         log(summary(ex, run, last, total - start, seconds, final))
         return EXIT_OK

@@ -418,3 +418,33 @@ def test_a_node_killed_mid_round(setup, tmp_path, task_identity):
     diff = max(float(np.abs(got[k] - want[k]).max()) for k in want)
     print(f"killed node: maxdiff {diff:.3g} against the in-process round without its reply")
     assert diff < 1e-5
+
+
+class TwoNodeGrid:
+    """A grid on which two of the three nodes a run needs ever connect."""
+
+    def get_node_ids(self):
+        return [101, 102]
+
+
+def test_a_start_refused_at_node_discovery_blocks_no_fixed_rerun(setup, tmp_path, capsys):
+    """A discovery error (too few nodes; rank=0, a rank above r_max, no partition-id take the same
+    path): exit 2, no config.yaml left, the outcome in out/status.json; a rerun with another config
+    on the same out is a new start, not a refused resume."""
+    from fedhl_jax.deploy.server_app import serve
+
+    _, cfg, _, _ = setup
+    out = tmp_path / "server"
+    assert serve(TwoNodeGrid(), cfg, out, discover_timeout=0, log=lambda *_: None) == 2
+    err = capsys.readouterr().err
+    assert "2 node(s) connected after 0 s; fed.num_clients=3 needs one node per partition" in err
+    assert not (out / "config.yaml").exists() and not (out / "checkpoints").exists()
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and status["rounds"] == 0 and "2 node(s) connected" in status["reason"]
+    import dataclasses
+
+    other = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=0.25))
+    assert serve(TwoNodeGrid(), other, out, discover_timeout=0, log=lambda *_: None) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" not in err and "2 node(s) connected" in err
+

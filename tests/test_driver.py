@@ -153,11 +153,11 @@ def test_a_checkpoint_of_an_unreadable_layout_refuses_the_resume_and_keeps_every
     saved = json.loads(meta.read_text())
     assert saved["state_layout"] == "fedhl-momentum/1"
     meta.write_text(json.dumps({k: v for k, v in saved.items() if k != "state_layout"}))  # as before layouts
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in (".lock", "status.json")}
     cfg3 = load_config(None, over + ["fed.rounds=3"])
     capsys.readouterr()
     code = driver.run(cfg3, out, lambda: Simulation(cfg3, log=quiet), resume=True, log=quiet)
     err = capsys.readouterr().err
     assert code == driver.EXIT_BAD_INPUT
     assert "'server-state/1'" in err and "'fedhl-momentum/1'" in err, err
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in (".lock", "status.json")} == before

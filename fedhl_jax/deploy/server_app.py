@@ -3,7 +3,8 @@
 Run config (``deploy/flower/pyproject.toml``, or ``flwr run --run-config``): ``config`` (the run's
 YAML, the same file the nodes read), ``overrides``, ``out`` (the server's run directory: config,
 metrics, checkpoints, the final adapter), ``round-timeout`` and ``discover-timeout`` (seconds).
-A server started again on the same ``out`` resumes after its last checkpoint.
+A server started again on the same ``out`` resumes after its last checkpoint. The run's outcome is
+in ``out/status.json`` (``flwr run`` exits 0 whatever it is; docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ def serve(grid: Grid, cfg: TrainConfig, out: Path, *, round_timeout: float = 600
     run directory (the same files as ``bin/train.py``'s) and returns the driver's exit status.
 
     A server started again on the same ``out`` restores the newest checkpoint and runs the remaining
-    rounds (``fed.rounds`` may be raised, nothing else changed: ``driver.check_resume``).
+    rounds (``fed.rounds`` may be raised, nothing else changed: ``driver.check_resume``). A start
+    refused at node discovery leaves no ``config.yaml``, and a directory whose run finished no round
+    is started afresh, so a corrected rerun is never refused as a changed config.
     """
     out = Path(out)
     return driver.run(cfg, out, lambda: FederationExecutor(cfg, grid, round_timeout=round_timeout,
@@ -126,4 +129,5 @@ def main(grid: Grid, context: Context) -> None:
     code = serve(grid, cfg, Path(str(rc.get("out", "runs/flower"))), round_timeout=float(rc.get("round-timeout", 600)),
                  discover_timeout=float(rc.get("discover-timeout", 120)), log=lambda m: print(m, flush=True))
     if code:
-        raise RuntimeError(f"the federation's run stopped with exit status {code} (see the messages above)")
+        raise RuntimeError(f"the federation's run stopped with exit status {code} (see the messages above and "
+                           f"{Path(str(rc.get('out', 'runs/flower'))) / 'status.json'})")
