@@ -1,11 +1,11 @@
 """The run driver: one run, from a validated config to its exported result.
 
 The driver owns everything around a round: the run directory and its lock
-(``checkpointing.RunDir``), the resume rule (:func:`check_resume`), restore and placement of the
+(``rundir.RunDir``), the resume rule (:func:`check_resume`), restore and placement of the
 server state, the zero-shot evaluation, the evaluation / checkpoint / watchdog cadence, Ctrl-C,
 the end summary and the export of ``final/``. The rounds themselves come from a
 :class:`RoundExecutor`: the in-process jitted engine (``simulation.Simulation``) or a Flower
-federation (``deploy.strategy.FederationExecutor``). ``bin/train.py`` (``cli``), the Flower
+federation (``flower.strategy.FederationExecutor``). ``bin/train.py`` (``cli``), the Flower
 ``ServerApp`` and the results suites are its users.
 
 Guarantees (docs/engine.md, "Guarantees"): the run directory is locked before anything is written;
@@ -281,12 +281,12 @@ def base_model(executor: RoundExecutor) -> str | None:
 
 def export_final(executor: RoundExecutor, state, out: Path, log) -> Path:
     """Writes ``final/``: the dense global adapter and a PEFT adapter truncated to ``export_rank``
-    (default r_max), atomically, refusing non-finite values (``checkpointing.write_final``)."""
+    (default r_max), atomically, refusing non-finite values (``rundir.write_final``)."""
     import jax
     from safetensors.numpy import save_file
 
     from fedhl_jax import model as M
-    from fedhl_jax.checkpointing import write_final
+    from fedhl_jax.rundir import write_final
 
     cfg = executor.cfg
     rank = cfg.export_rank or cfg.fed.r_max
@@ -344,7 +344,7 @@ def zero_shot(executor: RoundExecutor, state, path: Path, log) -> dict:
         return res
     log("zero-shot: evaluating the starting model (eval.zero_shot)")
     t0 = time.perf_counter()
-    from fedhl_jax.checkpointing import jsonable
+    from fedhl_jax.rundir import jsonable
 
     res = jsonable(executor.evaluate(state, 0, generate=True))
     res["eval_seconds"] = time.perf_counter() - t0
@@ -438,10 +438,10 @@ def run(cfg: TrainConfig, out: Path, build: Callable[[], RoundExecutor], *, resu
       0, ``EXIT_FAILED`` (1: a checkpoint or metrics line could not be written, e.g. a full disk),
       ``EXIT_BAD_INPUT`` (2: refused before any round, the message on stderr), ``EXIT_DIVERGED``
       (3) or ``EXIT_INTERRUPTED`` (130). The outcome is also written to ``out/status.json``
-      (:meth:`checkpointing.RunDir.write_status`), except where a refused start removed ``out`` and
+      (:meth:`rundir.RunDir.write_status`), except where a refused start removed ``out`` and
       by ``export_only`` (which leaves the run's outcome as it was).
     """
-    from fedhl_jax.checkpointing import CheckpointLayoutError, RunDir
+    from fedhl_jax.rundir import CheckpointLayoutError, RunDir
 
     out = Path(out)
     created = not out.exists()
@@ -497,7 +497,7 @@ class Driver:
 
     def export_saved(self) -> int:
         """``--export-only``: ``final/`` from the newest good checkpoint, no round run; the exit status."""
-        from fedhl_jax.checkpointing import NonFiniteError
+        from fedhl_jax.rundir import NonFiniteError
 
         ex, run = self.executor, self.run
         run.manager = run._open_manager()
@@ -632,7 +632,7 @@ class Driver:
             if main_thread:
                 signal.signal(signal.SIGINT, previous)
         seconds = time.perf_counter() - t_run
-        from fedhl_jax.checkpointing import NonFiniteError
+        from fedhl_jax.rundir import NonFiniteError
 
         if not run.primary:  # process 0 exports
             return EXIT_OK

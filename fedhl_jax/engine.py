@@ -16,7 +16,7 @@ a least-squares loss for the bias experiment (``experiments/linreg.py``).
 
 The client side of a round (``make_client_step``), the schedule of sampled clients
 (``ClientSchedule``: ids, masks, scales, keys, batches) and the metrics record (``round_metrics``)
-are shared with a deployed federation (``fedhl_jax.deploy``). ``run_rounds`` is the bare host loop
+are shared with a deployed federation (``fedhl_jax.flower``). ``run_rounds`` is the bare host loop
 (the benchmarks use it); a run around the rounds is ``driver.py``'s.
 """
 
@@ -72,7 +72,7 @@ def add_delta(base: dict, delta: dict) -> dict:
 
 class ClientStep(NamedTuple):
     """One client's side of a round, as pure functions (the simulation vmaps them over the round's
-    clients; a deployed node, ``deploy.node.NodeTrainer``, calls ``train`` for itself).
+    clients; a deployed node, ``flower.node.NodeTrainer``, calls ``train`` for itself).
 
     Attributes:
       train: ``train(base, B, A, mask, scale, *batch) -> (adapter, losses)``: ``K`` local steps

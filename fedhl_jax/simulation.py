@@ -164,7 +164,7 @@ class Simulation:
         self.schedule = engine.ClientSchedule(self.ranks, self.data.num_examples, fed.r_max, cfg.model.alpha,
                                               fed.clients_per_round, cfg.seed, batches=batcher,
                                               rslora=cfg.model.rslora, mesh=self.mesh)
-        # The clients' optimizer, loss and adapter layout (also used by a deployed node, fedhl_jax.deploy).
+        # The clients' optimizer, loss and adapter layout (also used by a deployed node, fedhl_jax.flower).
         self.optimizer = make_optimizer(o.optimizer, o.lr, lr_b=o.lr_b, weight_decay=o.weight_decay,
                                         momentum=o.momentum, grad_clip=o.grad_clip, trainable=self.algorithm.trainable)
         train_cfg = self.model_cfg.replace(remat=cfg.model.remat)  # remat per scanned block, for training

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedhl_jax.checkpointing import read_lock_holder
+from fedhl_jax.rundir import read_lock_holder
 from tests.conftest import REPO, flip_checkpoint_bytes, tiny_overrides
 
 TRAIN = [sys.executable, str(REPO / "bin" / "train.py"), "--no-progress"]

@@ -20,10 +20,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # 
 
 from fedhl_jax.build import build_algorithm  # noqa: E402
 from fedhl_jax.config import load_config, save_config  # noqa: E402
-from fedhl_jax.deploy import client_app  # noqa: E402
-from fedhl_jax.deploy.node import node_identity, pack, unpack  # noqa: E402
-from fedhl_jax.deploy.server_app import lora_shapes  # noqa: E402
-from fedhl_jax.deploy.strategy import FedLoRAStrategy  # noqa: E402
+from fedhl_jax.flower import client_app  # noqa: E402
+from fedhl_jax.flower.node import node_identity, pack, unpack  # noqa: E402
+from fedhl_jax.flower.server_app import lora_shapes  # noqa: E402
+from fedhl_jax.flower.strategy import FedLoRAStrategy  # noqa: E402
 from fedhl_jax.simulation import Simulation  # noqa: E402
 from tests.conftest import REPO, tiny_overrides  # noqa: E402
 
@@ -431,7 +431,7 @@ def test_a_start_refused_at_node_discovery_blocks_no_fixed_rerun(setup, tmp_path
     """A discovery error (too few nodes; rank=0, a rank above r_max, no partition-id take the same
     path): exit 2, no config.yaml left, the outcome in out/status.json; a rerun with another config
     on the same out is a new start, not a refused resume."""
-    from fedhl_jax.deploy.server_app import serve
+    from fedhl_jax.flower.server_app import serve
 
     _, cfg, _, _ = setup
     out = tmp_path / "server"

@@ -211,7 +211,7 @@ def test_a_full_disk_gives_one_line_and_loses_nothing(tmp_path, capsys, monkeypa
 
 
 def test_a_full_disk_before_the_first_round_is_one_line_too(tmp_path, capsys, monkeypatch):
-    import fedhl_jax.checkpointing as C
+    import fedhl_jax.rundir as C
 
     def save_config(cfg, path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))

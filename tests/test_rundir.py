@@ -13,8 +13,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fedhl_jax import checkpointing as C
-from fedhl_jax.checkpointing import (ChecksumMismatchError, NonFiniteError, RunDir, RunLockedError,
+from fedhl_jax import rundir as C
+from fedhl_jax.rundir import (ChecksumMismatchError, NonFiniteError, RunDir, RunLockedError,
                                      acquire_run_lock, arrays_checksum, atomic_directory, check_finite,
                                      write_final)
 from fedhl_jax.config import ConfigError, TrainConfig
@@ -84,7 +84,7 @@ def test_refused_start_releases_the_lock(tmp_path):
 def test_lock_of_a_killed_process_does_not_block_resume(tmp_path):
     out = tmp_path / "run"
     run_with_checkpoints(out).close()
-    code = ("import sys, time; from fedhl_jax.checkpointing import acquire_run_lock; "
+    code = ("import sys, time; from fedhl_jax.rundir import acquire_run_lock; "
             f"lock = acquire_run_lock({str(out)!r}); print('locked', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True)
     try:
@@ -176,7 +176,7 @@ NOISY = textwrap.dedent("""
     import shutil, sys
     from pathlib import Path
     import numpy as np, jax.numpy as jnp
-    from fedhl_jax.checkpointing import RunDir
+    from fedhl_jax.rundir import RunDir
     from fedhl_jax.config import TrainConfig
 
     def state(t):

@@ -1,1 +1,1 @@
-"""fedhl-jax as a Flower app: the ServerApp and ClientApp live in ``fedhl_jax.deploy``."""
+"""fedhl-jax as a Flower app: the ServerApp and ClientApp live in ``fedhl_jax.flower``."""

@@ -12,8 +12,8 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedhl_jax.deploy.node import NodeTrainer, node_identity, run_settings
-from fedhl_jax.deploy.strategy import ARRAYS, CONFIG, METRICS, array_record
+from fedhl_jax.flower.node import NodeTrainer, node_identity, run_settings
+from fedhl_jax.flower.strategy import ARRAYS, CONFIG, METRICS, array_record
 
 app = ClientApp()
 _trainers: dict = {}

@@ -21,8 +21,8 @@ from fedhl_jax import model as M
 from fedhl_jax.model.hub import resolve_model_source
 from fedhl_jax.build import build_algorithm
 from fedhl_jax.config import ConfigError, TrainConfig
-from fedhl_jax.deploy.node import run_settings
-from fedhl_jax.deploy.strategy import FedLoRAStrategy
+from fedhl_jax.flower.node import run_settings
+from fedhl_jax.flower.strategy import FedLoRAStrategy
 from fedhl_jax.engine import RoundRecord
 
 

@@ -5,7 +5,7 @@ A round runs the same pure functions as the simulation's round (``engine.make_ro
     inputs, ids = ClientSchedule(node ranks, ...)(t)                         # the simulation's schedule
     B, A      = algorithm.broadcast(state, mask, scale, key_t)               # plan + materialize
     message_i = pack(B_i, A_i, r_i)  (+ base_delta)  -> node of partition i   # its own rank only
-    ...the nodes train (deploy.node.NodeTrainer: engine.make_client_step)...
+    ...the nodes train (flower.node.NodeTrainer: engine.make_client_step)...
     state     = algorithm.aggregate(state, B, A, mask, scale, n_i, fold_in(key_t, AGGREGATE_STREAM))
 
 with ``key_t = engine.round_key(seed, t)`` and the global round ``t = start_round + server_round - 1``
@@ -37,7 +37,7 @@ from flwr.serverapp.strategy import Strategy
 from fedhl_jax import engine, runtime
 from fedhl_jax.build import build_algorithm
 from fedhl_jax.config import ConfigError, TrainConfig
-from fedhl_jax.deploy.node import BASE_KEY, pack, unpack
+from fedhl_jax.flower.node import BASE_KEY, pack, unpack
 
 #: Message types besides Flower's ``train``: the node says who it is (partition id, rank).
 QUERY = "query"
