@@ -5,7 +5,7 @@ The driver owns everything around a round: the run directory and its lock
 server state, the zero-shot evaluation, the evaluation / checkpoint / watchdog cadence, Ctrl-C,
 the end summary and the export of ``final/``. The rounds themselves come from a
 :class:`RoundExecutor`: the in-process jitted engine (``simulation.Simulation``) or a Flower
-federation (``flower.strategy.FederationExecutor``). ``bin/train.py`` (``cli``), the Flower
+federation (``flower.server_app.FederationExecutor``). ``bin/train.py`` (``cli``), the Flower
 ``ServerApp`` and the results suites are its users.
 
 Guarantees (docs/engine.md, "Guarantees"): the run directory is locked before anything is written;
