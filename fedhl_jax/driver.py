@@ -500,9 +500,8 @@ class Driver:
         from fedhl_jax.rundir import NonFiniteError
 
         ex, run = self.executor, self.run
-        run.manager = run._open_manager()
-        alg = ex.algorithm
-        restored, rounds = run.restore(ex.init_state(), layout=alg.state_layout, migrate=alg.migrate_state)
+        run.begin()  # the run's config.yaml exists: this only opens its checkpoints
+        restored, rounds = self.restore_newest(ex.init_state())
         if restored is None:
             self.reason = f"{run.path} holds no checkpoint to export (no round was saved)"
             print(f"error: {self.reason}", file=sys.stderr)
@@ -519,13 +518,17 @@ class Driver:
         self.log(f"exported the checkpoint of round {rounds} to {final}/ (no round run)")
         return EXIT_OK
 
+    def restore_newest(self, template):
+        """``run.restore`` with the algorithm's state layout: ``(state or None, rounds done)``."""
+        alg = self.executor.algorithm
+        return self.run.restore(template, layout=alg.state_layout, migrate=alg.migrate_state)
+
     def restore(self, resume: bool, extended_from: int | None):
         """``(state, rounds done)``: the newest good checkpoint on resume, else the initial state."""
         ex, run, log = self.executor, self.run, self.log
         state, start = ex.init_state(), 0
         if resume:
-            alg = ex.algorithm
-            restored, start = run.restore(state, layout=alg.state_layout, migrate=alg.migrate_state)
+            restored, start = self.restore_newest(state)
             if restored is not None:
                 state = ex.place_state(restored)
                 log(f"resuming after round {start} from {run.ckpt_path}")
@@ -549,7 +552,7 @@ class Driver:
         state, start = self.restore(resume, extended_from)  # a refused checkpoint rewrites nothing
         self.saved = start
         if extended_from is not None:
-            run.begin(rewrite_config=True)
+            run.write_config()
         if run.primary and ex.data is not None:
             write_partition(ex, run.path, log)
         total = cfg.fed.rounds

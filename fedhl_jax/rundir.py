@@ -501,14 +501,19 @@ class RunDir:
         self.close()
 
     def begin(self, *, rewrite_config: bool = False) -> None:
-        """Writes the resolved config (a new run, or ``rewrite_config``: a resumed run whose
-        ``fed.rounds`` was raised) and opens the checkpoint manager.
+        """Writes the resolved config (a new run, or ``rewrite_config``: a run that finished no round,
+        started again with another config) and opens the checkpoint manager.
 
         Called once the run is known to start, so a run refused at set-up leaves nothing behind.
         """
-        if self.primary and (not self.config_path.exists() or rewrite_config):
-            save_config(self.cfg, self.config_path)
+        if not self.config_path.exists() or rewrite_config:
+            self.write_config()
         self.manager = self._open_manager()
+
+    def write_config(self) -> None:
+        """Writes the run's resolved config to ``config.yaml`` (process 0 only)."""
+        if self.primary:
+            save_config(self.cfg, self.config_path)
 
     def started(self) -> bool:
         """Whether a round of the run has left a trace (a metrics line or a checkpoint step)."""
