@@ -114,6 +114,9 @@ class DataConfig:
       label_kind: labels of label-based partitions, one of the dataset's label kinds (None: its
         default).
       eval_examples: held-out examples (0: none).
+      validation_examples: training rows set aside as a validation split (0: none), for choosing
+        hyperparameters without looking at the held-out (test) rows. The same rows for every seed
+        (a fixed shuffle of the training file); no client trains on them.
       prompt_format: ``auto`` (the model's chat template when its tokenizer has one, else the
         Alpaca template), ``alpaca`` or ``chat`` (``data.prompts.resolve_prompt_format``).
     """
@@ -127,6 +130,7 @@ class DataConfig:
     dirichlet_alpha: float = 0.3
     label_kind: str | None = None
     eval_examples: int = 128
+    validation_examples: int = 0
     prompt_format: str = "auto"
 
     def __post_init__(self):
@@ -142,6 +146,8 @@ class DataConfig:
         _require(self.max_train_examples is None or self.max_train_examples >= 1,
                  f"data.max_train_examples must be >= 1, got {self.max_train_examples}")
         _require(self.eval_examples >= 0, f"data.eval_examples must be >= 0, got {self.eval_examples}")
+        _require(self.validation_examples >= 0,
+                 f"data.validation_examples must be >= 0, got {self.validation_examples}")
         _require(self.prompt_format in PROMPT_FORMATS,
                  f"data.prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
         kinds = list(dataset_spec(self.dataset).label_kinds)
@@ -245,6 +251,8 @@ class EvalConfig:
         (0: after the last round only; null: at every evaluation).
       zero_shot: before the first round of a fresh run, evaluate the starting global model (for
         FedHL and the peers, the base model) with generation, into ``zero_shot.json``.
+      per_example: also report each held-out (and validation) example's mean token loss
+        (``eval_loss_examples``, ``eval_val_loss_examples``), for paired comparisons over examples.
     """
 
     every: int = 1
@@ -256,6 +264,7 @@ class EvalConfig:
     generate_batch_size: int | None = None
     generate_every: int | None = None
     zero_shot: bool = False
+    per_example: bool = False
 
     def __post_init__(self):
         _check_fields(self, "eval.")

@@ -23,17 +23,21 @@ class GlobalEvaluator:
       eval_cfg: ``EvalConfig``.
       metric: ``exact_match`` or ``rouge_l`` for generation.
       alpha, rslora, r_max: LoRA scale and padded rank.
+      validation: tokenised validation rows (their loss is ``eval_val_loss``), or None.
     """
 
     def __init__(self, model_cfg, params, tokenizer, data: TokenizedDataset, algorithm: Algorithm, ranks, eval_cfg,
-                 metric: str, *, alpha: float, rslora: bool, r_max: int):
+                 metric: str, *, alpha: float, rslora: bool, r_max: int, validation: TokenizedDataset | None = None):
         self.model_cfg, self.params, self.tokenizer, self.data = model_cfg, params, tokenizer, data
         self.algorithm, self.cfg, self.metric = algorithm, eval_cfg, metric
         self.ranks = sorted(set(int(r) for r in ranks))
         self.alpha, self.rslora, self.r_max = alpha, rslora, r_max
         n_loss = len(data) if eval_cfg.loss_examples is None else min(eval_cfg.loss_examples, len(data))
         self.loss_tokens, self.loss_mask = data.tokens[:n_loss], data.loss_mask[:n_loss]
-        self.loss_fn = runtime.jit(lambda p, delta, t, m: M.token_losses(model_cfg, M.merge_delta(p, delta), None, t, m))
+        self.validation = validation
+        per_example = eval_cfg.per_example
+        self.loss_fn = runtime.jit(lambda p, delta, t, m: M.token_losses(model_cfg, M.merge_delta(p, delta), None, t, m,
+                                                                         per_example=per_example))
         # Generation shapes fixed for the run: one prompt width (the longest prompt, rounded up to 32)
         # and one batch size, so the decode program compiles once, not once per batch.
         self.n_generate = min(eval_cfg.generate_examples, len(data))
@@ -41,17 +45,28 @@ class GlobalEvaluator:
         lengths = data.prompt_lengths[: self.n_generate]
         self.prompt_width = int(-(-int(lengths.max()) // 32) * 32) if self.n_generate else 0
 
-    def loss(self, delta: dict) -> dict:
-        """``{"loss", "ppl"}`` of the base plus ``delta`` on the held-out response tokens."""
-        return metrics.heldout_loss(lambda t, m: self.loss_fn(self.params, delta, t, m), self.loss_tokens,
-                                       self.loss_mask, self.cfg.batch_size)
+    def loss(self, delta: dict, *, validation: bool = False) -> dict:
+        """``{"loss", "ppl"}`` (and ``"per_example"`` with ``eval.per_example``) of the base plus ``delta``
+        on the held-out response tokens, or on the validation rows' with ``validation``."""
+        tokens, mask = ((self.validation.tokens, self.validation.loss_mask) if validation
+                        else (self.loss_tokens, self.loss_mask))
+        return metrics.heldout_loss(lambda t, m: self.loss_fn(self.params, delta, t, m), tokens, mask,
+                                    self.cfg.batch_size)
 
     def __call__(self, state, key: jax.Array, *, generate: bool = True) -> dict:
-        """``eval_loss``, ``eval_ppl``, per-rank ``eval_loss_rank{r}`` and (with ``generate``) generation
-        metrics as configured."""
+        """``eval_loss``, ``eval_ppl``, ``eval_val_loss`` (with a validation split), per-example losses
+        (``eval.per_example``), per-rank ``eval_loss_rank{r}`` and (with ``generate``) generation metrics
+        as configured."""
         delta = self.algorithm.global_delta(state)
         res = self.loss(delta)
         out = {"eval_loss": res["loss"], "eval_ppl": res["ppl"]}
+        if "per_example" in res:
+            out["eval_loss_examples"] = res["per_example"].tolist()
+        if self.validation is not None:
+            val = self.loss(delta, validation=True)
+            out["eval_val_loss"] = val["loss"]
+            if "per_example" in val:
+                out["eval_val_loss_examples"] = val["per_example"].tolist()
         if self.cfg.per_rank and self.algorithm.per_rank_eval:
             for r in self.ranks:
                 mask = rank_mask([r], self.r_max)

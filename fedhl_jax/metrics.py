@@ -205,14 +205,16 @@ def heldout_loss(
 
     Args:
         loss_sum_fn: ``(tokens [b, T], mask [b, T]) -> (loss_sum, n_tokens)``,
-            both scalars (typically jitted).
+            both scalars, or both ``[b]`` (per row; typically jitted).
         tokens: ``[N, T]`` token ids.
         loss_mask: ``[N, T]`` target mask.
         batch_size: ``b``.
 
     Returns:
         ``{"loss": mean nats per target token, "ppl": exp(loss),
-        "n_tokens": target token count}``.
+        "n_tokens": target token count}``; with a per-row ``loss_sum_fn`` also
+        ``"per_example"``: ``[N]`` float64 mean nats per target token of each
+        row (NaN for a row without target tokens).
 
     Raises:
         ValueError: Shape mismatch, empty input, ``batch_size < 1`` or no
@@ -235,12 +237,17 @@ def heldout_loss(
             tb = np.concatenate([tb, np.repeat(tokens[:1], short, axis=0)])
             mb = np.concatenate([mb, np.zeros((short, mb.shape[1]), dtype=mb.dtype)])
         outs.append(loss_sum_fn(tb, mb))
-    sums = np.asarray([np.asarray(s, dtype=np.float64) for s, _ in outs])
+    sums = np.asarray([np.asarray(s, dtype=np.float64) for s, _ in outs])  # [batches] or [batches, b]
     counts = np.asarray([np.asarray(c, dtype=np.float64) for _, c in outs])
     total, count = float(sums.sum()), float(counts.sum())
     if count <= 0:
         raise ValueError("loss_mask selects no target tokens")
-    return {"loss": total / count, "ppl": perplexity(total, count), "n_tokens": count}
+    out = {"loss": total / count, "ppl": perplexity(total, count), "n_tokens": count}
+    if sums.ndim == 2:  # per row: drop the padding rows of the last batch
+        s, c = sums.reshape(-1)[:n], counts.reshape(-1)[:n]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out["per_example"] = np.where(c > 0, s / np.maximum(c, 1), np.nan)
+    return out
 
 
 #: Generation metrics by name: ``(name shown in tables, per-example score(prediction, reference))``.

@@ -184,7 +184,8 @@ class Simulation:
         if self.data.eval is not None:
             self.evaluator = GlobalEvaluator(self.model_cfg, self.params, self.tokenizer, self.data.eval,
                                              self.algorithm, self.ranks, cfg.eval, eval_metric(dc.dataset),
-                                             alpha=cfg.model.alpha, rslora=cfg.model.rslora, r_max=fed.r_max)
+                                             alpha=cfg.model.alpha, rslora=cfg.model.rslora, r_max=fed.r_max,
+                                             validation=self.data.validation)
             if self.multi_process:
                 self.evaluator = _OnHostState(self.evaluator, self)
 

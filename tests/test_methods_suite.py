@@ -13,7 +13,7 @@ from fedhl_jax.experiments import results_suite as R
 from tests.conftest import REPO
 
 SPECS = {name: OmegaConf.to_container(OmegaConf.load(REPO / "configs" / name))
-         for name in ("results_smollm2.yaml", "results_smollm2_cross_device.yaml")}
+         for name in ("results_smollm2_3rounds.yaml", "results_smollm2_cross_device.yaml")}
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -43,7 +43,7 @@ def _fake_rec(rng, gen):
 
 
 def test_runs_are_cached_and_the_page_regenerates_byte_identically(tmp_path, monkeypatch):
-    spec = SPECS["results_smollm2.yaml"]
+    spec = SPECS["results_smollm2_3rounds.yaml"]
     rng = np.random.default_rng(0)
     calls = []
 
@@ -54,7 +54,7 @@ def test_runs_are_cached_and_the_page_regenerates_byte_identically(tmp_path, mon
     monkeypatch.setattr(R, "run_cell", fake_run_cell)
     monkeypatch.setattr(MS, "zero_shot_cell", lambda base: {"eval_loss": 1.43, "eval_exact_match": 0.03,
                                                             "seconds": 5.0})
-    cache = tmp_path / "results_smollm2.jsonl"
+    cache = tmp_path / "results_smollm2_3rounds.jsonl"
     quiet = lambda *a, **k: None  # noqa: E731
     res = MS.run_suite(spec, cache, log=quiet)
     n_runs = len(MS.cells(spec)) * len(spec["seeds"])
@@ -62,15 +62,15 @@ def test_runs_are_cached_and_the_page_regenerates_byte_identically(tmp_path, mon
     # seed by seed: every main-table method of seed 0 runs before any of seed 1
     main_seeds = [s for (ov, s) in calls[:len(spec["methods"]) * len(spec["seeds"])]]
     assert main_seeds == sorted(main_seeds)
-    md1 = MS.render(spec, res, tmp_path, seconds=100.0, stem="results_smollm2")
-    png1 = (tmp_path / "figures" / "results_smollm2_loss_vs_mb.png").read_bytes()
+    md1 = MS.render(spec, res, tmp_path, seconds=100.0, stem="results_smollm2_3rounds")
+    png1 = (tmp_path / "figures" / "results_smollm2_3rounds_loss_vs_mb.png").read_bytes()
     # a second call reuses every cached run (nothing runs) and renders the same page
     res2 = MS.run_suite(spec, cache, log=quiet)
     assert len(calls) == n_runs
-    md2 = MS.render(spec, res2, tmp_path, seconds=100.0, stem="results_smollm2")
-    assert md1 == md2 and (tmp_path / "figures" / "results_smollm2_loss_vs_mb.png").read_bytes() == png1
+    md2 = MS.render(spec, res2, tmp_path, seconds=100.0, stem="results_smollm2_3rounds")
+    assert md1 == md2 and (tmp_path / "figures" / "results_smollm2_3rounds_loss_vs_mb.png").read_bytes() == png1
     assert "| fedhl |" in md1 and "| rb_lora |" in md1 and "0.030" in md1  # the zero-shot floor is shown
-    assert (tmp_path / "figures" / "results_smollm2_weights.png").exists()
+    assert (tmp_path / "figures" / "results_smollm2_3rounds_weights.png").exists()
     # the hand-written discussion survives a regeneration
     page = R.keep_discussion(None, md1).replace(R.DISCUSSION_END, "my words\n" + R.DISCUSSION_END)
     assert "my words" in R.keep_discussion(page, md2)
@@ -90,9 +90,9 @@ def test_paired_differences_are_per_seed():
 def test_committed_smollm2_cache_matches_the_spec():
     """Every run of the committed SmolLM2 cache is found under the digest its cell has today (a new
     config field at its default must not orphan them and make the suite rerun hours of work)."""
-    spec = SPECS["results_smollm2.yaml"]
+    spec = SPECS["results_smollm2_3rounds.yaml"]
     cells = {c["id"]: c for c in MS.cells(spec)}
-    rows = [json.loads(line) for line in (REPO / "docs" / "results" / "results_smollm2.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (REPO / "docs" / "results" / "results_smollm2_3rounds.jsonl").read_text().splitlines()]
     assert rows
     for row in rows:
         if row["id"] == MS.ZERO_SHOT:

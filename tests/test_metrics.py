@@ -168,3 +168,23 @@ def test_generation_eval_rouge_and_custom_and_arrays():
         generation_eval(lambda b: b, ["p"], ["x"], "bleu")
     with pytest.raises(ValueError, match="returned 0 texts for 1 prompts"):
         generation_eval(lambda b: [], ["p"], ["x"])
+
+
+def test_heldout_loss_per_example_matches_the_rows():
+    rng = np.random.default_rng(0)
+    n, t = 7, 5
+    tokens = rng.integers(0, 9, size=(n, t)).astype(np.int32)
+    mask = (rng.random((n, t)) < 0.6).astype(np.float32)
+    mask[2] = 0.0  # a row without target tokens
+    per_tok = rng.random((n, t))
+
+    def fn(tb, mb):  # per-row sums; the padding rows reuse row 0's tokens with a zero mask
+        idx = [int(np.flatnonzero((tokens == row).all(1))[0]) for row in tb]
+        loss = per_tok[idx] * mb
+        return loss.sum(1), mb.sum(1)
+
+    out = heldout_loss(fn, tokens, mask, batch_size=3)
+    want = np.where(mask.sum(1) > 0, (per_tok * mask).sum(1) / np.maximum(mask.sum(1), 1), np.nan)
+    np.testing.assert_allclose(out["per_example"], want, rtol=1e-12)
+    assert np.isnan(out["per_example"][2]) and out["per_example"].shape == (n,)
+    assert out["loss"] == pytest.approx((per_tok * mask).sum() / mask.sum(), rel=1e-12)

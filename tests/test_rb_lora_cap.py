@@ -93,7 +93,7 @@ def test_default_is_the_published_rule():
 
 
 def test_cached_runs_keep_their_digest_and_a_cap_changes_it():
-    """``beta_cap`` at its default stays out of the results caches' config digest (docs/results/results_smollm2.jsonl)."""
+    """``beta_cap`` at its default stays out of the results caches' config digest (docs/results/results_smollm2_3rounds.jsonl)."""
     import json
 
     import yaml
@@ -102,9 +102,9 @@ def test_cached_runs_keep_their_digest_and_a_cap_changes_it():
     from fedhl_jax.experiments import results_suite as R
     from tests.conftest import REPO
 
-    spec = yaml.safe_load((REPO / "configs" / "results_smollm2.yaml").read_text())
+    spec = yaml.safe_load((REPO / "configs" / "results_smollm2_3rounds.yaml").read_text())
     cells = {c["id"]: c for c in M.cells(spec)}
-    rows = [json.loads(line) for line in (REPO / "docs" / "results" / "results_smollm2.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (REPO / "docs" / "results" / "results_smollm2_3rounds.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "rb_lora" in r["id"] and r["id"] in cells]
     if not rows:
         pytest.skip("no RB-LoRA run in the committed cache")

@@ -162,3 +162,25 @@ def test_cpu_matmul_mode_is_selected_from_the_config(tmp_path):
     np.testing.assert_allclose(results["accurate"][1], results["fast"][1], rtol=1e-5)
     with pytest.raises(ConfigError, match="model.cpu_matmul must be fast or accurate, got 'exact'"):
         load_config(None, ["model.cpu_matmul=exact"])
+
+
+def test_validation_split_and_per_example_losses(tmp_path):
+    over = tiny_overrides(tmp_path, **{"fed.rounds": 1, "data.validation_examples": 12, "eval.per_example": True})
+    s = Simulation(load_config(None, over), log=lambda *_: None)
+    full = Simulation(load_config(None, tiny_overrides(tmp_path, **{"fed.rounds": 1})), log=lambda *_: None)
+    val = s.data.validation
+    assert val is not None and len(val) <= 12 and len(s.data.records) == len(full.data.records) - 12
+    # no client holds a validation row: its reference answer is in no training row
+    train_values = {v for r in s.data.records for v in r.values()}
+    assert len(val.references) > 0 and not any(ref in train_values for ref in val.references)
+    assert all(ref in {v for r in full.data.records for v in r.values()} for ref in val.references)
+    ev = s.evaluate(s.init_state())
+    n_eval = len(s.evaluator.loss_tokens)
+    assert len(ev["eval_loss_examples"]) == n_eval and len(ev["eval_val_loss_examples"]) == len(val)
+    # the pooled loss is the token-weighted mean of the per-example losses
+    tok = s.evaluator.loss_mask[:, 1:].sum(1)
+    np.testing.assert_allclose(np.sum(np.asarray(ev["eval_loss_examples"]) * tok) / tok.sum(), ev["eval_loss"],
+                               rtol=1e-5)
+    assert np.isfinite(ev["eval_val_loss"]) and "eval_val_loss" not in full.evaluate(full.init_state())
+    with pytest.raises(ConfigError, match="data.validation_examples must be >= 0"):
+        load_config(None, tiny_overrides(tmp_path, **{"data.validation_examples": -1}))

@@ -79,6 +79,8 @@ class FederatedDataset:
       labels: ``[N]`` labels of the kept rows.
       partitions: one index array (into ``data``) per client.
       eval: tokenised held-out rows, or None.
+      validation: tokenised validation rows (``data.validation_examples`` training rows that no
+        client holds), or None.
     """
 
     config: DataConfig
@@ -88,6 +90,7 @@ class FederatedDataset:
     labels: np.ndarray
     partitions: list[np.ndarray]
     eval: TokenizedDataset | None = None
+    validation: TokenizedDataset | None = None
 
     @property
     def num_clients(self) -> int:
@@ -106,6 +109,34 @@ class FederatedDataset:
         """A :class:`RoundBatcher` over this dataset's partitions (static ``[n, K, b, T]`` batches)."""
         return RoundBatcher(self.data.tokens, self.data.loss_mask, self.partitions,
                             local_steps=local_steps, batch_size=batch_size, seed=seed)
+
+
+#: The stream of the validation split's shuffle (independent of the run's seed).
+VALIDATION_STREAM = 0x7A11D
+
+
+def split_validation(train, n: int):
+    """Sets ``n`` training rows aside as a validation split.
+
+    The rows are the last ``n`` of a fixed shuffle of the training rows (the same for every seed,
+    so every run of a comparison is tuned on the same rows); the rest keep their order.
+
+    Args:
+      train: the training rows (``datasets.Dataset``).
+      n: validation rows (0: none).
+
+    Returns:
+      ``(train, validation)``; ``validation`` is None when ``n`` is 0.
+
+    Raises:
+      DataError: ``n`` leaves no training row.
+    """
+    if n == 0:
+        return train, None
+    if n >= len(train):
+        raise DataError(f"data.validation_examples={n} leaves no training rows: the training split has {len(train)}")
+    order = np.random.default_rng(VALIDATION_STREAM).permutation(len(train))
+    return train.select(np.sort(order[: len(train) - n])), train.select(order[len(train) - n:])
 
 
 def build_federated_dataset(config: DataConfig, tokenizer: Any, *, num_clients: int, seed: int = 0,
@@ -134,6 +165,7 @@ def build_federated_dataset(config: DataConfig, tokenizer: Any, *, num_clients: 
       DataError: any loading, label or partition error, or more clients than examples.
     """
     train, test = load_records(config, seed, log) if records is None else records
+    train, val = split_validation(train, config.validation_examples)
     if num_clients > len(train):
         raise DataError(f"fed.num_clients={num_clients} is more than the {len(train)} training examples of "
                         f"{config.dataset}")
@@ -160,4 +192,7 @@ def build_federated_dataset(config: DataConfig, tokenizer: Any, *, num_clients: 
           if test is not None and len(test) else None)
     if ev is not None:
         log(f"held-out: {ev.truncation_report()}")
-    return FederatedDataset(config, pcfg, train, data, labels, parts, ev)
+    va = tokenize_dataset(val, tokenizer, config.seq_len, pad_id=pad_id, prompt_format=fmt, warn=False) if val else None
+    if va is not None:
+        log(f"validation: {va.truncation_report()}")
+    return FederatedDataset(config, pcfg, train, data, labels, parts, ev, va)

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     spec = OmegaConf.to_container(OmegaConf.load(args.config))
-    if spec.get("suite") == "methods":  # one dataset, methods × seeds (configs/results_smollm2.yaml)
+    if spec.get("suite") == "methods":  # one dataset, methods × seeds (configs/results_smollm2_3rounds.yaml)
         return run_methods_suite(spec, args)
     mode = "quick" if args.quick else "full"
     (args.out / RESULTS_DIR).mkdir(parents=True, exist_ok=True)

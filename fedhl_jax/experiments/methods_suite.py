@@ -1,6 +1,6 @@
-"""A one-dataset comparison of methods over seeds (``docs/results_smollm2.md``, ``bin/results.py``).
+"""A one-dataset comparison of methods over seeds (``docs/results_smollm2_3rounds.md``, ``bin/results.py``).
 
-The spec (``configs/results_smollm2.yaml``, ``suite: methods``) is a base ``TrainConfig``, a table
+The spec (``configs/results_smollm2_3rounds.yaml``, ``suite: methods``) is a base ``TrainConfig``, a table
 of methods (dotted overrides), seeds, the seeds that also run the (slow) generation metric, and
 optional extra sections of (variant × methods). Runs go through ``results.run_cell`` and are cached
 in a JSONL file keyed by the digest of each run's resolved config, as in ``results.run_suite``; the

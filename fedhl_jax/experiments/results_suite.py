@@ -24,6 +24,7 @@ from fedhl_jax.config import MeshConfig, TrainConfig, from_dict
 from fedhl_jax.data.registry import dataset_spec
 from fedhl_jax.driver import drive_rounds
 from fedhl_jax.simulation import Simulation
+from fedhl_jax.update_stats import update_stats
 
 
 def merge_overrides(base: dict, overrides: dict) -> dict:
@@ -75,13 +76,21 @@ def cells(spec: dict, quick: bool) -> list[dict]:
 
 def run_cell(base: dict, overrides: dict, seed: int, log: Callable = lambda *_: None) -> dict:
     """Trains one (cell, seed) through the run driver's loop (``driver.drive_rounds``, the in-process
-    executor) and returns its curves and final metrics; the held-out loss after every round."""
+    executor) and returns its curves and final metrics.
+
+    The held-out loss (and the validation loss, with ``data.validation_examples``) after every
+    ``eval.every``-th round and the last (``eval_rounds``: which, 1-based); per-example losses of the
+    last evaluation with ``eval.per_example``; per round, the global update's norm and its energy
+    beyond ranks 2, 8 and 16 (``update_stats``)."""
     data = merge_overrides(base, dict(overrides, seed=seed))
     gen = data.get("eval", {}).get("generate_examples", 0)  # generation only once, at the end
     cfg = from_dict(TrainConfig, data)
     t0 = time.perf_counter()
     sim = Simulation(cfg, log=log)
-    rec = {"eval_loss": [], "train_loss": [], "p": [], "ranks": [], "trunc_error": [], "bytes": 0}
+    rec = {"eval_loss": [], "eval_rounds": [], "train_loss": [], "p": [], "ranks": [], "trunc_error": [],
+           "bytes": 0, "update_norm": [], "global_norm": [], "energy_beyond": {}}
+    every, rounds = cfg.eval.every, cfg.fed.rounds
+    last = {"delta": sim.global_delta(sim.init_state()), "eval": {}}
 
     def record(r):
         m = r.metrics
@@ -91,13 +100,31 @@ def run_cell(base: dict, overrides: dict, seed: int, log: Callable = lambda *_: 
         if "trunc_error" in m:
             rec["trunc_error"].append(np.asarray(m["trunc_error"]).tolist())
         rec["bytes"] += m["bytes_down"] + m["bytes_up"]
-        rec["eval_loss"].append(sim.evaluate(r.state, r.t, generate=False)["eval_loss"])
+        delta = sim.global_delta(r.state)
+        u = update_stats(last["delta"], delta)
+        last["delta"] = delta
+        rec["update_norm"].append(u["update_norm"])
+        rec["global_norm"].append(u["global_norm"])
+        for k, v in u["energy_beyond"].items():
+            rec["energy_beyond"].setdefault(str(k), []).append(v)
+        if (r.t + 1) % every == 0 or r.t + 1 == rounds:
+            ev = sim.evaluate(r.state, r.t, generate=False)
+            last["eval"] = ev
+            rec["eval_loss"].append(ev["eval_loss"])
+            rec["eval_rounds"].append(r.t + 1)
+            if "eval_val_loss" in ev:
+                rec.setdefault("val_loss", []).append(ev["eval_val_loss"])
 
-    state = drive_rounds(sim, sim.init_state(), range(cfg.fed.rounds), [record])
+    state = drive_rounds(sim, sim.init_state(), range(rounds), [record])
     if gen:
         g = sim.evaluator.generation(sim.global_delta(state), n=gen)
         rec.update({k: v for k, v in g.items() if k not in ("eval_sample", "eval_generated")})
     rec["final_eval_loss"] = rec["eval_loss"][-1]
+    if "val_loss" in rec:
+        rec["final_val_loss"] = rec["val_loss"][-1]
+    for key, name in (("eval_loss_examples", "eval_loss_examples"), ("eval_val_loss_examples", "val_loss_examples")):
+        if key in last["eval"]:
+            rec[name] = [round(float(x), 6) for x in last["eval"][key]]
     rec["seconds"] = time.perf_counter() - t0
     jax.clear_caches()
     return rec
@@ -109,7 +136,8 @@ def run_cell(base: dict, overrides: dict, seed: int, log: Callable = lambda *_: 
 _LATER_DEFAULTS = {("data", "prompt_format"): "auto", ("eval", "loss_examples"): None,
                    ("eval", "generate_every"): None, ("eval", "zero_shot"): False,
                    ("eval", "generate_batch_size"): None, ("model", "cpu_matmul"): "fast",
-                   ("fed", "options", "beta_cap"): None}
+                   ("fed", "options", "beta_cap"): None, ("data", "validation_examples"): 0,
+                   ("eval", "per_example"): False}
 _LATER_SECTIONS = {"mesh": MeshConfig()}
 
 

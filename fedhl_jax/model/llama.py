@@ -545,7 +545,7 @@ def forward_cached(cfg: LlamaConfig, params: dict, tokens: jax.Array, positions:
 
 # --------------------------------------------------------------------------- losses
 def token_losses(cfg: LlamaConfig, params: dict, adapter: Adapter | None, tokens: jax.Array,
-                 loss_mask: jax.Array, *, attention_mask: jax.Array | None = None
+                 loss_mask: jax.Array, *, attention_mask: jax.Array | None = None, per_example: bool = False
                  ) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross-entropy and the number of target tokens.
 
@@ -559,9 +559,10 @@ def token_losses(cfg: LlamaConfig, params: dict, adapter: Adapter | None, tokens
       tokens: ``[B, T]`` token ids.
       loss_mask: ``[B, T]`` 0/1 (or float weights) over target tokens.
       attention_mask: optional ``[B, T]`` padding mask (needed for left padding only).
+      per_example: sum over each row only.
 
     Returns:
-      ``(sum_loss [], n_tokens [])``, both float32.
+      ``(sum_loss [], n_tokens [])``, both float32 (``[B]`` each with ``per_example``).
     """
     tokens = jnp.asarray(tokens)
     am = None if attention_mask is None else jnp.asarray(attention_mask)[:, :-1]
@@ -570,6 +571,8 @@ def token_losses(cfg: LlamaConfig, params: dict, adapter: Adapter | None, tokens
     weights = jnp.asarray(loss_mask)[:, 1:].astype(jnp.float32)  # [B, T-1]
     logz = jax.nn.logsumexp(logits, axis=-1)  # [B, T-1]
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    if per_example:
+        return jnp.sum((logz - target_logit) * weights, axis=-1), jnp.sum(weights, axis=-1)  # [B], [B]
     return jnp.sum((logz - target_logit) * weights), jnp.sum(weights)
 
 
