@@ -2,7 +2,8 @@
 
   fedhl-results --quick      # one seed, few rounds: docs/results_quick.md
   fedhl-results              # the full suite of configs/results.yaml (3 seeds, every dataset): docs/results.md
-  fedhl-results --config configs/results_smollm2.yaml   # SmolLM2: docs/results_smollm2.md
+  fedhl-results --config configs/results_smollm2.yaml   # SmolLM2, tuned rates: docs/results_smollm2.md
+  fedhl-results --config configs/results_smollm2.yaml --render-only   # its page from the cache alone
 
 Under ``--out`` (default ``docs``, relative to the current directory) the page is ``<page>.md``, its
 plots go to ``figures/`` and the finished (cell, seed) runs are cached in ``results/<mode>.jsonl``
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from fedhl_jax.experiments import evidence_suite as ES
 from fedhl_jax.experiments import methods_suite as MS
 from fedhl_jax.experiments import results_suite as R
 
@@ -36,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder of the page; plots go to its figures/, run caches to its results/")
     p.add_argument("--only", help="run only the cells whose id contains this text (e.g. main:dataset=gsm8k); "
                    "cached runs of the other cells are still shown")
+    p.add_argument("--render-only", action="store_true",
+                   help="write the page from the cached runs without training (suite: evidence)")
     p.add_argument("--compile-cache", default=str(Path.home() / ".cache" / "fedhl_jax" / "xla"),
                    help="XLA persistent compilation cache shared by the cells ('' turns it off)")
     args = p.parse_args(argv)
@@ -55,6 +59,8 @@ def main(argv=None) -> int:
     spec = OmegaConf.to_container(OmegaConf.load(args.config))
     if spec.get("suite") == "methods":  # one dataset, methods × seeds (configs/results_smollm2_3rounds.yaml)
         return run_methods_suite(spec, args)
+    if spec.get("suite") == "evidence":  # tuned rates, settings, intervals (configs/results_smollm2.yaml)
+        return run_evidence_suite(spec, args)
     mode = "quick" if args.quick else "full"
     (args.out / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
     cache = args.out / RESULTS_DIR / f"results_{mode}.jsonl"
@@ -78,6 +84,21 @@ def run_methods_suite(spec: dict, args: argparse.Namespace) -> int:
     runs = [r for c in res["cells"].values() for r in c["runs"].values()] + [res["zero_shot"] or {}]
     seconds = sum(r.get("seconds", 0.0) for r in runs)
     md = MS.render(spec, res, args.out, seconds=seconds, stem=stem)
+    page = args.out / f"{stem}.md"
+    page.write_text(R.keep_discussion(page.read_text() if page.exists() else None, md))
+    print(f"wrote {page} ({time.perf_counter() - t0:.0f} s this call)")
+    return 0
+
+
+def run_evidence_suite(spec: dict, args: argparse.Namespace) -> int:
+    """A ``suite: evidence`` spec (``evidence_suite``); the page is ``<config stem>.md``. ``--render-only``
+    writes the page from the cache without training."""
+    stem = args.config.stem
+    (args.out / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    res = ES.run_suite(spec, args.out / RESULTS_DIR / f"{stem}.jsonl", only=args.only,
+                       max_runs=0 if args.render_only else None)
+    md = ES.render(spec, res, args.out, stem=stem)
     page = args.out / f"{stem}.md"
     page.write_text(R.keep_discussion(page.read_text() if page.exists() else None, md))
     print(f"wrote {page} ({time.perf_counter() - t0:.0f} s this call)")

@@ -27,12 +27,17 @@ to step size.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from fedhl_jax.experiments import results_suite as R
+from fedhl_jax.experiments import stats as S
 
 ZERO_SHOT = "zero_shot"
 FINAL_GENERATION = "final_generation"
@@ -53,7 +58,14 @@ def overrides(spec: dict, setting: str, method: str, lr: float) -> dict:
 
 
 def digest(spec: dict, setting: str, method: str, lr: float, seed: int) -> str:
-    return R.config_digest(spec["base"], overrides(spec, setting, method, lr), seed)
+    """The cache key of one run (``results_suite.config_digest``, memoised: the tuning rule asks often)."""
+    return _digest(json.dumps(spec["base"], sort_keys=True), json.dumps(overrides(spec, setting, method, lr),
+                                                                        sort_keys=True), seed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(base: str, ov: str, seed: int) -> str:
+    return R.config_digest(json.loads(base), json.loads(ov), seed)
 
 
 def tried(spec: dict, by_config: dict, method: str) -> dict[float, dict]:
@@ -167,12 +179,14 @@ def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable
         return True
 
     zs = "zero_shot-" + R.config_digest(base, {}, tune_seed)
-    if spec.get("zero_shot", True) and zs not in by_config and (only is None or only in ZERO_SHOT):
+    if (spec.get("zero_shot", True) and zs not in by_config and (only is None or only in ZERO_SHOT)
+            and (max_runs is None or max_runs > 0)):
         from fedhl_jax.experiments.methods_suite import zero_shot_cell
 
         rec = zero_shot_cell(R.merge_overrides(base, spec.get("zero_shot_overrides") or {}))
         by_config[zs] = rec
         R.append_cache(cache, ZERO_SHOT, tune_seed, zs, rec)
+        done[0] += 1
         log(f"zero-shot: test {rec.get('eval_loss', math.nan):.4f} ({rec['seconds']:.0f} s)", flush=True)
     # 2. tuning, round-robin over methods so that an interrupted suite has whole grid columns
     while True:
@@ -205,15 +219,228 @@ def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable
                            digest(spec, setting, m, best[m], seed)):
                     return _summary(spec, by_config)
     # 5. one generation pass of the best method
-    fg = spec.get("final_generation")
-    lead = leaders(spec, by_config)
-    if fg and lead:
-        m = lead[0]
-        ov = dict(overrides(spec, first, m, best[m]), **fg["overrides"])
-        run(f"{FINAL_GENERATION}:method={m}:lr={best[m]:g}", ov, tune_seed, R.config_digest(base, ov, tune_seed))
+    fg = final_generation(spec, by_config)
+    if fg is not None:
+        run(fg[0], fg[1], tune_seed, fg[2])
     return _summary(spec, by_config)
 
 
+def final_generation(spec: dict, by_config: dict) -> tuple[str, dict, str] | None:
+    """``(run id, overrides, digest)`` of the final generation pass (the best tuned method), or None
+    before every method is tuned or without ``final_generation`` in the spec."""
+    lead, fg = leaders(spec, by_config), spec.get("final_generation")
+    if not fg or not lead:
+        return None
+    m, first, seed = lead[0], setting_names(spec)[0], spec["tune"]["seed"]
+    lr = tuned(spec, by_config)[m]
+    ov = dict(overrides(spec, first, m, lr), **fg["overrides"])
+    return f"{FINAL_GENERATION}:method={m}:lr={lr:g}", ov, R.config_digest(spec["base"], ov, seed)
+
+
 def _summary(spec: dict, by_config: dict) -> dict:
+    fg = final_generation(spec, by_config)
     return {"by_config": by_config, "tuned": tuned(spec, by_config), "leaders": leaders(spec, by_config),
+            "final_generation": [(fg[0], by_config[fg[2]])] if fg and fg[2] in by_config else [],
             "seconds": sum(r.get("seconds", 0.0) for r in by_config.values())}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def runs_of(spec: dict, by_config: dict, setting: str, method: str, lr: float | None) -> dict[int, dict]:
+    """``{seed: record}`` of a method's cached runs in a setting at rate ``lr``."""
+    if lr is None:
+        return {}
+    seeds = spec["settings"][setting]["seeds"]
+    out = {s: by_config.get(digest(spec, setting, method, lr, s)) for s in seeds}
+    return {s: r for s, r in out.items() if r is not None}
+
+
+def example_losses(runs: dict[int, dict], seeds: list[int], key: str = "eval_loss_examples") -> np.ndarray | None:
+    """``[S, E]`` per-example losses of ``seeds`` (None when a seed is missing)."""
+    if not seeds or any(s not in runs or key not in runs[s] for s in seeds):
+        return None
+    return np.asarray([runs[s][key] for s in seeds], np.float64)
+
+
+def compare(a: dict[int, dict], b: dict[int, dict], key: str = "eval_loss_examples") -> dict | None:
+    """Paired comparison ``a − b`` over their common seeds: bootstrap interval (seeds × examples),
+    paired t-test over seeds (with ≥ 2 seeds) and the decision; None without a common seed."""
+    seeds = sorted(set(a) & set(b))
+    la, lb = example_losses(a, seeds, key), example_losses(b, seeds, key)
+    if la is None or lb is None:
+        return None
+    ok = np.isfinite(la).all(0) & np.isfinite(lb).all(0)  # examples without a target token drop out
+    la, lb = la[:, ok], lb[:, ok]
+    ci = S.paired_bootstrap_ci(la, lb)
+    t = S.paired_t_test(la, lb) if len(seeds) >= 2 else None
+    return {"ci": ci, "t": t, "seeds": len(seeds), "examples": int(ok.sum())}
+
+
+def mean_ci(runs: dict[int, dict], key: str = "eval_loss_examples") -> S.Interval | None:
+    """The 95% bootstrap interval (seeds × examples) of a method's mean per-example loss."""
+    seeds = sorted(runs)
+    la = example_losses(runs, seeds, key)
+    if la is None:
+        return None
+    la = la[:, np.isfinite(la).all(0)]
+    return S.paired_bootstrap_ci(la, np.zeros_like(la))
+
+
+def _fmt_ci(ci: S.Interval | None, digits: int = 3, sign: bool = False) -> str:
+    if ci is None:
+        return "–"
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    return f"{f.format(ci.mean)} [{f.format(ci.low)}, {f.format(ci.high)}]"
+
+
+def _fmt_cmp(c: dict | None, names: tuple[str, str]) -> list[str]:
+    if c is None:
+        return ["–", "–", "–", "not run"]
+    p = f"{c['t'].p:.3g}" if c["t"] is not None else "– (1 seed)"
+    return [_fmt_ci(c["ci"], sign=True), p, f"{c['seeds']} × {c['examples']}", S.decision(c["ci"], names)]
+
+
+def _lr(lr: float | None) -> str:
+    return "–" if lr is None else f"{lr:g}"
+
+
+def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
+    """Writes the plots ``out_dir/figures/<stem>_*.png`` and returns the page's Markdown (from the cache alone)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_config, best, lead = res["by_config"], res["tuned"], res["leaders"]
+    names, methods = setting_names(spec), list(spec["methods"])
+    first, tune_seed = names[0], spec["tune"]["seed"]
+    n_tune = sum(len(tried(spec, by_config, m)) for m in methods)
+    zs = by_config.get("zero_shot-" + R.config_digest(spec["base"], {}, tune_seed)) or {}
+    L = [f"# {spec.get('title', 'Results')}", "",
+         f"**{res['seconds'] / 3600:.1f} h of compute** so far ({len(by_config)} cached runs: the sum of their wall "
+         f"times on {spec.get('machine', 'this machine')}). Regenerate: `fedhl-results --config configs/{stem}.yaml` "
+         f"(finished runs are cached in `docs/results/{stem}.jsonl` as they finish and reused; the page is "
+         "regenerated from the cache alone, and an interrupted suite resumes where it stopped).", "",
+         spec.get("setup", "").strip(), "",
+         "How to read the intervals: the loss of a method is the mean over held-out answers of each answer's mean "
+         "token loss; an interval is a 95% two-level paired bootstrap over seeds and answers "
+         "(`fedhl_jax/experiments/stats.py`); p is the two-sided paired t-test over seeds. A difference whose "
+         "interval holds 0 is **not decided**.", ""]
+    # ---- the table a practitioner reads first
+    L += ["## Which method, per setting", "",
+          "Held-out loss (lower is better) with its 95% interval, each method at its own learning rate (chosen on "
+          "the validation rows in the first setting, seed "
+          f"{tune_seed}), and the megabytes sent per round (down + up, all clients, float32).", ""]
+    head = ["method", "tuned lr"] + [spec["settings"][s].get("short", s) for s in names] + ["MB per round"]
+    L += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for m in methods:
+        row = [m, _lr(best.get(m))]
+        mb = None
+        for s in names:
+            runs = runs_of(spec, by_config, s, m, best.get(m))
+            ci = mean_ci(runs)
+            row.append(f"{_fmt_ci(ci)} ({len(runs)} seed{'s' if len(runs) != 1 else ''})" if ci else "–")
+            if runs and mb is None:
+                r0 = next(iter(runs.values()))
+                mb = r0["bytes"] / len(r0["train_loss"]) / 2**20
+        row.append(f"{mb:.1f}" if mb is not None else "–")
+        L.append("| " + " | ".join(row) + " |")
+    L.append("")
+    if zs:
+        L += [f"Zero-shot model: held-out loss {zs.get('eval_loss', float('nan')):.3f} (pooled over tokens)"
+              + (f", exact match {zs['eval_exact_match']:.3f} on {int(zs.get('eval_generated', 0))} test questions"
+                 if "eval_exact_match" in zs else "") + "."]
+    for rid, rec in res.get("final_generation", []):
+        metric = next((k for k in rec if k in ("eval_exact_match", "eval_rouge_l")), None)
+        if metric:
+            L.append(f"Final generation pass ({rid.split(':', 1)[1]}, seed {tune_seed}): "
+                     f"{metric[5:].replace('_', ' ')} {rec[metric]:.3f}.")
+    # ---- named comparisons
+    L += ["", "## Named comparisons", "",
+          "Paired differences of held-out loss (a − b, negative: a is better), each method at its own tuned rate.", "",
+          "| setting | a − b | difference [95% interval] | p (paired t) | seeds × answers | decision |",
+          "|---|---|---|---|---|---|"]
+    for s in names:
+        for a, b in spec.get("pairs", []):
+            ra, rb = runs_of(spec, by_config, s, a, best.get(a)), runs_of(spec, by_config, s, b, best.get(b))
+            if not ra or not rb:
+                continue
+            L.append("| " + " | ".join([s, f"{a} − {b}"] + _fmt_cmp(compare(ra, rb), (a, b))) + " |")
+    # ---- step size
+    L += ["", "## Step size: every method at every learning rate it was tuned on", "",
+          f"Setting {first}, seed {tune_seed}. Validation loss (pooled over tokens; it chose the rate, **bold**), "
+          "held-out loss, the norm of the final global adapter ‖G‖_F, the mean update norm ‖ΔG‖_F per round, and the "
+          "share of round 1's update energy beyond rank 2 and of the mean round's beyond rank 8 and 16.", "",
+          "| method | lr | validation loss | held-out loss | ‖G‖_F | mean ‖ΔG‖_F | beyond r2 (round 1) | "
+          "beyond r8 | beyond r16 |", "|---|---|---|---|---|---|---|---|---|"]
+    curves = {}
+    for m in methods:
+        runs = tried(spec, by_config, m)
+        for lr in sorted(runs):
+            r = runs[lr]
+            eb = r.get("energy_beyond", {})
+            v = f"{r.get('final_val_loss', float('nan')):.4f}"
+            L.append("| " + " | ".join([
+                m, f"{lr:g}", f"**{v}**" if lr == best.get(m) else v, f"{r['final_eval_loss']:.4f}",
+                f"{r['global_norm'][-1]:.3f}" if r.get("global_norm") else "–",
+                f"{np.mean(r['update_norm']):.3f}" if r.get("update_norm") else "–",
+                f"{eb['2'][0]:.3f}" if eb.get("2") else "–",
+                f"{np.mean(eb['8']):.3f}" if eb.get("8") else "–",
+                f"{np.mean(eb['16']):.3f}" if eb.get("16") else "–"]) + " |")
+            if r.get("global_norm"):
+                curves.setdefault(m, []).append((r["global_norm"][-1], r["final_eval_loss"], lr))
+    # the named pairs at one common learning rate (seed ``tune_seed``: intervals over answers only)
+    rates = [float(x) for x in spec["tune"]["grid"]]
+    rows = []
+    for a, b in spec.get("pairs", []):
+        ta, tb = tried(spec, by_config, a), tried(spec, by_config, b)
+        cells = []
+        for lr in sorted(rates):
+            c = compare({tune_seed: ta[lr]}, {tune_seed: tb[lr]}) if lr in ta and lr in tb else None
+            cells.append(f"{_fmt_ci(c['ci'], sign=True)}{'' if S.decision(c['ci']) == S.NOT_DECIDED else ' •'}"
+                         if c else "–")
+        rows.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    if rows:
+        L += ["", f"The named pairs at the same learning rate (held-out loss, seed {tune_seed}; 95% bootstrap over "
+              "answers only, so they say nothing about seed-to-seed variation; •: the interval excludes 0):", "",
+              "| a − b | " + " | ".join(f"lr {lr:g}" for lr in sorted(rates)) + " |", "|---" * (len(rates) + 1) + "|"]
+        L += rows
+    # matched update norm: each method's held-out loss interpolated at common ‖G‖ (log-linear in ‖G‖)
+    common = [c for c in curves.values() if len(c) >= 2]
+    if len(common) >= 2:
+        lo = max(min(g for g, _, _ in c) for c in common)
+        hi = min(max(g for g, _, _ in c) for c in common)
+        if lo < hi:
+            grid = np.exp(np.linspace(np.log(lo), np.log(hi), 3))
+            L += ["", "At matched update size: each method's held-out loss interpolated (linearly in log ‖G‖_F, "
+                  "between the rates it ran) at the same final ‖G‖_F, within the range every method reached:", "",
+                  "| method | " + " | ".join(f"‖G‖_F = {g:.3f}" for g in grid) + " |", "|---" * (len(grid) + 1) + "|"]
+            for m, c in curves.items():
+                if len(c) < 2:
+                    continue
+                c = sorted(c)
+                y = np.interp(np.log(grid), np.log([g for g, _, _ in c]), [v for _, v, _ in c])
+                L.append(f"| {m} | " + " | ".join(f"{v:.4f}" for v in y) + " |")
+    # ---- plots
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    if curves:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for m, c in curves.items():
+            c = sorted(c)
+            ax.plot([g for g, _, _ in c], [v for _, v, _ in c], marker="o", ms=3, label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("‖G‖_F after the last round (the rates of the grid)")
+        ax.set_ylabel("held-out loss")
+        ax.set_title(f"{spec.get('short_title', '')}: loss against update size ({first}, seed {tune_seed})", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "figures" / f"{stem}_loss_vs_norm.png", dpi=110)
+        plt.close(fig)
+        L += ["", f"![loss against update size](figures/{stem}_loss_vs_norm.png)"]
+    if lead is not None:
+        L += ["", f"Leading methods (lowest tuned validation loss, {first}): {', '.join(lead)}; they run the other "
+              "settings at the rate tuned here."]
+    L += ["", R.DISCUSSION_BEGIN, R.DISCUSSION_END, ""]
+    return "\n".join(L)

@@ -1,0 +1,141 @@
+"""The evidence suite (configs/results_smollm2.yaml): tuning order and rule, seeds at each method's own
+rate, leaders, resume from the cache, and a page regenerated from the cache alone (training replaced by a
+synthetic record whose validation loss has a known best rate per method)."""
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from fedhl_jax.experiments import evidence_suite as E
+from fedhl_jax.experiments import results_suite as R
+from tests.conftest import REPO
+
+SPEC = yaml.safe_load((REPO / "configs" / "results_smollm2.yaml").read_text())
+#: the synthetic validation optimum of each method (log2 of lr / 4e-3): off-grid ones need an extension
+OPT = {"flexlora": 0.0, "fedhl": -1.0, "fedhl_data_size": 3.0, "fedhl_balanced": -4.0, "rb_lora": 1.0,
+       "rb_lora_cap2": 0.4, "fedhl_rb": 0.9, "hetlora": -0.2, "fedit_r16": 0.1}
+
+
+def _method(ov):
+    for m, mov in SPEC["methods"].items():
+        if all(ov.get(k) == v for k, v in mov.items()) and ov.get("fed.algorithm") == mov["fed.algorithm"]:
+            if all(k in ov for k in mov) and not any(k.startswith("fed.options") and k not in mov for k in ov):
+                return m
+    raise AssertionError(ov)
+
+
+def fake_run_cell(calls):
+    def run_cell(base, overrides, seed, log=None):
+        m, lr = _method(overrides), overrides["optim.lr"]
+        calls.append((m, lr, seed, overrides.get("fed.num_clients", 10), overrides.get("data.dataset", "gsm8k")))
+        x = math.log2(lr / 0.004) - OPT[m]
+        val = 1.0 + 0.01 * x * x + 0.001 * list(OPT).index(m)
+        rng = np.random.default_rng([seed, int(lr * 1e6), list(OPT).index(m)])
+        ex = (val + 0.3 * rng.normal(size=200)).tolist()
+        return {"final_val_loss": val, "final_eval_loss": val + 0.01, "eval_loss": [val + 0.01], "eval_rounds": [10],
+                "train_loss": [1.0] * 10, "bytes": 10 * 2**20, "eval_loss_examples": ex,
+                "global_norm": [0.1 * lr / 0.004] * 10, "update_norm": [0.01 * lr / 0.004] * 10,
+                "energy_beyond": {"2": [0.5] * 10, "8": [0.1] * 10, "16": [0.0] * 10}, "seconds": 1.0,
+                **({"eval_exact_match": 0.05} if overrides.get("eval.generate_examples") else {})}
+    return run_cell
+
+
+@pytest.fixture
+def spec():
+    s = copy.deepcopy(SPEC)
+    s["zero_shot"] = False
+    return s
+
+
+def test_config_is_valid_and_every_run_resolves(spec):
+    from fedhl_jax.config import TrainConfig, from_dict
+
+    for setting in E.setting_names(spec):
+        for m in spec["methods"]:
+            for lr in E.candidate_rates(spec):
+                from_dict(TrainConfig, R.merge_overrides(spec["base"], dict(E.overrides(spec, setting, m, lr), seed=1)))
+    for a, b in spec["pairs"]:
+        assert a in spec["methods"] and b in spec["methods"]
+
+
+def test_tuning_rule_seeds_leaders_and_resume(spec, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(R, "run_cell", fake_run_cell(calls))
+    cache = tmp_path / "c.jsonl"
+    res = E.run_suite(spec, cache, log=lambda *a, **k: None)
+    grid = spec["tune"]["grid"]
+    # tuning first: every method at grid[0], then grid[1], ... (round-robin), seed 0, cross-silo
+    n = len(spec["methods"])
+    assert [c[1] for c in calls[:n * len(grid)]] == [g for g in grid for _ in range(n)]
+    assert all(c[2] == 0 and c[3] == 10 for c in calls[:n * len(grid)])
+    # the best validation rate of each method, extended one step beyond the grid's edge at most
+    want = {m: 0.004 * 2 ** min(max(round(o), -3), 2) for m, o in OPT.items()}  # grid 2^-2..2^1, one step beyond
+    assert res["tuned"] == pytest.approx(want)
+    tried = {m: sorted(E.tried(spec, res["by_config"], m)) for m in spec["methods"]}
+    assert tried["fedhl_data_size"] == [0.001, 0.002, 0.004, 0.008, 0.016]  # best at 8e-3 -> 1.6e-2 tried, and kept
+    assert tried["fedhl_balanced"] == [0.0005, 0.001, 0.002, 0.004, 0.008]
+    assert tried["flexlora"] == sorted(grid)
+    # seeds 1, 2 at the method's own rate; seed 0 is the tuning run (not rerun)
+    silo = [c for c in calls if c[3] == 10 and c[4] == "gsm8k" and c[2] > 0]
+    assert sorted((c[0], c[2]) for c in silo) == sorted((m, s) for m in spec["methods"] for s in (1, 2))
+    assert all(c[1] == pytest.approx(want[c[0]]) for c in silo)
+    # the leaders (lowest tuned validation loss) alone run the other settings, 2 seeds each
+    val = {m: 1.0 + 0.01 * (math.log2(want[m] / 0.004) - OPT[m]) ** 2 + 0.001 * list(OPT).index(m) for m in OPT}
+    lead = sorted(val, key=lambda m: (val[m], m))[:4]
+    assert res["leaders"] == lead
+    other = [c for c in calls if c[3] == 100 or c[4] == "codealpaca"]
+    assert sorted(set(c[0] for c in other)) == sorted(lead) and len(other) == 4 * 2 * 2
+    assert [c for c in calls if c[0] == lead[0]][-1][2] == 0  # the final generation pass, seed 0
+    assert res["final_generation"] and res["final_generation"][0][1]["eval_exact_match"] == 0.05
+    # resume: nothing reruns; an interrupted suite ends with the same cache
+    before = len(calls)
+    E.run_suite(spec, cache, log=lambda *a, **k: None)
+    assert len(calls) == before
+    cache2 = tmp_path / "c2.jsonl"
+    for _ in range(200):
+        if E.run_suite(spec, cache2, log=lambda *a, **k: None, max_runs=7)["final_generation"]:
+            break
+    key = lambda p: sorted(json.dumps(json.loads(line), sort_keys=True) for line in p.read_text().splitlines())
+    assert key(cache) == key(cache2)
+
+
+def test_page_from_the_cache_alone(spec, tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "run_cell", fake_run_cell([]))
+    cache = tmp_path / "c.jsonl"
+    E.run_suite(spec, cache, log=lambda *a, **k: None)
+    monkeypatch.setattr(R, "run_cell", lambda *a, **k: pytest.fail("render must not train"))
+    res = E.run_suite(spec, cache, log=lambda *a, **k: None)
+    md = E.render(spec, res, tmp_path, stem="results_smollm2")
+    assert md == E.render(spec, res, tmp_path, stem="results_smollm2")
+    assert "## Which method, per setting" in md and "## Named comparisons" in md and "p (paired t)" in md
+    row = next(line for line in md.splitlines() if line.startswith("| flexlora | 0.004 |"))
+    assert row.count("[") == 3  # an interval in all three settings (it leads)
+    assert "not decided" in md or " < " in md
+    assert (tmp_path / "figures" / "results_smollm2_loss_vs_norm.png").exists()
+    assert "At matched update size" in md
+
+
+def test_compare_is_the_stats_modules_paired_interval():
+    rng = np.random.default_rng(0)
+    a = {s: {"eval_loss_examples": (1 + rng.normal(size=50)).tolist()} for s in (0, 1, 2)}
+    b = {s: {"eval_loss_examples": (np.asarray(a[s]["eval_loss_examples"]) + 0.2).tolist()} for s in (0, 1)}
+    c = E.compare(a, b)
+    assert c["seeds"] == 2 and c["examples"] == 50
+    assert c["ci"].mean == pytest.approx(-0.2) and c["ci"].high < 0 and c["t"].p < 1e-6
+    assert E.compare(a, {}) is None
+
+
+def test_render_only_trains_nothing(tmp_path, monkeypatch):
+    from fedhl_jax.experiments import cli
+    from fedhl_jax.experiments import methods_suite as MS
+
+    monkeypatch.setattr(R, "run_cell", lambda *a, **k: pytest.fail("--render-only must not train"))
+    monkeypatch.setattr(MS, "zero_shot_cell", lambda *a, **k: pytest.fail("--render-only must not evaluate"))
+    assert cli.main(["--config", str(REPO / "configs" / "results_smollm2.yaml"), "--out", str(tmp_path),
+                     "--render-only", "--compile-cache", ""]) == 0
+    page = (tmp_path / "results_smollm2.md").read_text()
+    assert "## Which method, per setting" in page and "<!-- discussion" in page
