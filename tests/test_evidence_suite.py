@@ -15,6 +15,7 @@ from fedhl_jax.experiments import results_suite as R
 from tests.conftest import REPO
 
 SPEC = yaml.safe_load((REPO / "configs" / "results_smollm2.yaml").read_text())
+GPU_SPEC = yaml.safe_load((REPO / "configs" / "results_smollm2_gpu.yaml").read_text())
 #: the synthetic validation optimum of each method (log2 of lr / 4e-3): off-grid ones need an extension
 OPT = {"flexlora": 0.0, "fedhl": -1.0, "fedhl_data_size": 3.0, "fedhl_balanced": -4.0, "rb_lora": 1.0,
        "rb_lora_cap2": 0.4, "fedhl_rb": 0.9, "hetlora": -0.2, "fedit_r16": 0.1}
@@ -51,8 +52,11 @@ def spec():
     return s
 
 
-def test_config_is_valid_and_every_run_resolves(spec):
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_config_is_valid_and_every_run_resolves(name):
     from fedhl_jax.config import TrainConfig, from_dict
+
+    spec = SPEC if name == "cpu" else GPU_SPEC
 
     for setting in E.setting_names(spec):
         for m in spec["methods"]:
