@@ -10,10 +10,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from fedhl_jax import engine
-from fedhl_jax.model import load_gguf, load_pretrained, param_shapes, path_to_hf_key
+from fedhl_jax.model import export_merged, load_gguf, load_pretrained, param_shapes, path_to_hf_key
 from fedhl_jax.model.checkpoint import NonFiniteWeightError
 from fedhl_jax.model.gguf import GGUFError
 from fedhl_jax.model.llama import flatten_params
@@ -63,13 +64,19 @@ def test_gguf_reads_any_region_of_any_type(tmp_path):
                 np.testing.assert_array_equal(got, w[idx], err_msg=f"{path} {idx}")
 
 
-def test_one_device_mesh_equals_load_pretrained():
-    """On a 1-device mesh the result is ``load_pretrained``'s, leaf for leaf, in both dtypes."""
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+def test_one_device_mesh_equals_load_pretrained(tmp_path, stored):
+    """On a 1-device mesh the result is ``load_pretrained``'s, leaf for leaf, for a float32 and a
+    bfloat16 checkpoint loaded in either dtype."""
+    folder = TINY if stored == "float32" else export_merged(tmp_path / "bf16", *load_pretrained(TINY),
+                                                            hf_config_source=TINY, dtype="bfloat16")
+    with safe_open(str(Path(folder) / "model.safetensors"), framework="np") as f:
+        assert f.get_slice("model.norm.weight").get_dtype() == ("F32" if stored == "float32" else "BF16")
     mesh = engine.make_mesh(1, 1, jax.devices()[:1])
     for dtype in ("float32", "bfloat16"):
-        cfg0, want = load_pretrained(TINY, dtype=dtype)
+        cfg0, want = load_pretrained(folder, dtype=dtype)
         seen = []
-        cfg, got = load_sharded(TINY, mesh, dtype=dtype, on_leaf=lambda path, a: seen.append(path))
+        cfg, got = load_sharded(folder, mesh, dtype=dtype, on_leaf=lambda path, a: seen.append(path))
         assert cfg == cfg0
         assert jax.tree.structure(got) == jax.tree.structure(want)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
