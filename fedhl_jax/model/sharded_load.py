@@ -214,7 +214,7 @@ def load_sharded(path_or_id: str | os.PathLike, mesh: jax.sharding.Mesh, *, dtyp
       weight is read; a NaN/Inf is named while its shard is read).
     """
     if layout is None:
-        from fedhl_jax.engine import base_shardings as layout
+        from fedhl_jax.engine import base_shardings as layout  # imported here: the engine pulls in the data stack
     with contextlib.ExitStack() as stack:
         if (gguf_file := _gguf_file(path_or_id)) is not None:
             cfg, readers = gguf_readers(gguf_file, dtype)
