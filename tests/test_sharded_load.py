@@ -220,3 +220,52 @@ def test_eight_devices_hold_an_eighth_each(tmp_path):
         assert r["whole_on_one"] == r["base"], (name, r)
         assert r["gathered_equal"], (name, r)
         assert r["logit_diff"] <= 1e-5 * r["logit_max"], (name, r)
+
+
+#: One of two processes with 4 CPU devices each (``jax.distributed`` over localhost).
+PROCESS = """
+import sys, numpy as np, jax
+sys.path.insert(0, {repo!r})
+jax.distributed.initialize("127.0.0.1:{port}", 2, int(sys.argv[1]))
+from fedhl_jax import engine
+from fedhl_jax.model import load_pretrained
+from fedhl_jax.model import sharded_load as SL
+assert jax.device_count() == 8 and jax.local_device_count() == 4
+reads = []
+place_leaf = SL.place_leaf
+SL.place_leaf = lambda shape, sharding, read, dtype: place_leaf(
+    shape, sharding, lambda idx: (reads.append(idx), read(idx))[1], dtype)
+for source in {sources!r}:
+    reads.clear()
+    cfg, params = SL.load_sharded(source, engine.make_mesh(1, 8))
+    want = [np.asarray(x) for x in jax.tree.leaves(load_pretrained(source)[1])]
+    for a, b in zip(jax.tree.leaves(params), want):
+        assert not a.is_fully_addressable and len(a.addressable_shards) == 4
+        for s in a.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(s.data), b[s.index])
+    read = sum(int(np.prod([s.stop - s.start for s in idx])) for idx in reads)
+    print(f"READ {{read / sum(b.size for b in want)}}")
+"""
+
+
+def test_two_processes_read_only_their_shards(tmp_path):
+    """With a mesh over 2 processes x 4 devices, each process reads exactly half of the base
+    (the shards of its own devices), and its shards equal ``load_pretrained``'s values."""
+    from tests.test_mesh import free_port
+
+    write_hf_folder(tmp_path / "hf")
+    write_tiny_gguf(tmp_path / "m.gguf")
+    script = PROCESS.format(repo=str(REPO), port=free_port(), sources=[str(tmp_path / "hf"), str(tmp_path / "m.gguf")])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(pid)], env=env, cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+             for pid in range(2)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+        assert [line for line in out.splitlines() if line.startswith("READ")] == ["READ 0.5"] * 2, out[-3000:]
