@@ -17,6 +17,7 @@ import numpy as np
 from fedhl_jax import engine, runtime
 from fedhl_jax import model as M
 from fedhl_jax.model.hub import resolve_model_source
+from fedhl_jax.model.sharded_load import load_sharded
 from fedhl_jax.build import build_algorithm
 from fedhl_jax.config import ConfigError, TrainConfig
 from fedhl_jax.data.federated import build_federated_dataset, load_records
@@ -61,17 +62,22 @@ def random_model_config(mc, vocab_size: int):
                          compute_dtype=mc.compute_dtype, bos_token_id=1, eos_token_id=2)
 
 
-def load_model(cfg: TrainConfig, texts_for_fallback: list[str]):
+def load_model(cfg: TrainConfig, texts_for_fallback: list[str], mesh=None):
     """``(model_cfg, params, tokenizer, source)`` following ``model.name_or_path``.
 
     ``auto`` is the embedded stories260K; ``random`` (asked for by name only) a random-init Llama
     with a word-level tokenizer built from ``texts_for_fallback``; anything else a local folder or
     GGUF file, or a Hub id (``model.hub.resolve_model_source``: a missing path is an error naming it).
+    On a one-process ``mesh`` with a ``model`` axis, the weights are read straight into their shards
+    (``model.sharded_load.load_sharded``).
     """
     mc = cfg.model
     source = resolve_model_source(mc.name_or_path)
     if source.kind != "random":
-        model_cfg, params = M.load_pretrained(source.path, dtype=mc.dtype)
+        if mesh is not None and mesh.shape.get(engine.MODEL, 1) > 1 and not mesh.is_multi_process:
+            model_cfg, params = load_sharded(source.path, mesh, dtype=mc.dtype)
+        else:
+            model_cfg, params = M.load_pretrained(source.path, dtype=mc.dtype)
         model_cfg = model_cfg.replace(compute_dtype=mc.compute_dtype)
         return model_cfg, params, M.load_tokenizer(source.path), source
     from fedhl_jax.data.toy_tokenizer import word_level_tokenizer
@@ -138,7 +144,7 @@ class Simulation:
             raise ConfigError(f"fed.num_clients={fed.num_clients} is more than the {len(records[0])} training "
                               f"examples of {dc.dataset}")
         texts = [" ".join(r.values()) for r in records[0].select(range(min(len(records[0]), 2000)))]
-        self.model_cfg, self.params, self.tokenizer, self.model_source = load_model(cfg, texts)
+        self.model_cfg, self.params, self.tokenizer, self.model_source = load_model(cfg, texts, self.mesh)
         log(f"model: {self.model_source.description}")
         self.shapes = M.lora_targets(self.model_cfg, cfg.model.targets)
         smallest = min(min(s) for s in self.shapes.values())

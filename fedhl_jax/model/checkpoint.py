@@ -138,38 +138,31 @@ def _gguf_file(path_or_id) -> str | None:
     return find_gguf(path_or_id)
 
 
-def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
-                    ) -> tuple[LlamaConfig, dict]:
-    """Loads a Hugging Face checkpoint of a registered family (``LlamaForCausalLM``, ...).
+def checkpoint_index(path_or_id: str | os.PathLike, *, dtype: str = "float32"
+                     ) -> tuple[LlamaConfig, dict[str, tuple[str, str]]]:
+    """The config of a Hugging Face checkpoint and where each parameter is stored; headers only.
+
+    Every key of the safetensors files is checked against the config (name, shape, layer count)
+    before any tensor is read.
 
     Args:
-      path_or_id: local folder or Hub id (see :func:`resolve_checkpoint`), or a
-        GGUF file or a folder holding one (see :func:`fedhl_jax.model.gguf.load_gguf`).
-      dtype: ``"float32"`` or ``"bfloat16"``: parameter and compute dtype.
+      path_or_id: local folder or Hub id (see :func:`resolve_checkpoint`).
+      dtype: ``"float32"`` or ``"bfloat16"``: the config's parameter and compute dtype.
 
     Returns:
-      ``(cfg, params)`` with params as described in :mod:`fedhl_jax.model.llama`.
+      ``(cfg, {parameter_path: (file, key)})`` with one entry per path of
+      :func:`~fedhl_jax.model.llama.param_shapes`, in file order.
 
     Raises:
-      FileNotFoundError: missing folder, config or safetensors file.
-      UnsafeCheckpointError: the folder's only weights are pickle files.
-      ValueError: unreadable/truncated file, a layer count other than the files'
-        (:func:`check_layer_count`), unexpected or missing key, shape mismatch
-        with the config, or an unsupported architecture (each message names the
-        file, key, shape or value).
-      NonFiniteWeightError: a tensor holding NaN or Inf (naming the key and the file).
+      As :func:`load_pretrained`, except :class:`NonFiniteWeightError` (no value is read).
     """
-    if (gguf_file := _gguf_file(path_or_id)) is not None:  # a .gguf file or a folder holding one
-        from fedhl_jax.model.gguf import load_gguf
-        return load_gguf(gguf_file, dtype=dtype)
     folder = resolve_checkpoint(path_or_id)
     cfg = LlamaConfig.from_hf(read_config_json(folder), dtype=dtype)
     files = checkpoint_files(folder)
     check_layer_count(cfg, files, folder)
     expected = param_shapes(cfg)
-    np_dtype = _NP_DTYPES[cfg.dtype]
     names = cfg.model_family.hf_names
-    flat = {}
+    index = {}
     for file in files:
         with open_safetensors(file) as f:
             for key in f.keys():
@@ -188,12 +181,49 @@ def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
                 if shape != expected[path]:
                     raise ValueError(f"shape mismatch for {key!r} in {file}: checkpoint has "
                                      f"{shape}, config expects {expected[path]}")
-                flat[path] = f.get_tensor(key).astype(np_dtype)  # stacked on the host below
-                check_finite_weight(flat[path], key, file)
-    missing = [path_to_hf_key(p, cfg.family) for p in expected if p not in flat]
+                index[path] = (file, key)
+    missing = [path_to_hf_key(p, cfg.family) for p in expected if p not in index]
     if missing:
         raise ValueError(f"missing key(s) in checkpoint {folder}: {missing[:8]}"
                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    return cfg, index
+
+
+def load_pretrained(path_or_id: str | os.PathLike, *, dtype: str = "float32"
+                    ) -> tuple[LlamaConfig, dict]:
+    """Loads a Hugging Face checkpoint of a registered family (``LlamaForCausalLM``, ...).
+
+    Every tensor lands whole on the default device; with a ``model`` mesh axis,
+    :func:`fedhl_jax.model.sharded_load.load_sharded` reads each one straight into its shards.
+
+    Args:
+      path_or_id: local folder or Hub id (see :func:`resolve_checkpoint`), or a
+        GGUF file or a folder holding one (see :func:`fedhl_jax.model.gguf.load_gguf`).
+      dtype: ``"float32"`` or ``"bfloat16"``: parameter and compute dtype.
+
+    Returns:
+      ``(cfg, params)`` with params as described in :mod:`fedhl_jax.model.llama`.
+
+    Raises:
+      FileNotFoundError: missing folder, config or safetensors file.
+      UnsafeCheckpointError: the folder's only weights are pickle files.
+      ValueError: unreadable/truncated file, a layer count other than the files'
+        (:func:`check_layer_count`), unexpected or missing key, shape mismatch
+        with the config, or an unsupported architecture (each message names the
+        file, key, shape or value); all found from the headers, before any tensor is read.
+      NonFiniteWeightError: a tensor holding NaN or Inf (naming the key and the file).
+    """
+    if (gguf_file := _gguf_file(path_or_id)) is not None:  # a .gguf file or a folder holding one
+        from fedhl_jax.model.gguf import load_gguf
+        return load_gguf(gguf_file, dtype=dtype)
+    cfg, index = checkpoint_index(path_or_id, dtype=dtype)
+    np_dtype = _NP_DTYPES[cfg.dtype]
+    flat = {}
+    for file in dict.fromkeys(file for file, _ in index.values()):
+        with open_safetensors(file) as f:
+            for path, (_, key) in ((p, fk) for p, fk in index.items() if fk[0] == file):
+                flat[path] = f.get_tensor(key).astype(np_dtype)  # stacked on the host below
+                check_finite_weight(flat[path], key, file)
     return cfg, unflatten_params(cfg, flat)
 
 
