@@ -181,47 +181,35 @@ LLAMA = ModelFamily(
     rope_types=("default", "linear", "llama3"),
 )
 
+def _llama_variant(name: str, architecture: str, hf_pair: tuple[str, str], gguf_pair: tuple[str, str],
+                   **details) -> ModelFamily:
+    """A family with the Llama layout plus one more name pair per format, and its own block details.
+
+    llama.cpp's converter keeps the q/k rows of these architectures in Hugging Face order, and their
+    configs have a ``use_sliding_window`` switch.
+    """
+    return dataclasses.replace(
+        LLAMA, name=name, model_types=(name,), architectures=(architecture,), gguf_arch=name,
+        hf_names=NameMap(pairs=(*_LLAMA_HF_NAMES.pairs, hf_pair), ignored=_LLAMA_HF_NAMES.ignored),
+        gguf_names=NameMap(pairs=(*_LLAMA_GGUF_NAMES.pairs, gguf_pair), ignored=_LLAMA_GGUF_NAMES.ignored),
+        gguf_permute_qk=False, rope_types=("default",), sliding_window_key="use_sliding_window", **details)
+
+
 #: Qwen2 / Qwen2.5: the Llama block with biases on q, k and v (frozen; LoRA adapts the linear part),
-#: tied embeddings per config (0.5B-3B tie them). llama.cpp keeps q/k rows in Hugging Face order.
-QWEN2 = ModelFamily(
-    name="qwen2",
-    model_types=("qwen2",),
-    architectures=("Qwen2ForCausalLM",),
-    gguf_arch="qwen2",
-    hf_config_keys=LLAMA.hf_config_keys,
-    hf_names=NameMap(pairs=(
-        *_LLAMA_HF_NAMES.pairs,
-        ("layers.{L}.self_attn.{q|k|v}_proj_bias", "model.layers.{L}.self_attn.{q|k|v}_proj.bias"),
-    ), ignored=_LLAMA_HF_NAMES.ignored),
-    gguf_names=NameMap(pairs=(
-        *_LLAMA_GGUF_NAMES.pairs,
-        ("layers.{L}.self_attn.{q|k|v}_proj_bias", "blk.{L}.attn_{q|k|v}.bias"),
-    ), ignored=_LLAMA_GGUF_NAMES.ignored),
-    gguf_permute_qk=False,
-    qkv_bias=True,
-    sliding_window_key="use_sliding_window",
-)
+#: tied embeddings per config (0.5B-3B tie them).
+QWEN2 = _llama_variant(
+    "qwen2", "Qwen2ForCausalLM",
+    ("layers.{L}.self_attn.{q|k|v}_proj_bias", "model.layers.{L}.self_attn.{q|k|v}_proj.bias"),
+    ("layers.{L}.self_attn.{q|k|v}_proj_bias", "blk.{L}.attn_{q|k|v}.bias"),
+    qkv_bias=True)
 
 #: Qwen3 (dense): the Llama block with a per-head RMSNorm of q and of k before RoPE (weights ``[hd]``),
-#: ``head_dim`` set in the config (128, not hidden/heads), no biases. q/k rows in Hugging Face order.
-QWEN3 = ModelFamily(
-    name="qwen3",
-    model_types=("qwen3",),
-    architectures=("Qwen3ForCausalLM",),
-    gguf_arch="qwen3",
-    hf_config_keys=LLAMA.hf_config_keys,
-    hf_names=NameMap(pairs=(
-        *_LLAMA_HF_NAMES.pairs,
-        ("layers.{L}.self_attn.{q|k}_norm", "model.layers.{L}.self_attn.{q|k}_norm.weight"),
-    ), ignored=_LLAMA_HF_NAMES.ignored),
-    gguf_names=NameMap(pairs=(
-        *_LLAMA_GGUF_NAMES.pairs,
-        ("layers.{L}.self_attn.{q|k}_norm", "blk.{L}.attn_{q|k}_norm.weight"),
-    ), ignored=_LLAMA_GGUF_NAMES.ignored),
-    gguf_permute_qk=False,
-    qk_norm=True,
-    sliding_window_key="use_sliding_window",
-)
+#: ``head_dim`` set in the config (128, not hidden/heads), no biases.
+QWEN3 = _llama_variant(
+    "qwen3", "Qwen3ForCausalLM",
+    ("layers.{L}.self_attn.{q|k}_norm", "model.layers.{L}.self_attn.{q|k}_norm.weight"),
+    ("layers.{L}.self_attn.{q|k}_norm", "blk.{L}.attn_{q|k}_norm.weight"),
+    qk_norm=True)
 
 _FAMILIES: dict[str, ModelFamily] = {}
 
