@@ -90,6 +90,15 @@ def test_registry_lookups():
     assert QWEN3.gguf_names.to_name("layers.0.self_attn.k_norm") == "blk.0.attn_k_norm.weight"
 
 
+def test_7b_presets_have_the_published_parameter_counts():
+    def count(cfg):
+        return sum(math.prod(shape) for shape in param_shapes(cfg).values())
+
+    assert count(LlamaConfig.llama31_8b()) == 8_030_261_248  # meta-llama/Llama-3.1-8B
+    assert count(LlamaConfig.qwen25_7b()) == 7_615_616_512  # Qwen/Qwen2.5-7B, biases included
+    assert LlamaConfig.llama31_8b().rope_type == "llama3" and LlamaConfig.qwen25_7b().family == "qwen2"
+
+
 # ------------------------------------------------------------------------- parity with transformers
 def test_logits_match_transformers(model):
     name, cfg, params, fwd = model

@@ -272,6 +272,23 @@ class LlamaConfig:
                    rope_theta=10000.0, max_position_embeddings=4096,
                    tie_word_embeddings=False, dtype=dtype, bos_token_id=1, eos_token_id=2)
 
+    @classmethod
+    def llama31_8b(cls, *, dtype: str = "bfloat16") -> "LlamaConfig":
+        """The Llama-3.1-8B shape (``meta-llama/Llama-3.1-8B``: GQA 32/8, ``llama3`` RoPE), built in code."""
+        return cls(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                   num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                   rope_type="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                   rope_original_max_position_embeddings=8192, max_position_embeddings=131072,
+                   tie_word_embeddings=False, dtype=dtype, bos_token_id=128000, eos_token_id=128001)
+
+    @classmethod
+    def qwen25_7b(cls, *, dtype: str = "bfloat16") -> "LlamaConfig":
+        """The Qwen2.5-7B shape (``Qwen/Qwen2.5-7B``: GQA 28/4, q/k/v biases), built in code."""
+        return cls(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                   num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                   max_position_embeddings=131072, tie_word_embeddings=False, dtype=dtype,
+                   bos_token_id=151643, eos_token_id=151643, family="qwen2")
+
 
 def _rope_from_hf(d: dict, supported: tuple[str, ...]) -> dict:
     """The ``LlamaConfig`` RoPE fields (``rope_theta``, ``rope_type``, ``rope_scaling_factor`` and the
