@@ -24,7 +24,8 @@ Three modes, two Python environments:
 
        python scripts/make_golden_families.py --write-exports DIR
 
-   ``DIR/<family>/merged`` (``export_merged`` of the model plus a dense update), ``DIR/<family>/peft``
+   ``DIR/<family>/merged`` (``export_merged`` of the model plus a dense update), ``DIR/<family>/bare``
+   (the model with a ``config.json`` written from our config alone), ``DIR/<family>/peft``
    (``export_peft`` of a dense update), ``DIR/<family>/model.gguf`` (``export_gguf``, F32) and
    ``DIR/expected.npz``.
 
@@ -190,6 +191,8 @@ def write_exports(out: Path) -> None:
                  for n, s in lora_targets(cfg, "all-linear").items()}
         export_merged(out / family / "merged", cfg, params, delta, ROOT / fixture_dir(family))
         expected[f"{family}_merged"] = np.asarray(fwd(merge_delta(params, delta), tokens))
+        export_merged(out / family / "bare", cfg, params)  # config.json from LlamaConfig.to_hf_dict alone
+        expected[f"{family}_bare"] = np.asarray(fwd(params, tokens))
         G = {n: 0.1 * rng.standard_normal(s) for n, s in lora_targets(cfg, ("q_proj", "v_proj", "down_proj")).items()}
         export_peft(out / family / "peft", G, rank=3, alpha=16.0, base_model_name_or_path=str(ROOT / fixture_dir(family)))
         truncated = {n: jnp.asarray(g, jnp.float32) for n, g in truncate_dense(G, 3).items()}
@@ -219,6 +222,8 @@ def check_exports(out: Path) -> bool:
         tokens = expected[f"{family}_tokens"]
         merged = AutoModelForCausalLM.from_pretrained(out / family / "merged", dtype=torch.float32).eval()
         report(f"{family} merged ({type(merged).__name__})", logits_of(merged, tokens), expected[f"{family}_merged"])
+        bare = AutoModelForCausalLM.from_pretrained(out / family / "bare", dtype=torch.float32).eval()
+        report(f"{family} config.json from our config alone", logits_of(bare, tokens), expected[f"{family}_bare"])
         base = AutoModelForCausalLM.from_pretrained(ROOT / fixture_dir(family), dtype=torch.float32).eval()
         peft_model = PeftModel.from_pretrained(base, out / family / "peft").eval()
         report(f"{family} peft (PeftModel.from_pretrained)", logits_of(peft_model, tokens), expected[f"{family}_peft"])
