@@ -145,8 +145,8 @@ def test_tied_embeddings_without_output(tmp_path):
 
 def test_errors(tmp_path):
     path = tmp_path / "extra.gguf"
-    write_tiny_gguf(path, extra={"rope_freqs.weight": (np.ones(8, np.float32), T.F32)})
-    with pytest.raises(G.GGUFError, match="unexpected tensor 'rope_freqs.weight'"):
+    write_tiny_gguf(path, extra={"blk.0.attn_q.bias": (np.ones(8, np.float32), T.F32)})
+    with pytest.raises(G.GGUFError, match="unexpected tensor 'blk.0.attn_q.bias'"):
         G.load_gguf(path)
     with pytest.raises(FileNotFoundError):
         G.load_gguf(tmp_path / "missing")

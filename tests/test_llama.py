@@ -231,7 +231,7 @@ def test_config_from_hf_dict_and_object():
     ({"hidden_act": "gelu"}, "'gelu'"),
     ({"architectures": ["MistralForCausalLM"]}, "'MistralForCausalLM'"),
     ({"model_type": "gpt2"}, "'gpt2'"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "'llama3'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, "'yarn'"),
     ({"attention_bias": True}, "attention_bias"),
 ])
 def test_config_rejects_unsupported(change, offending):
@@ -257,15 +257,15 @@ def test_unsupported_family_and_gguf_arch_are_named():
     from fedhl_jax.model.families import family_for_gguf_arch, family_for_model_type, get_family
     from fedhl_jax.model.gguf import config_from_gguf
 
-    with pytest.raises(ValueError, match=r"^unsupported model_type 'qwen2': supported are \['llama'\]$"):
-        family_for_model_type("qwen2")
-    with pytest.raises(ValueError, match=r"^unsupported model_type 'qwen2': supported are \['llama'\]$"):
-        LC.from_hf({**HF_BASE, "model_type": "qwen2"})
-    with pytest.raises(ValueError, match=r"^unsupported GGUF architecture 'qwen2': supported are \['llama'\]$"):
-        family_for_gguf_arch("qwen2")
-    with pytest.raises(ValueError, match=r"^unsupported GGUF architecture 'qwen3': supported are \['llama'\]$"):
-        config_from_gguf({"general.architecture": "qwen3"})
-    with pytest.raises(ValueError, match=r"^unsupported model family 'gpt2': supported are \['llama'\]$"):
+    with pytest.raises(ValueError, match=r"^unsupported model_type 'gemma3': supported are \['llama', 'qwen2', 'qwen3'\]$"):
+        family_for_model_type("gemma3")
+    with pytest.raises(ValueError, match=r"^unsupported model_type 'gemma3': supported are \['llama', 'qwen2', 'qwen3'\]$"):
+        LC.from_hf({**HF_BASE, "model_type": "gemma3"})
+    with pytest.raises(ValueError, match=r"^unsupported GGUF architecture 'gemma3': supported are \['llama', 'qwen2', 'qwen3'\]$"):
+        family_for_gguf_arch("gemma3")
+    with pytest.raises(ValueError, match=r"^unsupported GGUF architecture 'phi3': supported are \['llama', 'qwen2', 'qwen3'\]$"):
+        config_from_gguf({"general.architecture": "phi3"})
+    with pytest.raises(ValueError, match=r"^unsupported model family 'gpt2': supported are \['llama', 'qwen2', 'qwen3'\]$"):
         get_family("gpt2")
     with pytest.raises(ValueError, match="unsupported model family 'gpt2'"):
         CFG.replace(family="gpt2")
@@ -274,9 +274,9 @@ def test_unsupported_family_and_gguf_arch_are_named():
 def test_llama_family_holds_todays_layout():
     from fedhl_jax.model.families import LLAMA, families, family_for_gguf_arch, family_for_model_type
 
-    assert families() == (LLAMA,) and family_for_model_type("llama") is family_for_gguf_arch("llama") is LLAMA
+    assert families()[0] is LLAMA and family_for_model_type("llama") is family_for_gguf_arch("llama") is LLAMA
     assert (LLAMA.qkv_bias, LLAMA.qk_norm, LLAMA.tied_embeddings, LLAMA.rope_types, LLAMA.gguf_permute_qk) == \
-        (False, False, "config", ("default", "linear"), True)
+        (False, False, "config", ("default", "linear", "llama3"), True)
     assert CFG.family == "llama" and CFG.model_family is LLAMA
     for path in param_shapes(CFG):  # every parameter has one name in each format, and back
         assert LLAMA.hf_names.to_path(LLAMA.hf_names.to_name(path)) == path

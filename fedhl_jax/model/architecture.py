@@ -21,12 +21,13 @@ from fedhl_jax.model.families import ModelFamily, family_for_model_type, get_fam
 from fedhl_jax.model.hub import resolve_checkpoint
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ROPE_TYPES = ("default", "linear", "llama3")  # RoPE scaling types the forward pass implements
 REMAT_POLICIES = ("none", "dots_saveable", "full")  # see fedhl_jax.model.llama.REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Hyper-parameters of a Llama-2-style decoder (static, hashable).
+    """Hyper-parameters of a Llama-style decoder of any registered family (static, hashable).
 
     Attributes:
       vocab_size: ``V``.
@@ -38,7 +39,15 @@ class LlamaConfig:
       head_dim: per-head width ``hd``.
       rms_norm_eps: RMSNorm epsilon.
       rope_theta: RoPE base.
-      rope_scaling_factor: linear RoPE position scaling (1.0 = none).
+      rope_scaling_factor: the RoPE scaling ``factor``: positions divided by it (``linear``), or the
+        divisor of the low frequencies (``llama3``); 1.0 = none.
+      rope_type: ``"default"``, ``"linear"`` or ``"llama3"`` (Llama-3.1's frequency-dependent
+        scaling, as transformers' ``_compute_llama3_parameters``). A ``"default"`` with a factor
+        other than 1 is read as ``"linear"``.
+      rope_low_freq_factor: ``llama3``: wavelengths above ``original / low`` are divided by the factor.
+      rope_high_freq_factor: ``llama3``: wavelengths below ``original / high`` are kept; those between
+        are interpolated.
+      rope_original_max_position_embeddings: ``llama3``: the pre-training context length.
       max_position_embeddings: longest supported sequence.
       tie_word_embeddings: whether the LM head reuses ``embed_tokens``.
       dtype: dtype of the base weights, ``"float32"`` or ``"bfloat16"``.
@@ -75,6 +84,10 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling_factor: float = 1.0
+    rope_type: str = "default"
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     dtype: str = "float32"
@@ -87,7 +100,20 @@ class LlamaConfig:
     family: str = "llama"
 
     def __post_init__(self):
-        get_family(self.family)  # raises for an unknown family
+        family = get_family(self.family)  # raises for an unknown family
+        if self.rope_type == "default" and self.rope_scaling_factor != 1.0:
+            object.__setattr__(self, "rope_type", "linear")
+        if self.rope_type not in family.rope_types:
+            raise ValueError(f"unsupported RoPE scaling type {self.rope_type!r} for model family {self.family!r}: "
+                             f"supported are {list(family.rope_types)}")
+        if not self.rope_scaling_factor > 0:
+            raise ValueError(f"rope_scaling_factor must be positive, got {self.rope_scaling_factor}")
+        if self.rope_type == "llama3" and not (0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+                                               and self.rope_original_max_position_embeddings > 0):
+            raise ValueError(f"llama3 RoPE scaling needs 0 < low_freq_factor < high_freq_factor and a positive "
+                             f"original_max_position_embeddings, got low_freq_factor={self.rope_low_freq_factor}, "
+                             f"high_freq_factor={self.rope_high_freq_factor}, original_max_position_embeddings="
+                             f"{self.rope_original_max_position_embeddings}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.compute_dtype is not None and self.compute_dtype not in _DTYPES:
@@ -138,8 +164,8 @@ class LlamaConfig:
           The :class:`LlamaConfig`.
 
         Raises:
-          ValueError: unsupported architecture, activation, biases or RoPE scaling,
-            naming the offending value.
+          ValueError: an unsupported ``model_type`` (family), architecture, activation, biases,
+            sliding-window attention or RoPE scaling, naming the offending value.
         """
         d = dict(hf_config) if isinstance(hf_config, dict) else hf_config.to_dict()
         fam = family_for_model_type(d.get("model_type", "llama"))
@@ -155,7 +181,12 @@ class LlamaConfig:
                 raise ValueError(f"unsupported {flag}=True: linear layers have no bias")
         if d.get("pretraining_tp", 1) not in (1, None):
             raise ValueError(f"unsupported pretraining_tp={d['pretraining_tp']}: must be 1")
-        rope_theta, factor = _rope_from_hf(d, fam.rope_types)
+        if fam.sliding_window_key and d.get(fam.sliding_window_key):
+            raise ValueError(f"unsupported {fam.sliding_window_key}=True: sliding-window attention is not implemented")
+        layer_types = [t for t in d.get("layer_types") or [] if t != "full_attention"]
+        if layer_types:
+            raise ValueError(f"unsupported layer_types entry {layer_types[0]!r}: only 'full_attention' layers")
+        rope = _rope_from_hf(d, fam.rope_types)
         key = fam.hf_key
         heads = int(d[key("num_heads")])
         head_dim = d.get(key("head_dim")) or int(d[key("hidden_size")]) // heads
@@ -173,8 +204,7 @@ class LlamaConfig:
             num_kv_heads=int(d.get(key("num_kv_heads")) or heads),
             head_dim=int(head_dim),
             rms_norm_eps=float(d.get(key("rms_norm_eps"), 1e-6)),
-            rope_theta=rope_theta,
-            rope_scaling_factor=factor,
+            **rope,
             max_position_embeddings=int(d.get(key("max_position_embeddings"), 2048)),
             tie_word_embeddings=tied,
             dtype=dtype,
@@ -201,13 +231,16 @@ class LlamaConfig:
 
     def to_hf_dict(self) -> dict:
         """The equivalent Hugging Face ``config.json`` contents (a plain dict)."""
-        rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
-        if self.rope_scaling_factor != 1.0:
-            rope = {"rope_theta": self.rope_theta, "rope_type": "linear",
-                    "factor": self.rope_scaling_factor}
+        rope = {"rope_theta": self.rope_theta, "rope_type": self.rope_type}
+        if self.rope_type != "default":
+            rope["factor"] = self.rope_scaling_factor
+        if self.rope_type == "llama3":
+            rope.update(low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
+                        original_max_position_embeddings=self.rope_original_max_position_embeddings)
         fam = self.model_family
         key = fam.hf_key
-        return {
+        extra = {fam.sliding_window_key: False} if fam.sliding_window_key else {}
+        return {**extra,
             "architectures": [fam.architectures[0]],
             "model_type": fam.model_types[0],
             key("vocab_size"): self.vocab_size,
@@ -239,10 +272,27 @@ class LlamaConfig:
                    rope_theta=10000.0, max_position_embeddings=4096,
                    tie_word_embeddings=False, dtype=dtype, bos_token_id=1, eos_token_id=2)
 
+    @classmethod
+    def llama31_8b(cls, *, dtype: str = "bfloat16") -> "LlamaConfig":
+        """The Llama-3.1-8B shape (``meta-llama/Llama-3.1-8B``: GQA 32/8, ``llama3`` RoPE), built in code."""
+        return cls(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                   num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                   rope_type="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                   rope_original_max_position_embeddings=8192, max_position_embeddings=131072,
+                   tie_word_embeddings=False, dtype=dtype, bos_token_id=128000, eos_token_id=128001)
 
-def _rope_from_hf(d: dict, supported: tuple[str, ...]) -> tuple[float, float]:
-    """Returns ``(rope_theta, linear_factor)`` from a v4 or v5 config dict (``supported``: the family's
-    RoPE scaling types)."""
+    @classmethod
+    def qwen25_7b(cls, *, dtype: str = "bfloat16") -> "LlamaConfig":
+        """The Qwen2.5-7B shape (``Qwen/Qwen2.5-7B``: GQA 28/4, q/k/v biases), built in code."""
+        return cls(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                   num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                   max_position_embeddings=131072, tie_word_embeddings=False, dtype=dtype,
+                   bos_token_id=151643, eos_token_id=151643, family="qwen2")
+
+
+def _rope_from_hf(d: dict, supported: tuple[str, ...]) -> dict:
+    """The ``LlamaConfig`` RoPE fields (``rope_theta``, ``rope_type``, ``rope_scaling_factor`` and the
+    ``llama3`` ones) of a v4 or v5 config dict (``supported``: the family's RoPE scaling types)."""
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if params and not isinstance(params, dict):
         raise ValueError(f"unsupported rope_parameters {params!r}")
@@ -252,10 +302,25 @@ def _rope_from_hf(d: dict, supported: tuple[str, ...]) -> tuple[float, float]:
     if rope_type not in supported:
         raise ValueError(f"unsupported RoPE scaling type {rope_type!r}: supported are {list(supported)}")
     theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
-    factor = float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"unsupported partial_rotary_factor={params['partial_rotary_factor']}")
-    return float(theta), factor
+    out = {"rope_theta": float(theta), "rope_type": rope_type}
+    if rope_type == "default":
+        return out
+    if "factor" not in params:
+        raise ValueError(f"{rope_type} RoPE scaling without a factor: {params!r}")
+    out["rope_scaling_factor"] = float(params["factor"])
+    if rope_type == "llama3":
+        original = params.get("original_max_position_embeddings", d.get("original_max_position_embeddings"))
+        for key, value in (("low_freq_factor", params.get("low_freq_factor")),
+                           ("high_freq_factor", params.get("high_freq_factor")),
+                           ("original_max_position_embeddings", original)):
+            if value is None:
+                raise ValueError(f"llama3 RoPE scaling lacks {key}: {params!r}")
+        out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
+                   rope_high_freq_factor=float(params["high_freq_factor"]),
+                   rope_original_max_position_embeddings=int(original))
+    return out
 
 
 def read_config_json(folder: str | os.PathLike) -> dict:

@@ -12,7 +12,9 @@ Names are written once, as pairs of patterns in :class:`NameMap`: ``{L}`` stands
 index and ``{a|b|c}`` for one of several words, and both sides hold the same placeholders in the
 same order, so each map reads both ways (``blk.3.attn_q.weight`` ↔ ``layers.3.self_attn.q_proj``).
 
-Today's entry is the Llama-2 layout (Llama-2, TinyLlama, SmolLM/SmolLM2, stories260K).
+Registered: :data:`LLAMA` (Llama-2, TinyLlama, SmolLM/SmolLM2, stories260K, and Llama-3.x with its
+``llama3`` RoPE scaling), :data:`QWEN2` (Qwen2 / Qwen2.5: q/k/v biases) and :data:`QWEN3` (per-head
+RMSNorm of q and k).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import re
 import types
 from typing import Mapping
 
-__all__ = ["LLAMA", "ModelFamily", "NameMap", "families", "family_for_gguf_arch", "family_for_model_type",
+__all__ = ["LLAMA", "QWEN2", "QWEN3", "ModelFamily", "NameMap", "families", "family_for_gguf_arch", "family_for_model_type",
            "get_family", "register_family", "unregister_family"]
 
 _PLACEHOLDER = re.compile(r"\{(L|[^{}]+)\}")
@@ -104,6 +106,8 @@ class ModelFamily:
       tied_embeddings: ``"config"`` (``tie_word_embeddings`` of the checkpoint decides), ``"always"``
         or ``"never"``.
       rope_types: RoPE scaling types it supports (``config.json``'s ``rope_type``).
+      sliding_window_key: the ``config.json`` flag that turns sliding-window attention on
+        (``use_sliding_window``), refused when true; ``None`` where the family has none.
     """
 
     name: str
@@ -119,6 +123,7 @@ class ModelFamily:
     qk_norm: bool = False
     tied_embeddings: str = "config"
     rope_types: tuple[str, ...] = ("default",)
+    sliding_window_key: str | None = None
 
     def __post_init__(self):
         if self.tied_embeddings not in ("config", "always", "never"):
@@ -156,10 +161,13 @@ _LLAMA_GGUF_NAMES = NameMap(pairs=(
     ("layers.{L}.mlp.{gate|up|down}_proj", "blk.{L}.ffn_{gate|up|down}.weight"),
     ("norm", "output_norm.weight"),
     ("lm_head", "output.weight"),
-))
+),
+    # Llama-3's RoPE frequency divisors: read into the config (``gguf.ROPE_FREQS``), not a parameter.
+    ignored=(r"rope_freqs\.weight",),
+)
 
-#: The Llama-2 layout: no biases, SwiGLU, RoPE (default or linear scaling), optional tied embeddings
-#: (SmolLM2 ties them).
+#: The Llama layout: no biases, SwiGLU, RoPE (default, linear or Llama-3.x's ``llama3`` scaling),
+#: optional tied embeddings (SmolLM2 and Llama-3.2 1B/3B tie them).
 LLAMA = ModelFamily(
     name="llama",
     model_types=("llama",),
@@ -170,8 +178,38 @@ LLAMA = ModelFamily(
     hf_names=_LLAMA_HF_NAMES,
     gguf_names=_LLAMA_GGUF_NAMES,
     gguf_permute_qk=True,
-    rope_types=("default", "linear"),
+    rope_types=("default", "linear", "llama3"),
 )
+
+def _llama_variant(name: str, architecture: str, hf_pair: tuple[str, str], gguf_pair: tuple[str, str],
+                   **details) -> ModelFamily:
+    """A family with the Llama layout plus one more name pair per format, and its own block details.
+
+    llama.cpp's converter keeps the q/k rows of these architectures in Hugging Face order, and their
+    configs have a ``use_sliding_window`` switch.
+    """
+    return dataclasses.replace(
+        LLAMA, name=name, model_types=(name,), architectures=(architecture,), gguf_arch=name,
+        hf_names=NameMap(pairs=(*_LLAMA_HF_NAMES.pairs, hf_pair), ignored=_LLAMA_HF_NAMES.ignored),
+        gguf_names=NameMap(pairs=(*_LLAMA_GGUF_NAMES.pairs, gguf_pair), ignored=_LLAMA_GGUF_NAMES.ignored),
+        gguf_permute_qk=False, rope_types=("default",), sliding_window_key="use_sliding_window", **details)
+
+
+#: Qwen2 / Qwen2.5: the Llama block with biases on q, k and v (frozen; LoRA adapts the linear part),
+#: tied embeddings per config (0.5B-3B tie them).
+QWEN2 = _llama_variant(
+    "qwen2", "Qwen2ForCausalLM",
+    ("layers.{L}.self_attn.{q|k|v}_proj_bias", "model.layers.{L}.self_attn.{q|k|v}_proj.bias"),
+    ("layers.{L}.self_attn.{q|k|v}_proj_bias", "blk.{L}.attn_{q|k|v}.bias"),
+    qkv_bias=True)
+
+#: Qwen3 (dense): the Llama block with a per-head RMSNorm of q and of k before RoPE (weights ``[hd]``),
+#: ``head_dim`` set in the config (128, not hidden/heads), no biases.
+QWEN3 = _llama_variant(
+    "qwen3", "Qwen3ForCausalLM",
+    ("layers.{L}.self_attn.{q|k}_norm", "model.layers.{L}.self_attn.{q|k}_norm.weight"),
+    ("layers.{L}.self_attn.{q|k}_norm", "blk.{L}.attn_{q|k}_norm.weight"),
+    qk_norm=True)
 
 _FAMILIES: dict[str, ModelFamily] = {}
 
@@ -217,7 +255,7 @@ def family_for_model_type(model_type: str) -> ModelFamily:
     """The family that loads a ``config.json`` ``model_type``.
 
     Raises:
-      ValueError: ``unsupported model_type 'qwen2': supported are ['llama']``.
+      ValueError: ``unsupported model_type 'gpt2': supported are ['llama', 'qwen2', 'qwen3']``.
     """
     for family in _FAMILIES.values():
         if model_type in family.model_types:
@@ -230,7 +268,7 @@ def family_for_gguf_arch(arch: str) -> ModelFamily:
     """The family that loads a GGUF ``general.architecture``.
 
     Raises:
-      ValueError: ``unsupported GGUF architecture 'qwen2': supported are ['llama']``.
+      ValueError: ``unsupported GGUF architecture 'gemma3': supported are ['llama', 'qwen2', 'qwen3']``.
     """
     for family in _FAMILIES.values():
         if arch == family.gguf_arch:
@@ -240,3 +278,5 @@ def family_for_gguf_arch(arch: str) -> ModelFamily:
 
 
 register_family(LLAMA)
+register_family(QWEN2)
+register_family(QWEN3)

@@ -12,9 +12,15 @@ Two layout details differ from Hugging Face checkpoints:
 * GGUF lists a tensor's dimensions fastest-first (``ne0`` = the input width of
   a linear layer); the bytes are the same row-major ``[d_out, d_in]`` matrix
   that NumPy sees after reversing the shape.
-* llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` within each
-  head, from Hugging Face's rotate-half RoPE layout to its interleaved one
-  (:func:`permute_qk`). :func:`unpermute_qk` undoes it on load.
+* For the ``llama`` architecture, llama.cpp's converter permutes the rows of
+  ``attn_q``/``attn_k`` within each head, from Hugging Face's rotate-half RoPE
+  layout to its interleaved one (:func:`permute_qk`); :func:`unpermute_qk`
+  undoes it on load. ``qwen2`` and ``qwen3`` keep Hugging Face's row order
+  (``ModelFamily.gguf_permute_qk``).
+* Llama-3.x's ``llama3`` RoPE scaling is not in the metadata: the converter
+  stores the per-frequency divisors as a tensor, ``rope_freqs.weight``
+  (:data:`ROPE_FREQS`), from which :func:`llama3_rope_from_factors` recovers the
+  scaling parameters.
 
 Supported tensor types are listed in :data:`SUPPORTED_TYPES`; any other raises
 a ``ValueError`` naming the type and the tensor.
@@ -52,6 +58,8 @@ QK = 32  # elements per block of the Q4_0, Q4_1 and Q8_0 formats
 
 _T = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+ROPE_FREQS = "rope_freqs.weight"  # llama3 RoPE divisors [hd/2] (llama.cpp's MODEL_TENSOR.ROPE_FREQS)
+LLAMA3_ORIGINAL_CONTEXT = 8192  # llama.cpp's converter assumes it when the config does not say
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
@@ -104,6 +112,15 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     rows = w.shape[0]
     return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
             .swapaxes(1, 2).reshape(w.shape))
+
+
+def qk_heads(cfg: LlamaConfig) -> dict[str, int]:
+    """``{leaf: heads}`` of the q/k weights (and biases) whose rows llama.cpp permutes for this family
+    (:func:`permute_qk`); empty for a family that keeps Hugging Face's order."""
+    if not cfg.model_family.gguf_permute_qk:
+        return {}
+    return {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads,
+            "q_proj_bias": cfg.num_heads, "k_proj_bias": cfg.num_kv_heads}
 
 
 # --------------------------------------------------------------------------- dequantisation
@@ -194,6 +211,96 @@ def dequantize(raw: np.ndarray, qtype, shape: tuple[int, ...], name: str = "?") 
         raise ValueError(f"tensor {name!r} ({qtype.name}, shape {shape}) has "
                          f"{np.asarray(raw).nbytes} bytes, expected {expected}")
     return fn(raw).reshape(shape)
+
+
+# --------------------------------------------------------------------------- llama3 RoPE
+def llama3_rope_factors(head_dim: int, theta: float, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original: int) -> np.ndarray:
+    """``[hd/2]`` float32 divisors of the RoPE inverse frequencies under ``llama3`` scaling.
+
+    As llama.cpp's converter writes ``rope_freqs.weight`` (in float64): 1 for wavelengths below
+    ``original / high_freq_factor``, ``factor`` above ``original / low_freq_factor``, and
+    ``1 / ((1 - s) / factor + s)``, ``s = (original / λ - low) / (high - low)``, between.
+    """
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv
+    smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    out = np.where(wavelen < original / high_freq_factor, 1.0,
+                   np.where(wavelen > original / low_freq_factor, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    return out.astype(np.float32)
+
+
+def llama3_rope_from_factors(factors: np.ndarray, *, head_dim: int, theta: float,
+                             original: int = LLAMA3_ORIGINAL_CONTEXT) -> dict:
+    """The ``LlamaConfig`` RoPE fields whose :func:`llama3_rope_factors` are ``factors``.
+
+    The divisors fix the factor (the largest) and the two wavelength thresholds
+    ``original / low_freq_factor`` and ``original / high_freq_factor`` (from the interpolated
+    entries, or between the kept and the divided ones), so ``original`` only scales the two
+    frequency factors; values that round to 4 decimals and still reproduce the divisors are
+    rounded (Llama-3.1's 8, 1, 4 read back exactly).
+
+    Args:
+      factors: ``[hd/2]`` divisors (``rope_freqs.weight``).
+      head_dim: per-head width ``hd``.
+      theta: RoPE base.
+      original: ``original_max_position_embeddings`` to express the thresholds in.
+
+    Returns:
+      ``{"rope_type": "default"}`` when every divisor is 1, else the ``llama3`` fields
+      (``rope_type``, ``rope_scaling_factor``, ``rope_low_freq_factor``, ``rope_high_freq_factor``,
+      ``rope_original_max_position_embeddings``).
+
+    Raises:
+      ValueError: divisors of another shape, not finite and >= 1, or not of the ``llama3`` form
+        (naming what differs).
+    """
+    f = np.asarray(factors, np.float64).reshape(-1)
+    if f.shape != (head_dim // 2,):
+        raise ValueError(f"{ROPE_FREQS} has {f.size} values, head_dim={head_dim} needs {head_dim // 2}")
+    if not (np.all(np.isfinite(f)) and np.all(f >= 1 - 1e-6)):
+        raise ValueError(f"{ROPE_FREQS} must hold finite divisors >= 1, got {f.tolist()}")
+    if np.all(np.abs(f - 1) <= 1e-6):
+        return {"rope_type": "default"}
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv  # increasing
+    factor = float(f.max())
+    kept, low = np.abs(f - 1) <= 1e-6, np.abs(f - factor) <= 1e-6 * factor
+    medium = ~kept & ~low
+    w_kept = wavelen[kept].max() if kept.any() else wavelen.min() / 2
+    w_low = wavelen[low].min()
+    if medium.sum() >= 2:  # s = (1/λ - 1/λ_lo) / (1/λ_hi - 1/λ_lo) is linear in 1/λ
+        s = (1 / f[medium] - 1 / factor) / (1 - 1 / factor)
+        slope, icept = np.polyfit(1 / wavelen[medium], s, 1)
+        inv_lo = -icept / slope
+        inv_hi = inv_lo + 1 / slope
+    elif medium.sum() == 1:
+        w_m = wavelen[medium][0]
+        s = (1 / f[medium][0] - 1 / factor) / (1 - 1 / factor)
+        inv_lo = 1 / math.sqrt(w_m * w_low)
+        inv_hi = inv_lo + (1 / w_m - inv_lo) / s
+    else:  # thresholds anywhere between the kept and the divided wavelengths
+        inv_hi, inv_lo = 1 / (w_kept ** (2 / 3) * w_low ** (1 / 3)), 1 / (w_kept ** (1 / 3) * w_low ** (2 / 3))
+    exact = (factor, original * inv_lo, original * inv_hi)
+    for candidate in (tuple(round(x, 4) for x in exact), exact):
+        fac, lo, hi = candidate
+        if 0 < lo < hi and np.allclose(llama3_rope_factors(head_dim, theta, fac, lo, hi, original), f,
+                                       rtol=1e-5, atol=0):
+            return {"rope_type": "llama3", "rope_scaling_factor": float(fac), "rope_low_freq_factor": float(lo),
+                    "rope_high_freq_factor": float(hi), "rope_original_max_position_embeddings": int(original)}
+    raise ValueError(f"{ROPE_FREQS} does not follow Llama-3's RoPE scaling (head_dim={head_dim}, "
+                     f"rope.freq_base={theta}): {f.tolist()}")
+
+
+def _rope_freqs(reader: gguf.GGUFReader, file) -> np.ndarray | None:
+    """The decoded ``rope_freqs.weight`` of a file (``None`` without one)."""
+    for t in reader.tensors:
+        if t.name == ROPE_FREQS:
+            if _T(int(t.tensor_type)) not in (_T.F32, _T.F16):
+                raise GGUFError(f"tensor {ROPE_FREQS!r} in {file} has GGML type {t.tensor_type.name}, "
+                                f"expected F32")
+            return np.asarray(t.data, np.float32).reshape(-1)
+    return None
 
 
 # --------------------------------------------------------------------------- metadata
@@ -343,8 +450,11 @@ def check_gguf_tensors(reader: gguf.GGUFReader, cfg: LlamaConfig, file: str | os
         tensor, the shapes, the type and the file).
     """
     expected = param_shapes(cfg)
+    names = cfg.model_family.gguf_names
     plan = []
     for t in reader.tensors:
+        if names.is_ignored(t.name):
+            continue  # not a parameter (rope_freqs: read by config_from_gguf)
         path = gguf_key_to_path(t.name, cfg.family)
         if path is None or path not in expected:
             raise GGUFError(f"unexpected tensor {t.name!r} in {file} (config has "
@@ -365,7 +475,8 @@ def check_gguf_tensors(reader: gguf.GGUFReader, cfg: LlamaConfig, file: str | os
     return plan
 
 
-def config_from_gguf(meta: dict, *, tensor_names=(), dtype: str = "float32") -> LlamaConfig:
+def config_from_gguf(meta: dict, *, tensor_names=(), dtype: str = "float32",
+                     rope_freqs: np.ndarray | None = None) -> LlamaConfig:
     """Builds a :class:`LlamaConfig` from GGUF metadata.
 
     Args:
@@ -373,6 +484,7 @@ def config_from_gguf(meta: dict, *, tensor_names=(), dtype: str = "float32") -> 
       tensor_names: the file's tensor names; without the family's head (``output.weight``) the
         embeddings are tied.
       dtype: parameter/compute dtype (``"float32"`` or ``"bfloat16"``).
+      rope_freqs: the file's ``rope_freqs.weight`` (Llama-3.x's ``llama3`` RoPE scaling), if any.
 
     Returns:
       The config.
@@ -406,7 +518,13 @@ def config_from_gguf(meta: dict, *, tensor_names=(), dtype: str = "float32") -> 
     if scaling not in ("none", "linear"):
         raise ValueError(f"unsupported RoPE scaling {arch}.rope.scaling.type={scaling!r}: "
                          f"supported are 'none' and 'linear'")
-    factor = float(get("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
+    rope = {"rope_scaling_factor": float(get("rope.scaling.factor", 1.0))} if scaling == "linear" else {}
+    theta = float(get("rope.freq_base", 10000.0))
+    if rope_freqs is not None:
+        if scaling != "none":
+            raise ValueError(f"{ROPE_FREQS} together with {arch}.rope.scaling.type={scaling!r} is not supported")
+        rope = llama3_rope_from_factors(rope_freqs, head_dim=head_dim, theta=theta, original=int(
+            get("rope.scaling.original_context_length", LLAMA3_ORIGINAL_CONTEXT)))
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = meta.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else None)
     if vocab is None:
@@ -420,8 +538,8 @@ def config_from_gguf(meta: dict, *, tensor_names=(), dtype: str = "float32") -> 
         num_kv_heads=int(get("attention.head_count_kv", heads)),
         head_dim=head_dim,
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rope_scaling_factor=factor,
+        rope_theta=theta,
+        **rope,
         max_position_embeddings=int(get("context_length", 2048)),
         tie_word_embeddings=family.gguf_names.to_name("lm_head") not in set(tensor_names),
         dtype=dtype,
@@ -438,7 +556,7 @@ def gguf_config(file: str | os.PathLike, *, dtype: str = "float32") -> LlamaConf
     reader = open_gguf(file)
     meta, names = read_metadata(reader), [t.name for t in reader.tensors]
     check_gguf_metadata(meta, names, file)
-    return config_from_gguf(meta, tensor_names=names, dtype=dtype)
+    return config_from_gguf(meta, tensor_names=names, dtype=dtype, rope_freqs=_rope_freqs(reader, file))
 
 
 # --------------------------------------------------------------------------- tensors
@@ -465,7 +583,7 @@ def tensor_types(file: str | os.PathLike) -> dict[str, str]:
 
 
 def load_gguf(path: str | os.PathLike, *, dtype: str = "float32") -> tuple[LlamaConfig, dict]:
-    """Loads a Llama model from a GGUF file.
+    """Loads a model of a registered family (``llama``, ``qwen2``, ``qwen3``) from a GGUF file.
 
     Quantised weights are dequantised to float32 (exactly: every Q4/Q8 value is
     a float32 number), the q/k rows are restored to Hugging Face order, and the
@@ -494,12 +612,12 @@ def load_gguf(path: str | os.PathLike, *, dtype: str = "float32") -> tuple[Llama
     meta, names = read_metadata(reader), [t.name for t in reader.tensors]
     check_gguf_metadata(meta, names, file)
     try:
-        cfg = config_from_gguf(meta, tensor_names=names, dtype=dtype)
+        cfg = config_from_gguf(meta, tensor_names=names, dtype=dtype, rope_freqs=_rope_freqs(reader, file))
     except ValueError as e:  # an unsupported architecture or setting: name the file
         raise GGUFError(f"{file}: {_one_line(e)}") from e
     plan = check_gguf_tensors(reader, cfg, file)
     np_dtype = _NP_DTYPES[cfg.dtype]
-    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads} if cfg.model_family.gguf_permute_qk else {}
+    heads = qk_heads(cfg)
     flat = {}
     for t, path_, shape in plan:
         w = dequantize(t.data, t.tensor_type, shape, t.name)

@@ -1,10 +1,13 @@
 """Exporting a (merged) model to a GGUF file that llama.cpp-based tools run.
 
-:func:`export_gguf` writes ``params + delta`` with ``gguf.GGUFWriter``: the
-Llama hyper-parameters from the :class:`LlamaConfig`, the q/k rows permuted to
-llama.cpp's RoPE layout (:func:`fedhl_jax.model.gguf.permute_qk`), and the
+:func:`export_gguf` writes ``params + delta`` with ``gguf.GGUFWriter`` under the
+family's GGUF architecture (``llama``, ``qwen2``, ``qwen3``) and tensor names: the
+hyper-parameters from the :class:`LlamaConfig`, the q/k rows permuted to
+llama.cpp's RoPE layout where the family's converter does it
+(:func:`fedhl_jax.model.gguf.permute_qk`, ``llama`` only), Llama-3's ``llama3``
+RoPE scaling as the ``rope_freqs.weight`` divisors llama.cpp reads, and the
 tokenizer, chat template and descriptive ``general.*`` metadata copied from a
-source GGUF file. Norm gains are always stored as F32; the matrices as F32,
+source GGUF file. Norm gains and biases are always stored as F32; the matrices as F32,
 F16, BF16 or Q8_0 (a matrix whose rows are not a multiple of 32 falls back to
 F16 under Q8_0, as llama.cpp's converter does).
 """
@@ -19,7 +22,8 @@ import numpy as np
 
 from fedhl_jax.model.adapters import merge_delta
 from fedhl_jax.model.architecture import LlamaConfig
-from fedhl_jax.model.gguf import QK, find_gguf, open_gguf, path_to_gguf_key, permute_qk
+from fedhl_jax.model.gguf import (QK, ROPE_FREQS, find_gguf, llama3_rope_factors, open_gguf, path_to_gguf_key,
+                                  permute_qk, qk_heads)
 from fedhl_jax.model.llama import flatten_params, param_shapes
 
 _T = gguf.GGMLQuantizationType
@@ -71,9 +75,11 @@ def _add_config(writer: gguf.GGUFWriter, cfg: LlamaConfig) -> None:
     if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
-    if cfg.rope_scaling_factor != 1.0:
+    if cfg.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(cfg.rope_scaling_factor)
+    elif cfg.rope_type == "llama3":  # the divisors go in rope_freqs.weight; llama.cpp reads this key for YaRN only
+        writer.add_rope_scaling_orig_ctx_len(cfg.rope_original_max_position_embeddings)
 
 
 def encode_tensor(w: np.ndarray, qtype, name: str = "?"
@@ -173,7 +179,11 @@ def export_gguf(path: str | os.PathLike, cfg: LlamaConfig, params: dict,
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads} if family.gguf_permute_qk else {}
+    heads = qk_heads(cfg)
+    if cfg.rope_type == "llama3":
+        writer.add_tensor(ROPE_FREQS, llama3_rope_factors(
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
+            cfg.rope_high_freq_factor, cfg.rope_original_max_position_embeddings))
     for p in expected:
         w = np.asarray(flat[p], np.float32)
         short = p.rsplit(".", 1)[-1]

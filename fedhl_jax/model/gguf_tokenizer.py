@@ -32,6 +32,8 @@ CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 # Llama-3's split (llama.cpp pre-tokenizer "llama-bpe"/"llama3").
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2's split (llama.cpp pre-tokenizer "qwen2", also Qwen2.5 and Qwen3): Llama-3's, one digit at a time.
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
 def _gpt2_split():
@@ -46,10 +48,18 @@ def _digits_then_gpt2_split():
                                                              use_regex=True)])
 
 
-def _llama3_split():
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+def _regex_then_bytes(split: str):
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
                                     pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                              use_regex=False)])
+
+
+def _llama3_split():
+    return _regex_then_bytes(LLAMA3_SPLIT)
+
+
+def _qwen2_split():
+    return _regex_then_bytes(QWEN2_SPLIT)
 
 
 # tokenizer.ggml.pre -> pre-tokenizer factory.
@@ -60,7 +70,7 @@ PRE_TOKENIZERS = {
     "refact": _digits_then_gpt2_split, "command-r": _digits_then_gpt2_split,
     "codeshell": _digits_then_gpt2_split,
     "llama-bpe": _llama3_split, "llama3": _llama3_split, "llama-v3": _llama3_split,
-    "smaug-bpe": _llama3_split,
+    "smaug-bpe": _llama3_split, "qwen2": _qwen2_split,
 }
 
 

@@ -1,4 +1,4 @@
-"""A pure-JAX Llama-2 decoder with rank-masked LoRA on its linear layers.
+"""A pure-JAX Llama-style decoder (Llama-2/3, Qwen2/2.5, Qwen3) with rank-masked LoRA on its linear layers.
 
 Parameters are a plain pytree in Hugging Face layout (weights ``[out, in]``),
 named like the HF state dict without the ``model.`` prefix and ``.weight``
@@ -19,14 +19,23 @@ grow with depth::
       "lm_head": [V, D],                # absent when tie_word_embeddings
     }
 
+Families with block details (:mod:`fedhl_jax.model.families`, switched by the static config, so
+the Llama layout pays nothing for them) have more leaves in ``self_attn``:
+
+* ``qkv_bias`` (Qwen2): ``q_proj_bias [L, H*hd]``, ``k_proj_bias`` and ``v_proj_bias [L, K*hd]``
+  (HF ``q_proj.bias``, ...), added after the projection; they are frozen base weights, LoRA adapts the
+  linear part only.
+* ``qk_norm`` (Qwen3): ``q_norm`` and ``k_norm [L, hd]``, RMSNorm gains applied per head to q and k
+  before RoPE.
+
 The *flat* form ``{dotted_path: array}`` with one entry per layer
 (``"layers.3.self_attn.q_proj": [H*hd, D]``, see :func:`param_shapes`) is the
 external format of loaders and exporters: :func:`unflatten_params` stacks it,
 :func:`flatten_params` unstacks it.
 
-The numerics follow ``transformers``' ``LlamaForCausalLM``: RMSNorm statistics
-in float32, rotate-half RoPE (so HF ``q_proj``/``k_proj`` weights are used as
-they are), grouped-query attention with a float32 softmax, SwiGLU MLP. Logits
+The numerics follow ``transformers``' ``LlamaForCausalLM`` (and ``Qwen2ForCausalLM``,
+``Qwen3ForCausalLM``): RMSNorm statistics in float32, rotate-half RoPE with default, linear or
+``llama3`` frequencies (so HF ``q_proj``/``k_proj`` weights are used as they are), grouped-query attention with a float32 softmax, SwiGLU MLP. Logits
 are returned in float32. Weights are stored in ``cfg.dtype`` and activations
 computed in ``cfg.compute_dtype``.
 
@@ -52,6 +61,8 @@ from fedhl_jax.model.architecture import LlamaConfig
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LORA_MODULES = ATTN_MODULES + MLP_MODULES
+QKV_BIASES = ("q_proj_bias", "k_proj_bias", "v_proj_bias")  # self_attn leaves of qkv_bias families
+QK_NORMS = ("q_norm", "k_norm")  # self_attn leaves of qk_norm families
 
 # A KV cache: ``(k, v)``, each ``[L, B, S, K, hd]`` (all layers stacked).
 KVCache = tuple
@@ -86,11 +97,18 @@ def layer_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
     E.g. ``{"input_layernorm": (D,), "self_attn.q_proj": (H*hd, D), ...}``; the
     stacked leaf ``params["layers"]["self_attn"]["q_proj"]`` is ``[L, H*hd, D]``.
+    A ``qkv_bias`` family adds ``self_attn.{q,k,v}_proj_bias`` (``[H*hd]``, ``[K*hd]``), a
+    ``qk_norm`` family ``self_attn.{q,k}_norm`` (``[hd]``).
     """
     d = cfg.hidden_size
+    family = cfg.model_family
     shapes: dict[str, tuple[int, ...]] = {"input_layernorm": (d,)}
     for short, shape in module_shapes(cfg).items():
         shapes[module_name(0, short).split(".", 2)[2]] = shape
+        if family.qkv_bias and f"{short}_bias" in QKV_BIASES:
+            shapes[f"self_attn.{short}_bias"] = (shape[0],)
+    if family.qk_norm:
+        shapes.update({f"self_attn.{n}": (cfg.head_dim,) for n in QK_NORMS})
     shapes["post_attention_layernorm"] = (d,)
     return shapes
 
@@ -177,7 +195,7 @@ def _block_items(layers: dict) -> list[tuple[str, jax.Array]]:
     """``[(path_inside_a_block, stacked leaf)]`` of ``params["layers"]`` in state-dict order."""
     items = {".".join(str(k.key) for k in kp): leaf
              for kp, leaf in jax.tree_util.tree_leaves_with_path(layers)}
-    order = ["input_layernorm", *(f"self_attn.{m}" for m in ATTN_MODULES),
+    order = ["input_layernorm", *(f"self_attn.{m}" for m in ATTN_MODULES + QKV_BIASES + QK_NORMS),
              *(f"mlp.{m}" for m in MLP_MODULES), "post_attention_layernorm"]
     return [(p, items[p]) for p in order if p in items] + [(p, v) for p, v in items.items()
                                                             if p not in order]
@@ -235,7 +253,7 @@ def locate_param(params: dict, path: str):
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array, *, std: float = 0.02) -> dict:
-    """Random base parameters (normal ``std`` weights, unit RMSNorm gains).
+    """Random base parameters (normal ``std`` weights, unit RMSNorm gains, zero biases).
 
     Every flat path draws from its own key (``jax.random.split(key,
     len(param_shapes(cfg)))`` in state-dict order); the per-layer draws are
@@ -254,9 +272,9 @@ def init_params(cfg: LlamaConfig, key: jax.Array, *, std: float = 0.02) -> dict:
     index = {p: i for i, p in enumerate(shapes)}
     dtype = cfg.jnp_dtype
 
-    def draw(k, shape):
+    def draw(k, shape, bias=False):
         if len(shape) == 1:
-            return jnp.ones(shape, dtype)
+            return (jnp.zeros if bias else jnp.ones)(shape, dtype)
         return (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
 
     params: dict = {p: draw(all_keys[index[p]], s) for p, s in shapes.items()
@@ -264,7 +282,8 @@ def init_params(cfg: LlamaConfig, key: jax.Array, *, std: float = 0.02) -> dict:
     layers: dict = {}
     for sub, shape in layer_shapes(cfg).items():
         layer_keys = all_keys[np.array([index[f"layers.{i}.{sub}"] for i in range(cfg.num_layers)])]
-        _set_nested(layers, sub, jax.vmap(lambda k, s=shape: draw(k, s))(layer_keys))
+        bias = sub.endswith("_bias")
+        _set_nested(layers, sub, jax.vmap(lambda k, s=shape, b=bias: draw(k, s, b))(layer_keys))
     params["layers"] = layers
     return {k: params[k] for k in ("embed_tokens", "layers", "norm", "lm_head") if k in params}
 
@@ -278,10 +297,28 @@ def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-    """``[hd/2]`` float32 RoPE inverse frequencies (linear scaling applied)."""
+    """``[hd/2]`` float32 RoPE inverse frequencies, scaled per ``cfg.rope_type``.
+
+    ``default``: ``θ^(-2i/hd)``. ``linear``: divided by the factor. ``llama3`` (Llama-3.1, as
+    transformers' ``_compute_llama3_parameters``, in float32 like it): with wavelengths ``λ = 2π/f``,
+    ``λ_lo = original / low_freq_factor`` and ``λ_hi = original / high_freq_factor``, frequencies with
+    ``λ < λ_hi`` are kept, those with ``λ > λ_lo`` divided by the factor, and those between
+    interpolated: ``((1 - s) / factor + s) · f`` with ``s = (original / λ - low) / (high - low)``.
+    """
     exponent = np.arange(0, cfg.head_dim, 2, dtype=np.int64).astype(np.float32) / cfg.head_dim
-    inv = 1.0 / (np.float32(cfg.rope_theta) ** exponent)
-    return (inv / np.float32(cfg.rope_scaling_factor)).astype(np.float32)
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
+    if cfg.rope_type != "llama3":
+        return (inv / np.float32(cfg.rope_scaling_factor)).astype(np.float32)
+    f32 = np.float32
+    factor, low, high = f32(cfg.rope_scaling_factor), f32(cfg.rope_low_freq_factor), f32(cfg.rope_high_freq_factor)
+    original = f32(cfg.rope_original_max_position_embeddings)
+    low_wavelen, high_wavelen = original / low, original / high
+    wavelen = f32(2 * math.pi) / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv).astype(np.float32)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (f32(1) - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
 def _rope_cos_sin(cfg: LlamaConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
@@ -357,10 +394,19 @@ def _block(cfg: LlamaConfig, lp: dict, x: jax.Array, cos: jax.Array, sin: jax.Ar
     attn_p, mlp_p = lp["self_attn"], lp["mlp"]
     lin = lambda h, w, short: _linear(h, w, lora.get(short), gate)  # noqa: E731
 
+    family = cfg.model_family
+    if family.qkv_bias:  # frozen biases after the (LoRA-adapted) linear part
+        lin_qkv = lambda h, short: lin(h, attn_p[short], short) + attn_p[f"{short}_bias"].astype(h.dtype)  # noqa: E731
+    else:
+        lin_qkv = lambda h, short: lin(h, attn_p[short], short)  # noqa: E731
+
     h = _rms_norm(x, lp["input_layernorm"], cfg.rms_norm_eps)
-    q = lin(h, attn_p["q_proj"], "q_proj").reshape(b, t, cfg.num_heads, hd)
-    k = lin(h, attn_p["k_proj"], "k_proj").reshape(b, t, cfg.num_kv_heads, hd)
-    v = lin(h, attn_p["v_proj"], "v_proj").reshape(b, t, cfg.num_kv_heads, hd)
+    q = lin_qkv(h, "q_proj").reshape(b, t, cfg.num_heads, hd)
+    k = lin_qkv(h, "k_proj").reshape(b, t, cfg.num_kv_heads, hd)
+    v = lin_qkv(h, "v_proj").reshape(b, t, cfg.num_kv_heads, hd)
+    if family.qk_norm:  # per-head RMSNorm over hd, before RoPE
+        q = _rms_norm(q, attn_p["q_norm"], cfg.rms_norm_eps)
+        k = _rms_norm(k, attn_p["k_norm"], cfg.rms_norm_eps)
     q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)  # [B, T, H|K, hd]
     if kv_fn is not None:
         k, v = kv_fn(k, v)
