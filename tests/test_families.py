@@ -380,7 +380,7 @@ def test_gguf_rope_freqs_read_and_refused(tmp_path):
     # llama.cpp's converter writes no original context length: the frequencies are the same
     meta = G.read_metadata(G.open_gguf(file))
     meta.pop("llama.rope.scaling.original_context_length")
-    freqs = G._rope_freqs(G.open_gguf(file), file)
+    freqs = G.read_rope_freqs(G.open_gguf(file), file)
     other = G.config_from_gguf(meta, tensor_names=[t.name for t in G.open_gguf(file).tensors], rope_freqs=freqs)
     np.testing.assert_allclose(rope_inv_freq(other), rope_inv_freq(cfg), rtol=1e-6)
     bad = rewrite_gguf(file, tmp_path / "bad.gguf",

@@ -269,3 +269,23 @@ def test_two_processes_read_only_their_shards(tmp_path):
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
         assert [line for line in out.splitlines() if line.startswith("READ")] == ["READ 0.5"] * 2, out[-3000:]
+
+
+@pytest.mark.parametrize("family", ["tiny_qwen2", "tiny_qwen3", "tiny_llama32"])
+def test_other_families_load_sharded_as_unsharded(tmp_path, family):
+    """Qwen2 (q/k/v biases, q/k rows in Hugging Face's order in GGUF), Qwen3 (q/k norms) and Llama-3.2
+    (``llama3`` RoPE from ``rope_freqs``): the sharded reader of the HF folder and of its GGUF export
+    equals the unsharded loaders leaf for leaf."""
+    from fedhl_jax.model import export_gguf
+
+    folder = Path(__file__).parent / "fixtures" / family
+    mesh = engine.make_mesh(1, 1, jax.devices()[:1])
+    cfg0, params0 = load_pretrained(folder)
+    file = export_gguf(tmp_path / f"{family}.gguf", cfg0, params0, dtype="f32")
+    for src in (folder, file):
+        cfg_w, want = load_pretrained(src)
+        cfg, got = load_sharded(src, mesh)
+        assert cfg == cfg_w
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

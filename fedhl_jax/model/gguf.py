@@ -292,7 +292,7 @@ def llama3_rope_from_factors(factors: np.ndarray, *, head_dim: int, theta: float
                      f"rope.freq_base={theta}): {f.tolist()}")
 
 
-def _rope_freqs(reader: gguf.GGUFReader, file) -> np.ndarray | None:
+def read_rope_freqs(reader: gguf.GGUFReader, file) -> np.ndarray | None:
     """The decoded ``rope_freqs.weight`` of a file (``None`` without one)."""
     for t in reader.tensors:
         if t.name == ROPE_FREQS:
@@ -556,7 +556,7 @@ def gguf_config(file: str | os.PathLike, *, dtype: str = "float32") -> LlamaConf
     reader = open_gguf(file)
     meta, names = read_metadata(reader), [t.name for t in reader.tensors]
     check_gguf_metadata(meta, names, file)
-    return config_from_gguf(meta, tensor_names=names, dtype=dtype, rope_freqs=_rope_freqs(reader, file))
+    return config_from_gguf(meta, tensor_names=names, dtype=dtype, rope_freqs=read_rope_freqs(reader, file))
 
 
 # --------------------------------------------------------------------------- tensors
@@ -612,7 +612,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: str = "float32") -> tuple[Llama
     meta, names = read_metadata(reader), [t.name for t in reader.tensors]
     check_gguf_metadata(meta, names, file)
     try:
-        cfg = config_from_gguf(meta, tensor_names=names, dtype=dtype, rope_freqs=_rope_freqs(reader, file))
+        cfg = config_from_gguf(meta, tensor_names=names, dtype=dtype, rope_freqs=read_rope_freqs(reader, file))
     except ValueError as e:  # an unsupported architecture or setting: name the file
         raise GGUFError(f"{file}: {_one_line(e)}") from e
     plan = check_gguf_tensors(reader, cfg, file)

@@ -103,11 +103,11 @@ def gguf_readers(file: str, dtype: str) -> tuple[LlamaConfig, dict[str, Reader]]
     meta, names = G.read_metadata(reader), [t.name for t in reader.tensors]
     G.check_gguf_metadata(meta, names, file)
     try:
-        cfg = G.config_from_gguf(meta, tensor_names=names, dtype=dtype)
+        cfg = G.config_from_gguf(meta, tensor_names=names, dtype=dtype, rope_freqs=G.read_rope_freqs(reader, file))
     except ValueError as e:  # an unsupported architecture or setting: name the file
         raise G.GGUFError(f"{file}: {' '.join(str(e).split())}") from e
     plan = G.check_gguf_tensors(reader, cfg, file)
-    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads} if cfg.model_family.gguf_permute_qk else {}
+    heads = G.qk_heads(cfg)  # the q/k rows (and biases) llama.cpp permutes, as load_gguf undoes them
 
     def tensor_reader(t, path: str, shape: tuple[int, ...]) -> Reader:
         qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
