@@ -4,7 +4,7 @@ server scaling, randomized SVD, and memory against the number of clients.
 
   python benchmarks/run.py --quick        # < 5 minutes on 2 CPU cores
   python benchmarks/run.py --full         # the sizes reported in docs/performance.md
-  python benchmarks/run.py --gpu          # accelerator round: SmolLM2-shaped x 100 clients, Llama-2-7B-shaped
+  python benchmarks/run.py --gpu          # accelerator round: SmolLM2-shaped x 100 clients, Llama-2-7B- and Qwen2.5-7B-shaped
   python benchmarks/run.py --gpu --quick  # the same code on small shapes (CPU smoke run, < 1 minute)
 
 Results go to stdout and, with --out, to a JSON file; --markdown writes docs/performance.md.
@@ -453,7 +453,7 @@ def gpu_case(name, cfg, clients, chunks, steps, batch, seq, ranks, r_max, peak):
 
 
 def bench_gpu(quick):
-    """Accelerator round: SmolLM2-shaped (100 clients) and Llama-2-7B-shaped bf16 random models."""
+    """Accelerator round: SmolLM2-shaped (100 clients), Llama-2-7B- and Qwen2.5-7B-shaped bf16 random models."""
     peak, peak_source = device_peak_flops()
     res = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "peak_flops": peak,
            "peak_source": peak_source, "cases": []}
@@ -464,13 +464,20 @@ def bench_gpu(quick):
         seven = M.LlamaConfig.llama2_7b().replace(vocab_size=512, hidden_size=128, intermediate_size=344,
                                                  num_layers=2, num_heads=4, num_kv_heads=4, head_dim=32,
                                                  remat="full")
+        qwen = M.LlamaConfig.qwen25_7b().replace(vocab_size=512, hidden_size=128, intermediate_size=344,
+                                                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+                                                 remat="full")
         cases = [("SmolLM2-shaped (small)", smol, 8, (2, 8), 1, 2, 32, (8, 16), 16),
-                 ("Llama-2-7B-shaped (small)", seven, 2, (1, 2), 1, 2, 32, (8, 16), 16)]
+                 ("Llama-2-7B-shaped (small)", seven, 2, (1, 2), 1, 2, 32, (8, 16), 16),
+                 ("Qwen2.5-7B-shaped (small)", qwen, 2, (1, 2), 1, 2, 32, (8, 16), 16)]
     else:
         smol = M.LlamaConfig(**SMOL, dtype="bfloat16", remat="dots_saveable")
         seven = M.LlamaConfig.llama2_7b().replace(remat="full")
         cases = [("SmolLM2-135M-shaped", smol, 100, (5, 10, 25, 50, 100), 1, 4, 512, (8, 16, 32, 64), 64),
-                 ("Llama-2-7B-shaped", seven, 10, (1, 2, 5, 10), 1, 4, 512, (8, 16, 32, 64), 64)]
+                 ("Llama-2-7B-shaped", seven, 10, (1, 2, 5, 10), 1, 4, 512, (8, 16, 32, 64), 64),
+                 # configs/qwen25_7b_gsm8k_cross_silo.yaml's model (q/k/v biases, GQA 28/4, 152k vocabulary)
+                 ("Qwen2.5-7B-shaped", M.LlamaConfig.qwen25_7b().replace(remat="full"), 10, (1, 2, 5), 1, 4, 512,
+                  (8, 16, 32, 64), 64)]
     for args in cases:
         res["cases"].append(gpu_case(*args, peak))
     res["compile_depth"] = compile_depth()
