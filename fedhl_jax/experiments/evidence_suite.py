@@ -430,14 +430,10 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
             c = sorted(c)
             ax.plot([g for g, _, _ in c], [v for _, v, _ in c], marker="o", ms=3, label=m)
         ax.set_xscale("log")
-        ax.set_xlabel("‖G‖_F after the last round (the rates of the grid)")
-        ax.set_ylabel("held-out loss")
-        ax.set_title(f"{spec.get('short_title', '')}: loss against update size ({first}, seed {tune_seed})", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "figures" / f"{stem}_loss_vs_norm.png", dpi=110)
-        plt.close(fig)
+        R.save_plot(fig, ax, out_dir / "figures" / f"{stem}_loss_vs_norm.png",
+                    xlabel="‖G‖_F after the last round (the rates of the grid)", ylabel="held-out loss",
+                    title=f"{spec.get('short_title', '')}: loss against update size ({first}, seed {tune_seed})",
+                    fontsize=9)
         L += ["", f"![loss against update size](figures/{stem}_loss_vs_norm.png)"]
     if lead is not None:
         L += ["", f"Leading methods (lowest tuned validation loss, {first}): {', '.join(lead)}; they run the other "

@@ -195,14 +195,9 @@ def render(spec: dict, res: dict, out_dir: Path, *, seconds: float, stem: str) -
         x = np.concatenate([[0.0], per_round * np.arange(1, len(loss) + 1)])
         y = np.concatenate([[zs.get("eval_loss", np.nan)], loss])
         ax.plot(x, y, marker="o", ms=3, label=m, ls="--" if m.startswith("fedit") else "-")
-    ax.set_xlabel("megabytes communicated (down + up, all clients, float32)")
-    ax.set_ylabel("held-out loss")
-    ax.set_title(f"{spec.get('short_title', '')}: loss against communication (mean of seeds)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "figures" / f"{stem}_loss_vs_mb.png", dpi=110)
-    plt.close(fig)
+    R.save_plot(fig, ax, out_dir / "figures" / f"{stem}_loss_vs_mb.png",
+                xlabel="megabytes communicated (down + up, all clients, float32)", ylabel="held-out loss",
+                title=f"{spec.get('short_title', '')}: loss against communication (mean of seeds)")
     shown = [m for m in spec.get("weight_plot", ["fedhl"]) if main[m] in cells_]
     if shown:
         fig, axes = plt.subplots(1, len(shown), figsize=(4.6 * len(shown), 3.6), squeeze=False)

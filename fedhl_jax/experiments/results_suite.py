@@ -271,6 +271,20 @@ def fmt_paired(d, digits=3, *, single: str = "", wins: bool = False) -> str:
     return out + (f" ({int(np.sum(d < 0))}/{len(d)} below)" if wins else "")
 
 
+def save_plot(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, fontsize: int = 10) -> None:
+    """Labels, grid and legend of a one-axis line plot, then writes it to ``path`` (110 dpi) and closes it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=fontsize)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _mb_per_round(results, cid) -> str:
     """Mean bytes communicated per round (down + up, all clients) of a cell's runs, in MB."""
     runs = results.get(cid, {}).get("runs", {}).values()
