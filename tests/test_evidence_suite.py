@@ -143,3 +143,23 @@ def test_render_only_trains_nothing(tmp_path, monkeypatch):
                      "--render-only", "--compile-cache", ""]) == 0
     page = (tmp_path / "results_smollm2.md").read_text()
     assert "## Which method, per setting" in page and "<!-- discussion" in page
+
+
+def test_run_cell_records_the_update_validation_and_per_example_losses(tmp_path):
+    """A real (tiny) run through ``results_suite.run_cell``: the update statistics of every round
+    (the round donates the state's buffers, so they are read from host copies), evaluation on the
+    ``eval.every`` cadence, the validation loss and each example's loss."""
+    from tests.conftest import tiny_overrides
+
+    ov = dict(o.split("=", 1) for o in tiny_overrides(tmp_path, **{
+        "fed.rounds": 3, "eval.every": 2, "data.validation_examples": 10, "eval.per_example": "true",
+        }))
+    ov = {k: yaml.safe_load(v) for k, v in ov.items()}
+    rec = R.run_cell({}, ov, 0)
+    assert rec["eval_rounds"] == [2, 3] and len(rec["eval_loss"]) == 2 and len(rec["val_loss"]) == 2
+    assert len(rec["update_norm"]) == 3 and all(u > 0 for u in rec["update_norm"])
+    assert set(rec["energy_beyond"]) == {"2", "8", "16"} and all(len(v) == 3 for v in rec["energy_beyond"].values())
+    assert rec["final_val_loss"] == rec["val_loss"][-1] and len(rec["val_loss_examples"]) <= 10
+    assert len(rec["eval_loss_examples"]) == 8 and all(np.isfinite(rec["eval_loss_examples"]))
+    # round 1 starts from G = 0: the update's norm is the final norm of a one-round run
+    assert rec["global_norm"][0] == pytest.approx(rec["update_norm"][0], rel=1e-5)

@@ -90,7 +90,8 @@ def run_cell(base: dict, overrides: dict, seed: int, log: Callable = lambda *_: 
     rec = {"eval_loss": [], "eval_rounds": [], "train_loss": [], "p": [], "ranks": [], "trunc_error": [],
            "bytes": 0, "update_norm": [], "global_norm": [], "energy_beyond": {}}
     every, rounds = cfg.eval.every, cfg.fed.rounds
-    last = {"delta": sim.global_delta(sim.init_state()), "eval": {}}
+    host = lambda delta: {k: np.asarray(v) for k, v in delta.items()}  # the round donates the state's buffers
+    last = {"delta": host(sim.global_delta(sim.init_state())), "eval": {}}
 
     def record(r):
         m = r.metrics
@@ -102,7 +103,7 @@ def run_cell(base: dict, overrides: dict, seed: int, log: Callable = lambda *_: 
         rec["bytes"] += m["bytes_down"] + m["bytes_up"]
         delta = sim.global_delta(r.state)
         u = update_stats(last["delta"], delta)
-        last["delta"] = delta
+        last["delta"] = host(delta)
         rec["update_norm"].append(u["update_norm"])
         rec["global_norm"].append(u["global_norm"])
         for k, v in u["energy_beyond"].items():
