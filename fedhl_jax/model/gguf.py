@@ -294,13 +294,13 @@ def llama3_rope_from_factors(factors: np.ndarray, *, head_dim: int, theta: float
 
 def read_rope_freqs(reader: gguf.GGUFReader, file) -> np.ndarray | None:
     """The decoded ``rope_freqs.weight`` of a file (``None`` without one)."""
-    for t in reader.tensors:
-        if t.name == ROPE_FREQS:
-            if _T(int(t.tensor_type)) not in (_T.F32, _T.F16):
-                raise GGUFError(f"tensor {ROPE_FREQS!r} in {file} has GGML type {t.tensor_type.name}, "
-                                f"expected F32")
-            return np.asarray(t.data, np.float32).reshape(-1)
-    return None
+    t = {tensor.name: tensor for tensor in reader.tensors}.get(ROPE_FREQS)
+    if t is None:
+        return None
+    if _T(int(t.tensor_type)) not in (_T.F32, _T.F16):
+        raise GGUFError(f"tensor {ROPE_FREQS!r} in {file} has GGML type {t.tensor_type.name}, "
+                        f"expected F32")
+    return np.asarray(t.data, np.float32).reshape(-1)
 
 
 # --------------------------------------------------------------------------- metadata
