@@ -121,10 +121,12 @@ def topology_devices(topo: Topology) -> list:
         kwargs["chips_per_host_bounds"] = tuple(topo.dims) + (1,) * (3 - len(topo.dims))
     if topo.chip == "v4":
         kwargs["chip_config_name"] = "megacore"
-    # No TPU is attached: skip the cloud metadata query, and let several planning processes load
-    # libtpu at once (it otherwise takes a machine-wide lock, /tmp/libtpu_lockfile).
+    # No TPU is attached: skip the cloud metadata query, let several planning processes load libtpu
+    # at once (it otherwise takes a machine-wide lock, /tmp/libtpu_lockfile), name this host as the
+    # only worker.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # (libtpu logs an error block without it)
     try:
         devices = list(topologies.get_topology_desc(topology_name=topo.name, platform="tpu", **kwargs).devices)
     except Exception as e:  # noqa: BLE001 - libtpu raises its runtime error for a topology it refuses

@@ -4,6 +4,7 @@
     python scripts/plan_table.py run [--until 18:05] [--limit N]   # compiles pending rows, cached one by one
     python scripts/plan_table.py check                              # a direct memory_analysis() of one row
     python scripts/plan_table.py render                             # rewrites the section of the page
+    python scripts/plan_table.py commands                           # the fedhl-plan command of each pending row
 
 Each finished compile appends one JSON line to docs/results/plan_tpu.jsonl (rows already there are
 never compiled again); ``render`` writes the table from that file, listing the rows still pending
@@ -25,9 +26,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's fedhl_jax, whatever is installed
 CACHE = REPO / "docs" / "results" / "plan_tpu.jsonl"
 PAGE = REPO / "docs" / "memory_planning.md"
 BEGIN, END = "<!-- plan_tpu:begin -->", "<!-- plan_tpu:end -->"
+ANCHOR = "## Planner against XLA (CPU)"
 GIB = 2.0**30
 
 MODELS = {"llama2-7b": "Llama-2-7B", "llama31-8b": "Llama-3.1-8B", "qwen25-7b": "Qwen2.5-7B"}
@@ -99,6 +102,19 @@ def load_cache() -> dict[str, dict]:
     return out
 
 
+CLAIMS = Path(os.environ.get("TMPDIR", "/tmp")) / "fedhl_plan_tpu_claims"
+
+
+def claim(row: dict) -> bool:
+    """Takes a row for this runner (a file created exclusively), so several runners share the rows."""
+    CLAIMS.mkdir(parents=True, exist_ok=True)
+    try:
+        (CLAIMS / key(row).replace("|", "_").replace("=", "")).open("x").close()
+        return True
+    except FileExistsError:
+        return False
+
+
 def run(until: str | None, limit: int | None) -> None:
     """Compiles the rows missing from the cache, in :func:`rows` order; appends each as it finishes."""
     stop = None
@@ -106,11 +122,12 @@ def run(until: str | None, limit: int | None) -> None:
         h, m = (int(x) for x in until.split(":"))
         now = dt.datetime.now(dt.timezone.utc)
         stop = now.replace(hour=h, minute=m, second=0, microsecond=0)
-    done = load_cache()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     count = 0
     for row in rows():
-        if key(row) in done:
+        if key(row) in load_cache():  # read again each time: another runner may have added it
+            continue
+        if not claim(row):  # another runner compiles it now
             continue
         if (stop and dt.datetime.now(dt.timezone.utc) >= stop) or (limit is not None and count >= limit):
             break
@@ -219,7 +236,19 @@ def render_section(cache: dict[str, dict]) -> str:
         "topology through `libtpu` on a CPU-only machine, from shapes (no weight is read), and reads",
         "`compiled.memory_analysis()`: what one chip holds. *total* = arguments + output - alias",
         "(the donated server state) + temporaries + generated code, against the chip's HBM (v5e 16 GiB,",
-        "v5p 95 GiB, v6e 32 GiB).",
+        "v5p 95 GiB, v6e 32 GiB). It needs `libtpu` (`pip install -e '.[tpu-plan]'`, the version jax's",
+        "own `tpu` extra pins; a 214 MB wheel), nothing else: for example",
+        "",
+        "```bash",
+        "fedhl-plan --topology v5p:2x2x1 --model-shape llama2-7b model.dtype=bfloat16 model.remat=full \\",
+        "    fed.num_clients=10 mesh.clients=2 mesh.model=2 fed.clients_per_chunk=2",
+        "```",
+        "",
+        "prints the per-chip figures, whether they fit, and the largest `clients_per_chunk` that fits",
+        "(bisection over the chunks that split evenly over the mesh, one compile each, at most",
+        "`--max-compiles`, default 4); `--json` prints one JSON object. The model's shape comes from",
+        "`model.name_or_path`'s `config.json` (no weights needed) or `--model-shape` (`llama2-7b`,",
+        "`llama31-8b`, `qwen25-7b`, `smollm2-135m`).",
         "",
         "Every row: bfloat16 base and compute, 5 local steps of 4 x 512 tokens per client, ranks 2-16",
         f"(`r_max` 16), all clients in every round. `{' '.join(COMMON)}`. The mesh splits the round's",
@@ -266,22 +295,32 @@ def render_section(cache: dict[str, dict]) -> str:
                          f"{r['alias']:.4f} | {r['generated_code']:.4f} |")
     if pending:
         lines += ["", f"### Pending rows ({len(pending)} of {len(rows())})", "",
-                  "Not compiled yet (one 7-8B compile takes about 2-6 minutes on one CPU core);",
-                  "`python scripts/plan_table.py run` compiles them in this order and `render` adds them here.",
-                  "Each row's command:", "", "```bash"]
-        lines += [shlex.join(command(row)) for row in pending]
-        lines += ["```"]
+                  "Not compiled yet: one 7-8B round takes 10-30 minutes to compile on one shared CPU core",
+                  "(the server's per-module SVDs and the clients' training are one program).",
+                  "`python scripts/plan_table.py run` compiles them in this order (several runners may share",
+                  "the work) and `python scripts/plan_table.py render` adds them here;",
+                  "`python scripts/plan_table.py commands` prints each row's `fedhl-plan` command.", "",
+                  "| model | LoRA | remat | clients | slices |", "| --- | --- | --- | ---: | --- |"]
+        groups: dict[tuple, list[str]] = {}
+        for row in pending:
+            groups.setdefault((row["model"], row["targets"], row["remat"], row["clients"]), []).append(row["slice"])
+        for (m, t, r, c), slices in groups.items():
+            lines.append(f"| {MODELS[m]} | {t} | `{r}` | {c} | {', '.join(slices)} |")
     lines.append(END)
     return "\n".join(lines) + "\n"
 
 
 def render() -> None:
-    """Writes the section into docs/memory_planning.md (replacing it, or before the page's last section)."""
+    """Writes the section into docs/memory_planning.md (replacing it; the first time, before the section
+    ``ANCHOR``)."""
     text = PAGE.read_text()
     section = render_section(load_cache())
     if BEGIN in text:
         head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1].lstrip("\n")
+        text = head + section + "\n" + rest.split(END, 1)[1].lstrip("\n")
+    elif ANCHOR in text:  # after the accelerator round's table, before the CPU checks
+        head, rest = text.split(ANCHOR, 1)
+        text = head + section + "\n" + ANCHOR + rest
     else:
         text = text.rstrip("\n") + "\n\n" + section
     PAGE.write_text(text)
@@ -290,7 +329,7 @@ def render() -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("run", "check", "render"))
+    p.add_argument("what", choices=("run", "check", "render", "commands"))
     p.add_argument("--until", default=None, help="HH:MM (UTC): start no compile after this time")
     p.add_argument("--limit", type=int, default=None, help="compile at most this many rows")
     args = p.parse_args(argv)
@@ -298,6 +337,9 @@ def main(argv=None) -> None:
         run(args.until, args.limit)
     elif args.what == "check":
         check()
+    elif args.what == "commands":
+        cache = load_cache()
+        print("\n".join(shlex.join(command(r)) for r in rows() if key(r) not in cache))
     else:
         render()
 

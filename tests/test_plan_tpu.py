@@ -113,6 +113,10 @@ def test_tiny_round_on_v5e_matches_a_direct_memory_analysis(capsys):
     assert p["fits"] is True and p["compiles"] == 1
     assert p["largest_fitting_chunk"]["chunk"] == 2 and not p["largest_fitting_chunk"]["conclusive"]
 
+    text = plan_cli.render_text(p)
+    assert "mesh: clients=2 x model=2; clients_per_chunk: 2" in text and "of 16 GiB: fits" in text
+    assert f"{mem['temp'] / 2**30:9.2f} GiB" in text and "search stopped at the cap of 1 compiles" in text
+
     cfg = load_config(None, argv)
     model_cfg = S.model_shape(cfg)
     mesh = engine.make_mesh(2, 2, devices=S.topology_devices(S.parse_topology("v5e:2x2")))
@@ -120,8 +124,13 @@ def test_tiny_round_on_v5e_matches_a_direct_memory_analysis(capsys):
     assert direct == {k: mem[k] for k in direct}
 
 
-def test_text_output_names_the_memory_and_the_verdict(capsys):
-    pytest.importorskip("libtpu")
-    code, out, _ = run_cli(capsys, "--topology", "v5e:2x2", "--max-compiles", "1", *TINY)
-    assert code == 0
-    assert "mesh: clients=4 x model=1" in out and "temporaries" in out and "of 16 GiB: fits" in out
+def test_regenerating_the_planning_page_keeps_the_slice_section():
+    from fedhl_jax.model.planning import SLICE_BEGIN, SLICE_END, keep_slice_section
+
+    section = f"{SLICE_BEGIN}\n## A round compiled for TPU slices\n| row |\n{SLICE_END}"
+    old = f"# Memory planning\n\nold table\n\n{section}\n\n## Planner against XLA (CPU)\n\nold check\n"
+    new = "# Memory planning\n\nnew table\n\n## Planner against XLA (CPU)\n\nnew check\n"
+    out = keep_slice_section(old, new)
+    assert out == f"# Memory planning\n\nnew table\n\n{section}\n\n## Planner against XLA (CPU)\n\nnew check\n"
+    assert keep_slice_section("# no section\n", new) == new
+    assert _plan_table().BEGIN == SLICE_BEGIN and _plan_table().END == SLICE_END

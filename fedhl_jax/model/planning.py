@@ -446,6 +446,22 @@ def rss_rows(checks=CHECKS, policies=("none", "full")) -> list[dict]:
     return rows
 
 
+SLICE_BEGIN, SLICE_END = "<!-- plan_tpu:begin -->", "<!-- plan_tpu:end -->"
+
+
+def keep_slice_section(old: str, new: str) -> str:
+    """``new`` with the TPU-slice section of ``old`` (``scripts/plan_table.py render`` writes it
+    between ``SLICE_BEGIN`` and ``SLICE_END``) kept, before the "Planner against XLA" section."""
+    if SLICE_BEGIN not in old or SLICE_END not in old:
+        return new
+    block = SLICE_BEGIN + old.split(SLICE_BEGIN, 1)[1].split(SLICE_END, 1)[0] + SLICE_END + "\n\n"
+    anchor = "## Planner against XLA (CPU)"
+    if anchor not in new:
+        return new.rstrip("\n") + "\n\n" + block.rstrip("\n") + "\n"
+    head, rest = new.split(anchor, 1)
+    return head + block + anchor + rest
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Writes (or prints) the Llama-2-7B memory planning tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -453,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--stdout", action="store_true", help="print instead of writing")
     args = parser.parse_args(argv)
     text = render_markdown(memory_plan(), rounds=round_rows(), checks=check_rows(), rss=rss_rows())
+    text = keep_slice_section(args.out.read_text() if args.out.exists() else "", text)
     if args.stdout:
         print(text, end="")
     else:
