@@ -39,7 +39,8 @@ REMATS = ("full", "none")
 CLIENTS = (10, 100)
 SLICES = {"v5e-8": "v5e:2x4", "v5p-8": "v5p:2x2x1", "v6e-8": "v6e:2x4"}
 #: The round every row shares (the rest are the config defaults: FedHL, ranks 2-16, AdamW, 5 local steps).
-COMMON = ("model.dtype=bfloat16", "data.seq_len=512", "optim.batch_size=4", "optim.local_steps=5")
+COMMON = ("model.dtype=bfloat16", "data.seq_len=512", "optim.batch_size=4", "optim.local_steps=5",
+          "fed.options.svd_method=randomized")
 
 
 def rows() -> list[dict]:
@@ -251,7 +252,12 @@ def render_section(cache: dict[str, dict]) -> str:
         "`llama31-8b`, `qwen25-7b`, `smollm2-135m`).",
         "",
         "Every row: bfloat16 base and compute, 5 local steps of 4 x 512 tokens per client, ranks 2-16",
-        f"(`r_max` 16), all clients in every round. `{' '.join(COMMON)}`. The mesh splits the round's",
+        "(`r_max` 16), all clients in every round, FedHL with the randomized SVD",
+        f"(`{' '.join(COMMON)}`). With the default exact SVD",
+        "(`jnp.linalg.svd` of every dense `G`, one per adapted module and layer) XLA's TPU compile is out of",
+        "reach of a small machine: on a 2-layer cut of Llama-2-7B (4 SVDs of 4096 x 4096) it ran 546 s of",
+        "CPU and reached 10 GB of host memory without a result (randomized: 70 s, 1.7 GB, done), and the 32-layer",
+        "round (64 SVDs) passed 21 GB of host memory and was stopped. The mesh splits the round's",
         "clients over as many chips as divide them while the base's shard (1/`model` of it) stays under",
         "half a chip's HBM; `clients_per_chunk` is the `clients` axis (one client per chip at a time, the",
         "least memory), so a row that does not fit has no chunk that does on that mesh. Each row is one",
@@ -293,6 +299,12 @@ def render_section(cache: dict[str, dict]) -> str:
             r = c["ratios"]
             lines.append(f"| {c['key']} | {r['argument']:.4f} | {r['temp']:.4f} | {r['output']:.4f} | "
                          f"{r['alias']:.4f} | {r['generated_code']:.4f} |")
+    if not checks:
+        lines += ["", "### The command against a direct `memory_analysis()`", "",
+                  "Pending for a 7-8B row: `python scripts/plan_table.py check` compiles the first cached row's",
+                  "round again straight from the engine (`jax.jit(round_step, in_shardings=..., donate_argnums=0)`)",
+                  "and records the ratios here. On the small `v5e:2x2` round, `tests/test_plan_tpu.py` finds the",
+                  "command's figures equal to that direct `memory_analysis()` to the byte."]
     if pending:
         lines += ["", f"### Pending rows ({len(pending)} of {len(rows())})", "",
                   "Not compiled yet: one 7-8B round takes 10-30 minutes to compile on one shared CPU core",
