@@ -297,7 +297,7 @@ def render_section(cache: dict[str, dict]) -> str:
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for c in checks:
             r = c["ratios"]
-            lines.append(f"| {c['key']} | {r['argument']:.4f} | {r['temp']:.4f} | {r['output']:.4f} | "
+            lines.append(f"| {c['key'].replace('|', ', ')} | {r['argument']:.4f} | {r['temp']:.4f} | {r['output']:.4f} | "
                          f"{r['alias']:.4f} | {r['generated_code']:.4f} |")
     if not checks:
         lines += ["", "### The command against a direct `memory_analysis()`", "",
