@@ -254,6 +254,32 @@ def measured_rss_bytes(cfg: LlamaConfig, **kw) -> int:
 SMOLLM2_135M = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                            num_heads=9, num_kv_heads=3, head_dim=64, tie_word_embeddings=True,
                            rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192)
+
+
+def _registered_family(name: str) -> str:
+    """``name`` when that model family is registered, else ``"llama"`` (the same weight shapes, less
+    the family's block details)."""
+    from fedhl_jax.model.families import families
+
+    return name if name in {f.name for f in families()} else "llama"
+
+
+#: Published shapes (``config.json`` of each model on the Hugging Face Hub), for planning without the
+#: weights. Llama-3.1-8B's ``llama3`` RoPE scaling and Qwen2.5-7B's q/k/v biases (family ``qwen2``)
+#: apply when those families are registered; neither changes memory by more than a few hundred KiB
+#: (the biases are 4,608 numbers a layer; RoPE scaling changes no shape).
+MODEL_SHAPES = {
+    "llama2-7b": LlamaConfig.llama2_7b(),
+    "llama31-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                              num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                              max_position_embeddings=131072, dtype="bfloat16", bos_token_id=128000,
+                              eos_token_id=128001, family=_registered_family("llama3")),
+    "qwen25-7b": LlamaConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                             num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                             max_position_embeddings=131072, dtype="bfloat16", bos_token_id=151643,
+                             eos_token_id=151643, family=_registered_family("qwen2")),
+    "smollm2-135m": SMOLLM2_135M,
+}
 BUDGET = 80e9  # bytes of an 80 GB accelerator
 # (label, model, clients in the round, batch, seq, r_max) of the round tables
 ROUNDS = (("Llama-2-7B (bfloat16 base)", LlamaConfig.llama2_7b(), 10, 4, 512, 64),
@@ -420,6 +446,22 @@ def rss_rows(checks=CHECKS, policies=("none", "full")) -> list[dict]:
     return rows
 
 
+SLICE_BEGIN, SLICE_END = "<!-- plan_tpu:begin -->", "<!-- plan_tpu:end -->"
+
+
+def keep_slice_section(old: str, new: str) -> str:
+    """``new`` with the TPU-slice section of ``old`` (``scripts/plan_table.py render`` writes it
+    between ``SLICE_BEGIN`` and ``SLICE_END``) kept, before the "Planner against XLA" section."""
+    if SLICE_BEGIN not in old or SLICE_END not in old:
+        return new
+    block = SLICE_BEGIN + old.split(SLICE_BEGIN, 1)[1].split(SLICE_END, 1)[0] + SLICE_END + "\n\n"
+    anchor = "## Planner against XLA (CPU)"
+    if anchor not in new:
+        return new.rstrip("\n") + "\n\n" + block.rstrip("\n") + "\n"
+    head, rest = new.split(anchor, 1)
+    return head + block + anchor + rest
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Writes (or prints) the Llama-2-7B memory planning tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -427,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--stdout", action="store_true", help="print instead of writing")
     args = parser.parse_args(argv)
     text = render_markdown(memory_plan(), rounds=round_rows(), checks=check_rows(), rss=rss_rows())
+    text = keep_slice_section(args.out.read_text() if args.out.exists() else "", text)
     if args.stdout:
         print(text, end="")
     else:
