@@ -256,28 +256,13 @@ SMOLLM2_135M = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=
                            rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192)
 
 
-def _registered_family(name: str) -> str:
-    """``name`` when that model family is registered, else ``"llama"`` (the same weight shapes, less
-    the family's block details)."""
-    from fedhl_jax.model.families import families
-
-    return name if name in {f.name for f in families()} else "llama"
-
-
 #: Published shapes (``config.json`` of each model on the Hugging Face Hub), for planning without the
-#: weights. Llama-3.1-8B's ``llama3`` RoPE scaling and Qwen2.5-7B's q/k/v biases (family ``qwen2``)
-#: apply when those families are registered; neither changes memory by more than a few hundred KiB
-#: (the biases are 4,608 numbers a layer; RoPE scaling changes no shape).
+#: weights: the :class:`LlamaConfig` presets, with Llama-3.1-8B's ``llama3`` RoPE scaling and
+#: Qwen2.5-7B's q/k/v biases (family ``qwen2``).
 MODEL_SHAPES = {
     "llama2-7b": LlamaConfig.llama2_7b(),
-    "llama31-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                              num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
-                              max_position_embeddings=131072, dtype="bfloat16", bos_token_id=128000,
-                              eos_token_id=128001, family=_registered_family("llama3")),
-    "qwen25-7b": LlamaConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
-                             num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                             max_position_embeddings=131072, dtype="bfloat16", bos_token_id=151643,
-                             eos_token_id=151643, family=_registered_family("qwen2")),
+    "llama31-8b": LlamaConfig.llama31_8b(),
+    "qwen25-7b": LlamaConfig.qwen25_7b(),
     "smollm2-135m": SMOLLM2_135M,
 }
 BUDGET = 80e9  # bytes of an 80 GB accelerator
