@@ -91,6 +91,27 @@ def test_wire_format_and_node_config():
         node_identity({"partition-id": 0})
 
 
+def test_wire_bytes_are_the_messages_serialised_objects(task_identity):
+    """``wire_bytes``: every object of the message's tree as Flower serialises it (the array values
+    in chunks, plus per-array, per-record and per-message headers); identical chunks count once."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from fedhl_jax.flower.strategy import array_record, payload_bytes, wire_bytes
+
+    def message(n, fill=None):
+        a = np.arange(n, dtype=np.float32) if fill is None else np.full(n, fill, np.float32)
+        return Message(RecordDict({"arrays": array_record({"a": a, "b": np.ones((2, 3), np.float32)})}), 5, "train")
+
+    small, big = wire_bytes(message(10)), wire_bytes(message(1010))
+    assert 4000 <= big - small <= 4016  # the extra values, and a few header digits
+    assert small > payload_bytes({"a": np.zeros(10, np.float32), "b": np.ones((2, 3), np.float32)})
+    objects = get_all_nested_objects(message(10))
+    assert {type(o).__name__ for o in objects.values()} == {"Message", "RecordDict", "ArrayRecord", "Array",
+                                                            "ArrayChunk"}
+    assert small == sum(len(o.deflate()) for o in objects.values())
+    assert wire_bytes(message(1010, fill=0.0)) == wire_bytes(message(1010, fill=0.0))  # deterministic
+
+
 def test_server_shapes_come_from_the_model_config_alone(tmp_path):
     """The server reads the LoRA shapes from ``config.json``: a folder without weights will do."""
     import shutil
