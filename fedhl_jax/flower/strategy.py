@@ -14,10 +14,12 @@ The replies are padded back into the ``[n, ...]`` client axis with the round's m
 aggregation compiles once (``runtime.jit``, in the run's ``model.cpu_matmul`` mode). A node that
 does not answer (killed, timed out, or replying with an error) is entered as a non-finite update,
 which every algorithm's ``aggregate`` leaves out: the round aggregates the replies it got, with the
-weights renormalised over them, and says so in the log and in its metrics (``missing``).
+weights renormalised over them, and says so in the log and in its metrics (``missing``). A reply
+to another round (a straggler's, after the deadline) is dropped; a round with fewer usable
+replies than ``RoundPolicy.quorum`` is not aggregated (``short_round``).
 
 Each round's metrics are the simulation's record (``engine.round_metrics``) plus the bytes measured
-on the messages; the run around the rounds (metrics file, checkpoints, export) is the driver's
+on the messages (array payload and Flower's serialised ``wire_bytes``) and the nodes' timings; the run around the rounds (metrics file, checkpoints, export) is the driver's
 (``server_app.FederationExecutor``, ``driver.run``).
 """
 
@@ -279,6 +281,7 @@ class FedLoRAStrategy(Strategy):
         A = {k: np.full((n, self.r_max, d_in), np.nan, np.float32) for k, (_, d_in) in self.shapes.items()}
         num_examples = np.ones(n, np.float32)
         losses = np.full((n, self.cfg.optim.local_steps), np.nan, np.float32)
+        timings = np.full((2, n), np.nan)  # the nodes' train-seconds and node-seconds
         got, problems, up, wire = set(), [], 0, 0
         for reply in replies:
             if reply.has_error():
@@ -306,6 +309,7 @@ class FedLoRAStrategy(Strategy):
                 B[k][j], A[k][j] = b[k], a[k]
             num_examples[j] = float(m["num-examples"])
             losses[j] = np.asarray(m["losses"], np.float32)
+            timings[:, j] = [float(m.get("train-seconds", np.nan)), float(m.get("node-seconds", np.nan))]
             up += payload_bytes(arrays)
             wire += wire_bytes(reply)
             got.add(pid)
@@ -334,7 +338,7 @@ class FedLoRAStrategy(Strategy):
                          f"not answer and were left out, the weights of the others renormalised to sum to 1")
         self.state = state
         metrics = self._metrics(rnd, info, missing, up, wire)
-        metrics["short_round"] = short
+        metrics.update(short_round=short, node_train_seconds=timings[0], node_seconds=timings[1])
         self.last = engine.RoundRecord(rnd["t"], state, info, ids, ranks, metrics)
         self.history.append(metrics)
         self._round = None
