@@ -187,6 +187,8 @@ class Watchdog:
 
     def __call__(self, record) -> str | None:
         m = record.metrics
+        if m.get("short_round"):  # a federation's round below quorum: reported by its executor
+            return None
         if not m["applied"]:
             self.failed += 1
             self.log(f"round {record.t + 1}: every client update was excluded ({m['excluded']} non-finite or "

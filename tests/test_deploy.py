@@ -86,9 +86,30 @@ def test_wire_format_and_node_config():
     np.testing.assert_array_equal(A2["m"], A["m"])
     with pytest.raises(ValueError, match=r"B/m has shape \(3, 2\); a rank-3 client sends \(3, 3\)"):
         unpack(arrays, {"m": (3, 5)}, 4, 3)
-    assert node_identity({"partition-id": 2, "rank": "8"}) == (2, 8)
+    assert node_identity({"partition-id": 2, "rank": "8"})[:2] == (2, 8)
     with pytest.raises(ValueError, match="the node config has no 'rank'"):
         node_identity({"partition-id": 0})
+
+
+def test_wire_bytes_are_the_messages_serialised_objects(task_identity):
+    """``wire_bytes``: every object of the message's tree as Flower serialises it (the array values
+    in chunks, plus per-array, per-record and per-message headers); identical chunks count once."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from fedhl_jax.flower.strategy import array_record, payload_bytes, wire_bytes
+
+    def message(n, fill=None):
+        a = np.arange(n, dtype=np.float32) if fill is None else np.full(n, fill, np.float32)
+        return Message(RecordDict({"arrays": array_record({"a": a, "b": np.ones((2, 3), np.float32)})}), 5, "train")
+
+    small, big = wire_bytes(message(10)), wire_bytes(message(1010))
+    assert 4000 <= big - small <= 4016  # the extra values, and a few header digits
+    assert small > payload_bytes({"a": np.zeros(10, np.float32), "b": np.ones((2, 3), np.float32)})
+    objects = get_all_nested_objects(message(10))
+    assert {type(o).__name__ for o in objects.values()} == {"Message", "RecordDict", "ArrayRecord", "Array",
+                                                            "ArrayChunk"}
+    assert small == sum(len(o.deflate()) for o in objects.values())
+    assert wire_bytes(message(1010, fill=0.0)) == wire_bytes(message(1010, fill=0.0))  # deterministic
 
 
 def test_server_shapes_come_from_the_model_config_alone(tmp_path):
@@ -277,17 +298,72 @@ def stop(procs) -> None:
         p.wait(timeout=30)
 
 
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A CA and a SuperLink certificate for 127.0.0.1 / localhost signed by it (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, key, sign_key, *, ca, san=None):
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(sign_key, hashes.SHA256())
+
+    ca_key, link_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedhl test CA")])
+    ca = cert(ca_name, ca_name, ca_key, ca_key, ca=True)
+    link = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), ca_name, link_key, ca_key,
+                ca=False, san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
+    out = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    out["cert"].write_bytes(link.public_bytes(serialization.Encoding.PEM))
+    out["key"].write_bytes(link_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    return out
+
+
+def make_node_key(path: Path) -> tuple[Path, Path]:
+    """A SuperNode's EC key pair in OpenSSH format: ``(private, public)`` files."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    public = path.with_suffix(".pub")
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH))
+    return path, public
+
+
 class LocalFederation:
     """``flower-superlink`` and one ``flower-supernode`` per partition on localhost (free ports), each
-    in its own process group; ``run`` is ``flwr run deploy/flower``. ``close`` kills them all."""
+    in its own process group; ``run`` is ``flwr run deploy/flower``. ``close`` kills them all.
 
-    def __init__(self, tmp_path: Path):
-        self.tmp = tmp_path
+    ``secure``: TLS (a CA and a SuperLink certificate made here) and SuperNode authentication
+    (``--enable-supernode-auth``; each node's public key registered with ``flwr supernode
+    register`` before it starts, unless ``add_node(..., register=False)``)."""
+
+    def __init__(self, tmp_path: Path, *, secure: bool = False):
+        self.tmp, self.secure = tmp_path, secure
         self.port = free_port()
         home = tmp_path / "flwr-home"
         home.mkdir()
+        self.certs = make_certificates(tmp_path / "certs") if secure else None
+        tls = f'root-certificates = "{self.certs["ca"]}"' if secure else "insecure = true"
         (home / "config.toml").write_text(f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
-                                          f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+                                          f'address = "127.0.0.1:{self.port}"\n{tls}\n')
         self.bindir = Path(sys.executable).parent
         self.env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                         FLWR_TELEMETRY_ENABLED="0",
@@ -295,16 +371,18 @@ class LocalFederation:
                         PYTHONPATH=str(REPO))
         self.procs, self.logs, self.nodes = [], [], {}
 
-    def _start(self, name: str, *args) -> subprocess.Popen:
+    def _start(self, name: str, *args, env: dict | None = None) -> subprocess.Popen:
         path = self.tmp / f"{name}.log"
         self.logs.append(path)
-        proc = subprocess.Popen([str(self.bindir / name.split(".")[0]), *args], env=self.env, cwd=self.tmp,
-                                stdout=open(path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([str(self.bindir / name.split(".")[0]), *args], env={**self.env, **(env or {})},
+                                cwd=self.tmp, stdout=open(path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc
 
-    def start(self, ranks) -> None:
-        link = self._start("flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+    def start_link(self) -> None:
+        tls = (["--ssl-ca-certfile", str(self.certs["ca"]), "--ssl-certfile", str(self.certs["cert"]),
+                "--ssl-keyfile", str(self.certs["key"]), "--enable-supernode-auth"] if self.secure else ["--insecure"])
+        link = self._start("flower-superlink", *tls, "--host", "127.0.0.1", "--port", str(self.port),
                            "--disable-runtime-dependency-installation", "--database", str(self.tmp / "state.db"))
         deadline = time.time() + 60
         while True:
@@ -314,10 +392,25 @@ class LocalFederation:
             except OSError:
                 assert time.time() < deadline and link.poll() is None, (self.tmp / "flower-superlink.log").read_text()
                 time.sleep(0.5)
+
+    def add_node(self, key, node_config: str, *, register: bool = True, env: dict | None = None) -> None:
+        """Starts the SuperNode ``key`` with ``node_config``; with ``secure``, with its own key pair,
+        registered first unless ``register=False`` (an unknown node)."""
+        tls = ["--insecure"]
+        if self.secure:
+            private, public = make_node_key(self.tmp / f"node-{key}.key")
+            if register:
+                done = subprocess.run([str(self.bindir / "flwr"), "supernode", "register", str(public), "local-test"],
+                                      env=self.env, cwd=self.tmp, capture_output=True, text=True, timeout=120)
+                assert done.returncode == 0, done.stdout + done.stderr
+            tls = ["--root-certificates", str(self.certs["ca"]), "--auth-supernode-private-key", str(private)]
+        self.nodes[key] = self._start(f"flower-supernode.{key}", *tls, "--superlink", f"127.0.0.1:{self.port}",
+                                      "--port", str(free_port()), "--node-config", node_config, env=env)
+
+    def start(self, ranks) -> None:
+        self.start_link()
         for pid, rank in enumerate(ranks):
-            self.nodes[pid] = self._start(f"flower-supernode.{pid}", "--insecure", "--superlink",
-                                          f"127.0.0.1:{self.port}", "--port", str(free_port()), "--node-config",
-                                          f"partition-id={pid} rank={rank}")
+            self.add_node(pid, f"partition-id={pid} rank={rank}")
 
     def run(self, run_config: str, **kw) -> subprocess.Popen:
         """``flwr run deploy/flower local-test --stream --run-config ...`` (output: ``.communicate()``)."""

@@ -1,13 +1,23 @@
-"""The Flower ``ClientApp``: a node trains partition ``partition-id`` at rank ``rank``.
+"""The Flower ``ClientApp``: a node trains its own data (or a simulation partition) at its rank.
 
-Start each node with ``flower-supernode ... --node-config "partition-id=<i> rank=<r>"``; it reads
-the run's config from the run config (``config``, ``overrides``: the same as the server's).
-Messages: ``query`` (the node says its partition id and rank) and ``train`` (the starting
-factors at the node's rank, the global round; the reply carries the trained factors, the
-partition's size and the local losses).
+Start each node with ``flower-supernode ... --node-config "rank=<r> data='<file.jsonl>'"`` (its own
+data: a JSON Lines file of the dataset's fields; add ``partition-id=<i>`` to fix its client id), or
+``--node-config "partition-id=<i> rank=<r>"`` (the simulation's partition ``i`` of the run's
+dataset, for experiments). It reads the run's config from the run config (``config``,
+``overrides``: the same as the server's). Messages: ``query`` (the node says its partition id,
+rank and whether it holds its own data) and ``train`` (the starting factors at the node's rank,
+the global round and the node's client id; the reply carries the trained factors, the data's
+size, the local losses, the round it answers, and its timings: ``train-seconds`` (the local
+step, with its compilation on a process's first call) and ``node-seconds`` (since the ``ClientApp``
+process started: start-up, model and data load, training)). The node keeps JAX's persistent
+compilation cache in ``compile-cache="<dir>"`` of its node config (or ``$JAX_COMPILATION_CACHE_DIR``).
 """
 
 from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -19,30 +29,71 @@ app = ClientApp()
 _trainers: dict = {}
 
 
-def trainer_for(run_config: dict, partition_id: int, rank: int) -> NodeTrainer:
-    """The node's ``NodeTrainer`` (one per process and run config: the model and data load once)."""
-    key = (tuple(sorted((k, str(v)) for k, v in run_config.items())), partition_id, rank)
+def process_seconds() -> float:
+    """Seconds since this process started (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def use_compile_cache(node_config: dict) -> str | None:
+    """Turns on JAX's persistent compilation cache in the folder of the node config's ``compile-cache``
+    (else ``$JAX_COMPILATION_CACHE_DIR``), every compile cached however short, so a new ``ClientApp``
+    process reuses the local step compiled by an earlier round.
+
+    Returns:
+      The cache folder, or None when neither names one (or ``compile-cache="off"``).
+    """
+    import jax
+
+    where = str(node_config.get("compile-cache", "") or os.environ.get("JAX_COMPILATION_CACHE_DIR", "") or "off")
+    if where == "off":
+        return None
+    folder = Path(where).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return str(folder)
+
+
+def trainer_for(run_config: dict, partition_id: int, rank: int, data: str | None = None,
+                ranks: tuple | None = None) -> NodeTrainer:
+    """The node's ``NodeTrainer`` (one per process, run config and client id: the model and the
+    data load once per process)."""
+    key = (tuple(sorted((k, str(v)) for k, v in run_config.items())), partition_id, rank, data, ranks)
     if key not in _trainers:
-        _trainers[key] = NodeTrainer(run_settings(run_config), partition_id, rank)
+        _trainers[key] = NodeTrainer(run_settings(run_config), partition_id, rank, data=data, ranks=ranks)
     return _trainers[key]
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    partition_id, rank = node_identity(context.node_config)
-    return Message(RecordDict({METRICS: MetricRecord({"partition-id": partition_id, "rank": rank})}), reply_to=msg)
+    me = node_identity(context.node_config)
+    pid = -1 if me.partition_id is None else me.partition_id
+    return Message(RecordDict({METRICS: MetricRecord({"partition-id": pid, "rank": me.rank,
+                                                      "own-data": int(me.data is not None)})}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    partition_id, rank = node_identity(context.node_config)
+    me = node_identity(context.node_config)
     c = msg.content[CONFIG]
-    if int(c["partition-id"]) != partition_id or int(c["rank"]) != rank:
-        raise ValueError(f"the server sent partition {c['partition-id']} at rank {c['rank']} to the node of "
-                         f"partition {partition_id} at rank {rank}")
-    trainer = trainer_for(dict(context.run_config), partition_id, rank)
+    pid, t = int(c["partition-id"]), int(c["round"])
+    if (me.partition_id is not None and pid != me.partition_id) or int(c["rank"]) != me.rank:
+        raise ValueError(f"the server sent client {pid} at rank {c['rank']} to the node of partition "
+                         f"{me.partition_id} at rank {me.rank}")
+    ranks = tuple(int(r) for r in c["ranks"]) if "ranks" in c else None
+    use_compile_cache(context.node_config)
+    trainer = trainer_for(dict(context.run_config), pid, me.rank, me.data, ranks)
+    if me.delay is not None and me.delay[0] == t:
+        time.sleep(me.delay[1])
     arrays = {k: a.numpy() for k, a in msg.content[ARRAYS].items()}
-    reply, losses = trainer.train(int(c["round"]), arrays)
-    metrics = MetricRecord({"partition-id": partition_id, "num-examples": trainer.num_examples,
-                            "losses": [float(x) for x in losses]})
+    t0 = time.perf_counter()
+    reply, losses = trainer.train(t, arrays)
+    metrics = MetricRecord({"partition-id": pid, "round": t, "num-examples": trainer.num_examples,
+                            "losses": [float(x) for x in losses], "train-seconds": time.perf_counter() - t0,
+                            "node-seconds": process_seconds()})
     return Message(RecordDict({ARRAYS: array_record(reply), METRICS: metrics}), reply_to=msg)

@@ -13,7 +13,7 @@ which is what ``algorithms.comm_bytes`` counts.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,42 +83,134 @@ def unpack(arrays: dict, shapes: dict, r_max: int, rank: int, *, fill: dict | No
     return B, A
 
 
+def client_pieces(cfg: TrainConfig, model_cfg, algorithm) -> tuple:
+    """The simulation's client optimizer, loss and adapter layout for ``model_cfg`` (the same
+    construction as ``Simulation``'s, so a node's step is the simulation's client step).
+
+    Returns:
+      ``(optimizer, loss, to_client, from_client)``.
+    """
+    from fedhl_jax import model as M
+    from fedhl_jax.local import make_optimizer
+
+    o = cfg.optim
+    optimizer = make_optimizer(o.optimizer, o.lr, lr_b=o.lr_b, weight_decay=o.weight_decay, momentum=o.momentum,
+                               grad_clip=o.grad_clip, trainable=algorithm.trainable)
+    train_cfg = model_cfg.replace(remat=cfg.model.remat)
+    return (optimizer, lambda params, adapter, tokens, mask: M.loss_fn(train_cfg, params, adapter, tokens, mask),
+            lambda ad: M.stacked_adapter(model_cfg, ad), lambda ad: M.per_layer_adapter(model_cfg, ad))
+
+
+def local_batcher(cfg: TrainConfig, path: str, tokenizer, *, log: Callable = lambda *_: None):
+    """A node's own data: every row of its JSON Lines file (the dataset's fields), in file order.
+
+    Nothing else is read: no held-out slice, no validation split, no partition; the file is the
+    node's partition. Its batches are drawn as the simulation draws a client's (``RoundBatcher``,
+    keyed by seed, round and the node's client id), so a node given the rows of the simulation's
+    partition ``i`` in the partition's order trains on the simulation's batches of client ``i``.
+
+    Args:
+      cfg: the run's config (``data.dataset``, ``data.seq_len``, ``data.prompt_format``, ``optim``).
+      path: the node's JSONL file.
+      tokenizer: the model's tokenizer.
+
+    Returns:
+      ``(batcher, num_examples)``: a ``RoundBatcher`` whose every client id holds the file's
+      rows (``[K, b, T]`` batches for any id), and the file's usable row count.
+
+    Raises:
+      DataError: a missing or malformed file, or no row that fits ``data.seq_len``.
+    """
+    import dataclasses
+
+    from fedhl_jax.data.batching import RoundBatcher
+    from fedhl_jax.data.federated import load_records
+    from fedhl_jax.data.loading import DataError
+    from fedhl_jax.data.prompts import resolve_prompt_format, tokenize_dataset
+
+    dc = dataclasses.replace(cfg.data, source=str(path), eval_examples=0, validation_examples=0,
+                             max_train_examples=None)
+    rows, _ = load_records(dc, cfg.seed, log)
+    fmt = resolve_prompt_format(dc.prompt_format, tokenizer)
+    data = tokenize_dataset(rows, tokenizer, dc.seq_len, prompt_format=fmt, warn=False)
+    log(f"node data: {path}: {data.truncation_report()}")
+    if len(data) == 0:
+        raise DataError(f"{path}: no row fits data.seq_len={dc.seq_len}")
+    rows_idx = np.arange(len(data))
+    o = cfg.optim
+    batcher = RoundBatcher(data.tokens, data.loss_mask, [rows_idx] * cfg.fed.num_clients,
+                           local_steps=o.local_steps, batch_size=o.batch_size, seed=cfg.seed)
+    return batcher, len(data)
+
+
 class NodeTrainer:
-    """Local training of one node: partition ``partition_id`` of the run's data at rank ``rank``.
+    """Local training of one node at rank ``rank``, as the simulation's client ``partition_id``.
+
+    The node's data is either its own file (``data``: a JSON Lines file of the dataset's fields,
+    the node's whole partition; nothing else is loaded) or, for experiments, the simulation's
+    partition ``partition_id`` of the run's dataset (``data=None``: the whole dataset is loaded
+    and partitioned as the simulation does). ``partition_id`` is the node's client id: it keys
+    its batches and its place in the server's schedule.
 
     Args:
       cfg: the run's config (the same file as the server's).
       partition_id: the node's client id ``i`` in ``[0, fed.num_clients)``.
       rank: its LoRA rank.
+      data: the node's own JSONL file, or None for the simulation's partition.
+      ranks: ``[fed.num_clients]`` the ranks the nodes reported (the server sends them):
+        ``data.partition=rank_correlated`` partitions follow them rather than ``fed.ranks``.
       log: where progress messages go.
 
     Raises:
-      ConfigError: a partition id or rank out of range (the message names it), or any error of
-        the run's set-up.
+      ConfigError: a partition id or rank out of range, ``rank_correlated`` partitions or a
+        ``random`` model (whose word-level tokenizer is built from the whole dataset) with a
+        node's own file (each message names the value), or any error of the run's set-up.
     """
 
-    def __init__(self, cfg: TrainConfig, partition_id: int, rank: int, *, log: Callable = lambda *_: None):
+    def __init__(self, cfg: TrainConfig, partition_id: int, rank: int, *, data: str | None = None,
+                 ranks=None, log: Callable = lambda *_: None):
+        from fedhl_jax.build import build_algorithm
         from fedhl_jax.config import ConfigError
-        from fedhl_jax.simulation import Simulation
+        from fedhl_jax.model import lora_targets
+        from fedhl_jax.simulation import Simulation, load_model
 
         if not 0 <= partition_id < cfg.fed.num_clients:
             raise ConfigError(f"partition-id={partition_id} is outside [0, {cfg.fed.num_clients}) "
                               f"(fed.num_clients={cfg.fed.num_clients})")
         if not 1 <= rank <= cfg.fed.r_max:
             raise ConfigError(f"rank={rank} is outside [1, {cfg.fed.r_max}] (the largest of fed.ranks)")
-        self.cfg, self.partition_id, self.rank = cfg, int(partition_id), int(rank)
-        sim = Simulation(cfg, log=log, mesh=None)  # the same set-up as the simulation (nothing compiles here)
-        self.sim = sim
-        self.shapes, self.r_max = sim.shapes, cfg.fed.r_max
-        self.num_examples = int(sim.data.num_examples[partition_id])
+        self.cfg, self.partition_id, self.rank, self.r_max = cfg, int(partition_id), int(rank), cfg.fed.r_max
+        algorithm = build_algorithm(cfg.fed)
+        if data is not None:
+            check_local_data(cfg, data)
+            model_cfg, self.params, tokenizer, _ = load_model(cfg, [])
+            self.shapes = lora_targets(model_cfg, cfg.model.targets)
+            self.batches, self.num_examples = local_batcher(cfg, data, tokenizer, log=log)
+        else:
+            sim = Simulation(cfg, log=log, mesh=None)  # the simulation's set-up (nothing compiles here)
+            model_cfg, self.params, self.shapes = sim.model_cfg, sim.params, sim.shapes
+            batcher, sizes = sim.schedule.batches, sim.data.num_examples
+            if cfg.data.partition == "rank_correlated" and ranks is not None and list(ranks) != list(sim.ranks):
+                from fedhl_jax.data.federated import build_federated_dataset
+
+                fd = build_federated_dataset(cfg.data, sim.tokenizer, num_clients=cfg.fed.num_clients,
+                                             seed=cfg.seed, ranks=np.asarray(ranks), log=log)
+                batcher = fd.batcher(local_steps=cfg.optim.local_steps, batch_size=cfg.optim.batch_size,
+                                     seed=cfg.seed)
+                sizes = fd.num_examples
+            self.batches, self.num_examples = batcher, int(sizes[partition_id])
         self.mask = rank_mask(np.array([rank]), self.r_max)[0]  # [r_max]
         self.scale = lora_scale(np.array([rank]), cfg.model.alpha, rslora=cfg.model.rslora)[0]  # []
-        client = engine.make_client_step(sim.algorithm, sim.loss, sim.optimizer, to_client=sim.to_client,
-                                         from_client=sim.from_client)  # the simulation's client step
+        optimizer, loss, to_client, from_client = client_pieces(cfg, model_cfg, algorithm)
+        runtime.set_cpu_matmul(cfg.model.cpu_matmul)
+        client = engine.make_client_step(algorithm, loss, optimizer, to_client=to_client, from_client=from_client)
+        self.trainable = algorithm.trainable
 
         def step(base, base_delta, B, A, mask, scale, *batch):
             if base_delta is not None:  # algorithms that move the base: the shared update, merged here
-                base = sim.merge_delta(base, base_delta)
+                from fedhl_jax.model import merge_delta
+
+                base = merge_delta(base, base_delta)
             trained, losses = client.train(base, B, A, mask, scale, *batch)
             return trained.B, trained.A, losses
 
@@ -138,11 +230,31 @@ class NodeTrainer:
         """
         B, A = unpack(arrays, self.shapes, self.r_max, self.rank)
         base_delta = {k[len(BASE_KEY):]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(BASE_KEY)} or None
-        batch = self.sim.schedule.batches(t, np.array([self.partition_id]))
+        batch = self.batches(t, np.array([self.partition_id]))
         batch = tuple(jnp.asarray(b[0]) for b in batch)  # [K, b, T]
-        B, A, losses = self._step(self.sim.params, base_delta, B, A, self.mask, self.scale, *batch)
-        reply = pack(jax.device_get(B), jax.device_get(A), self.rank, self.sim.algorithm.trainable)
+        B, A, losses = self._step(self.params, base_delta, B, A, self.mask, self.scale, *batch)
+        reply = pack(jax.device_get(B), jax.device_get(A), self.rank, self.trainable)
         return reply, np.asarray(losses)
+
+
+def check_local_data(cfg: TrainConfig, data: str) -> None:
+    """Refuses what a node holding only its own file cannot do, before anything loads.
+
+    Raises:
+      ConfigError: ``data.partition=rank_correlated`` (the node's file is its partition: there is
+        none to derive from the ranks) or ``model.name_or_path=random`` (its tokenizer is built
+        from the whole dataset's words, which no node holds).
+    """
+    from fedhl_jax.config import ConfigError
+
+    if cfg.data.partition == "rank_correlated":
+        raise ConfigError(f"data.partition=rank_correlated derives each client's partition from the ranks, but "
+                          f"this node holds its own data file ({data}): its file is its partition. Use "
+                          f"partition-id=<i> without data=... to keep the simulation's partitions, or another "
+                          f"data.partition")
+    if cfg.model.name_or_path == "random":
+        raise ConfigError(f"model.name_or_path=random builds its tokenizer from the whole dataset, which a node "
+                          f"holding only {data} does not have; use a model with its own tokenizer")
 
 
 def run_settings(run_config: dict):
@@ -160,19 +272,50 @@ def run_settings(run_config: dict):
     return load_config(path or None, shlex.split(str(run_config.get("overrides", "") or "")))
 
 
-def node_identity(node_config: dict) -> tuple[int, int]:
-    """``(partition_id, rank)`` from a node's ``--node-config "partition-id=<i> rank=<r>"``.
+class NodeIdentity(NamedTuple):
+    """What a node's ``--node-config`` says about it.
+
+    Attributes:
+      partition_id: its client id (None: the server numbers it).
+      rank: its LoRA rank.
+      data: its own JSONL file (None: the simulation's partition ``partition_id``).
+      delay: ``(round, seconds)``: sleep before training that global round (trials of the round
+        deadline), or None.
+    """
+
+    partition_id: int | None
+    rank: int
+    data: str | None = None
+    delay: tuple[int, float] | None = None
+
+
+def node_identity(node_config: dict) -> NodeIdentity:
+    """A node's identity from ``--node-config``: ``rank=<r>`` and either ``data="<file.jsonl>"``
+    (its own data; ``partition-id=<i>`` optional, fixing its client id) or ``partition-id=<i>``
+    (the simulation's partition ``i`` of the run's dataset, for experiments). ``delay="<t>:<s>"``
+    makes the node sleep ``s`` seconds before training global round ``t`` (trials of the deadline).
 
     Raises:
-      ValueError: a key is missing or not an integer (the message names it).
+      ValueError: a key is missing or not of its type (the message names it and its value).
     """
-    out = []
-    for key in ("partition-id", "rank"):
-        if key not in node_config:
-            raise ValueError(f"the node config has no {key!r}; start the node with "
-                             f"--node-config \"partition-id=<i> rank=<r>\" (it has {sorted(node_config)})")
+    def integer(key):
         try:
-            out.append(int(node_config[key]))
+            return int(node_config[key])
         except (TypeError, ValueError):
             raise ValueError(f"node config {key}={node_config[key]!r} is not an integer") from None
-    return out[0], out[1]
+
+    usage = "start the node with --node-config \"rank=<r> data='<file.jsonl>'\" (or \"partition-id=<i> rank=<r>\")"
+    if "rank" not in node_config:
+        raise ValueError(f"the node config has no 'rank'; {usage} (it has {sorted(node_config)})")
+    data = str(node_config["data"]) if str(node_config.get("data", "") or "") else None
+    if "partition-id" not in node_config and data is None:
+        raise ValueError(f"the node config has no 'partition-id' and no 'data'; {usage} (it has {sorted(node_config)})")
+    partition_id = integer("partition-id") if "partition-id" in node_config else None
+    delay = None
+    if str(node_config.get("delay", "") or ""):
+        try:
+            t, seconds = str(node_config["delay"]).split(":")
+            delay = (int(t), float(seconds))
+        except ValueError:
+            raise ValueError(f"node config delay={node_config['delay']!r} is not \"<round>:<seconds>\"") from None
+    return NodeIdentity(partition_id, integer("rank"), data, delay)

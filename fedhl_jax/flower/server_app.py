@@ -2,13 +2,17 @@
 
 Run config (``deploy/flower/pyproject.toml``, or ``flwr run --run-config``): ``config`` (the run's
 YAML, the same file the nodes read), ``overrides``, ``out`` (the server's run directory: config,
-metrics, checkpoints, the final adapter), ``round-timeout`` and ``discover-timeout`` (seconds).
+metrics, checkpoints, the final adapter), ``round-timeout`` (each round's deadline, seconds),
+``min-replies`` / ``min-reply-fraction`` (the quorum), ``on-short-round`` (``skip`` or ``stop``) and
+``discover-timeout`` (seconds). The server never loads a base weight (``no_base_weights``): the LoRA
+shapes come from the model's ``config.json`` or GGUF header.
 A server started again on the same ``out`` resumes after its last checkpoint. The run's outcome is
 in ``out/status.json`` (``flwr run`` exits 0 whatever it is; docs/deployment.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +26,7 @@ from fedhl_jax.model.hub import resolve_model_source
 from fedhl_jax.build import build_algorithm
 from fedhl_jax.config import ConfigError, TrainConfig
 from fedhl_jax.flower.node import run_settings
-from fedhl_jax.flower.strategy import FedLoRAStrategy
+from fedhl_jax.flower.strategy import FedLoRAStrategy, RoundPolicy
 from fedhl_jax.engine import RoundRecord
 
 
@@ -59,7 +63,8 @@ class FederationExecutor:
     Args:
       cfg: the run's config.
       grid: Flower's ``Grid``.
-      round_timeout: seconds a round waits for its replies.
+      round_timeout: seconds a round waits for its replies (the policy's deadline when given).
+      policy: quorum, deadline and what a round below quorum does (default: 1 reply, skip).
       discover_timeout: seconds to wait for one node per partition.
       log: where messages go.
     """
@@ -67,11 +72,13 @@ class FederationExecutor:
     data = evaluator = ranks = None
 
     def __init__(self, cfg: TrainConfig, grid: Grid, *, round_timeout: float = 600.0,
-                 discover_timeout: float = 120.0, log: Callable = print):
-        self.cfg, self.grid, self.round_timeout, self.discover_timeout = cfg, grid, round_timeout, discover_timeout
+                 discover_timeout: float = 120.0, policy: RoundPolicy | None = None, log: Callable = print):
+        policy = policy or RoundPolicy(deadline=round_timeout)
+        self.cfg, self.grid, self.policy, self.discover_timeout = cfg, grid, policy, discover_timeout
+        self.round_timeout = policy.deadline
         self.model_source = resolve_model_source(cfg.model.name_or_path)
         self.shapes = lora_shapes(cfg)
-        self.strategy = FedLoRAStrategy(cfg, self.shapes, None, log=log)
+        self.strategy = FedLoRAStrategy(cfg, self.shapes, None, policy=policy, log=log)
         self.algorithm = self.strategy.algorithm
 
     def init_state(self):
@@ -93,7 +100,13 @@ class FederationExecutor:
         server_round = t - strategy.start_round + 1
         messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), self.grid)
         strategy.aggregate_train(server_round, self.grid.send_and_receive(messages, timeout=self.round_timeout))
-        return strategy.last
+        record = strategy.last
+        if record.metrics["short_round"] and self.policy.on_short_round == "stop":
+            replies = len(record.ids) - len(record.metrics["missing"])
+            raise driver.RunStopped(f"stopping: round {t + 1} got {replies} of {len(record.ids)} replies, below the "
+                                    f"quorum of {strategy.quorum} (on-short-round=stop); it was not aggregated, the "
+                                    f"last checkpoint is kept", driver.EXIT_FAILED)
+        return record
 
     def evaluate(self, state, t: int = 0, *, generate: bool | None = None) -> dict:
         return {}  # the held-out data is on no machine of the server
@@ -102,8 +115,48 @@ class FederationExecutor:
         return self.algorithm.global_delta(state)
 
 
+class BaseWeightsOnServer(RuntimeError):
+    """A base-weight loader was called where no base weight may be loaded (the server)."""
+
+
+#: Where a base weight can come from: ``(module, function name)``.
+WEIGHT_LOADERS = (("fedhl_jax.model", "load_pretrained"), ("fedhl_jax.model.checkpoint", "load_pretrained"),
+                  ("fedhl_jax.model.gguf", "load_gguf"), ("fedhl_jax.model", "init_params"),
+                  ("fedhl_jax.model.llama", "init_params"), ("fedhl_jax.simulation", "load_model"))
+
+
+@contextlib.contextmanager
+def no_base_weights():
+    """Within it, every base-weight loader (``WEIGHT_LOADERS``) raises ``BaseWeightsOnServer``
+    instead of loading: the server of a federation reads shapes from the model's config only.
+
+    Yields:
+      The list of refused calls (loader names), for the log and for tests.
+    """
+    import importlib
+
+    refused, saved = [], []
+
+    def guard(name):
+        def refuse(*args, **kwargs):
+            refused.append(name)
+            raise BaseWeightsOnServer(f"the server does not load base weights, but {name} was called")
+        return refuse
+
+    for module, name in WEIGHT_LOADERS:
+        mod = importlib.import_module(module)
+        if hasattr(mod, name):
+            saved.append((mod, name, getattr(mod, name)))
+            setattr(mod, name, guard(f"{module}.{name}"))
+    try:
+        yield refused
+    finally:
+        for mod, name, fn in reversed(saved):
+            setattr(mod, name, fn)
+
+
 def serve(grid: Grid, cfg: TrainConfig, out: Path, *, round_timeout: float = 600.0,
-          discover_timeout: float = 120.0, log: Callable = print) -> int:
+          discover_timeout: float = 120.0, policy: RoundPolicy | None = None, log: Callable = print) -> int:
     """Runs (or resumes) the federation's rounds on ``grid`` through ``driver.run``; writes ``out``'s
     run directory (the same files as ``bin/train.py``'s) and returns the driver's exit status.
 
@@ -113,10 +166,14 @@ def serve(grid: Grid, cfg: TrainConfig, out: Path, *, round_timeout: float = 600
     is started afresh, so a corrected rerun is never refused as a changed config.
     """
     out = Path(out)
-    return driver.run(cfg, out, lambda: FederationExecutor(cfg, grid, round_timeout=round_timeout,
-                                                           discover_timeout=discover_timeout, log=log),
-                      resume=(out / "config.yaml").exists(), log=log,
-                      resume_hint=f"flwr run with the same out={str(out)!r}")
+    with no_base_weights() as refused:
+        code = driver.run(cfg, out, lambda: FederationExecutor(cfg, grid, round_timeout=round_timeout,
+                                                               discover_timeout=discover_timeout, policy=policy,
+                                                               log=log),
+                          resume=(out / "config.yaml").exists(), log=log,
+                          resume_hint=f"flwr run with the same out={str(out)!r}")
+    log(f"base weights loaded on the server: {len(refused)}" + (f" (refused: {refused})" if refused else ""))
+    return code
 
 
 app = ServerApp()
@@ -126,7 +183,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     cfg = run_settings(rc)
-    code = serve(grid, cfg, Path(str(rc.get("out", "runs/flower"))), round_timeout=float(rc.get("round-timeout", 600)),
+    code = serve(grid, cfg, Path(str(rc.get("out", "runs/flower"))), policy=RoundPolicy.from_run_config(rc),
                  discover_timeout=float(rc.get("discover-timeout", 120)), log=lambda m: print(m, flush=True))
     if code:
         raise RuntimeError(f"the federation's run stopped with exit status {code} (see the messages above and "
