@@ -273,3 +273,37 @@ def nnx_lora(model: nnx.Module, loss_fn: Callable, patterns: Sequence[str], r_ma
         return merged
 
     return NnxLoRA(nnx.to_pure_dict(params), shapes, loss, merge_delta, bind, kernels)
+
+
+def load_factory(spec: str) -> Callable:
+    """The function named by ``"package.module:function"`` (``model.factory``).
+
+    Raises:
+      ValueError: a malformed spec, a module that does not import or a missing function (naming it).
+    """
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"model factory {spec!r} is not of the form package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"model factory {spec!r}: cannot import {module_name!r} ({e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"model factory {spec!r}: {module_name!r} has no function {attr!r}")
+    return fn
+
+
+def from_factory(spec: str, patterns: Sequence[str], r_max: int, **kwargs) -> NnxLoRA:
+    """``nnx_lora`` of the ``(module, loss)`` that ``load_factory(spec)(**kwargs)`` returns.
+
+    Raises:
+      ValueError: as ``load_factory`` and ``nnx_lora``, or a factory that does not return an
+        ``nnx.Module`` and a callable loss.
+    """
+    out = load_factory(spec)(**kwargs)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], nnx.Module) and callable(out[1])):
+        raise ValueError(f"model factory {spec!r} must return (nnx.Module, loss); got {type(out).__name__}")
+    return nnx_lora(out[0], out[1], patterns, r_max)

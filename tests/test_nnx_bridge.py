@@ -2,8 +2,11 @@
 Llama written in NNX that trains exactly as the project's Llama through the engine (2 FedHL rounds,
 one compile across rank changes)."""
 
+import json
 import math
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +19,10 @@ from fedhl_jax import engine
 from fedhl_jax import model as M
 from fedhl_jax.local import make_optimizer
 from fedhl_jax.lora import Adapter
+from fedhl_jax.config import ConfigError, load_config
 from fedhl_jax.nnx_bridge import nnx_lora
+from fedhl_jax.simulation import Simulation
+from tests.conftest import REPO, tiny_overrides
 
 # --------------------------------------------------------------------------- a Llama in NNX
 # The math of fedhl_jax/model/llama.py (RMSNorm with float32 statistics, rotate-half RoPE,
@@ -133,6 +139,11 @@ def lm_loss(model, tokens, loss_mask):
     logz = jax.nn.logsumexp(logits, axis=-1)
     target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
     return jnp.sum((logz - target) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def tiny_nnx_llama(vocab_size: int, seed: int):
+    """A ``model.factory``: a 2-layer ``NnxLlama`` and its loss (tests of ``model.kind: nnx``)."""
+    return NnxLlama(TINY.replace(vocab_size=vocab_size), nnx.Rngs(seed)), lm_loss
 
 
 TINY = M.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
@@ -302,3 +313,54 @@ def test_two_fedhl_rounds_equal_project_llama_and_compile_once(llama):
         assert float(jnp.abs(s_ref.G[name]).max()) > 1e-3  # the adapter moved
         np.testing.assert_allclose(np.asarray(s_nnx.G[name]), np.asarray(s_ref.G[name]), rtol=1e-5, atol=1e-5)
     assert ours._cache_size() == 1
+
+
+# --------------------------------------------------------------------------- model.kind: nnx
+
+NNX_RUN = {"model.kind": "nnx", "model.factory": "tests.test_nnx_bridge:tiny_nnx_llama",
+           "model.targets": "[.*self_attn.q_proj,.*self_attn.v_proj]", "data.eval_examples": 0}
+
+
+def test_simulation_trains_an_nnx_model_from_config(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path, **NNX_RUN))
+    sim = Simulation(cfg, log=lambda *_: None)
+    assert sim.evaluator is None and sorted(sim.shapes) == [f"layers.{i}.self_attn.{m}_proj"
+                                                            for i in range(2) for m in "qv"]
+    state = sim.init_state()
+    losses, ranks = [], set()
+    for t in range(3):
+        out = sim.run_round(state, t)
+        state = out.state
+        losses.append(out.metrics["train_loss"])
+        ranks.add(tuple(out.metrics["ranks"]))
+    assert np.all(np.isfinite(losses)) and len(ranks) > 1
+    assert sim.round_fn._cache_size() == 1
+    assert float(jnp.abs(state.G["layers.0.self_attn.q_proj"]).max()) > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"model.targets": "[.*nothing]"}, r"pattern '\.\*nothing' matches no module"),
+    ({"model.targets": "[.*input_layernorm]"}, r"module 'layers.0.input_layernorm' is a .*RMSNorm"),
+    ({"model.factory": "tests.test_nnx_bridge:no_such_factory"}, r"has no function 'no_such_factory'"),
+])
+def test_nnx_config_errors_name_the_value(tmp_path, extra, message):
+    cfg = load_config(None, tiny_overrides(tmp_path, **{**NNX_RUN, **extra}))
+    with pytest.raises(ConfigError, match=message):
+        Simulation(cfg, log=lambda *_: None)
+
+
+def test_nnx_kind_needs_a_factory(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.kind: nnx needs model.factory as package.module:function"):
+        load_config(None, tiny_overrides(tmp_path, **{"model.kind": "nnx"}))
+    with pytest.raises(ConfigError, match=r"model.kind must be llama or nnx, got 'flax'"):
+        load_config(None, tiny_overrides(tmp_path, **{"model.kind": "flax"}))
+
+
+def test_train_cli_runs_an_nnx_model_from_yaml(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{**NNX_RUN, "fed.rounds": 2})
+    res = subprocess.run([sys.executable, str(REPO / "bin" / "train.py"), "--out", str(tmp_path / "run"),
+                          *overrides], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows if "train_loss" in r] == [0, 1]
+    assert (tmp_path / "run" / "final" / "global_adapter.safetensors").exists()
