@@ -364,3 +364,26 @@ def test_train_cli_runs_an_nnx_model_from_yaml(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows if "train_loss" in r] == [0, 1]
     assert (tmp_path / "run" / "final" / "global_adapter.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- a second model: examples/nnx_classifier
+
+
+def test_classifier_example_separates_fedhl_from_flexlora():
+    """The NNX MLP classifier under label skew with ranks 1-8: FedHL improves on the base model and
+    ends well below FlexLoRA, which stalls (the ordering of docs/bias_experiment.md), on a fixed seed;
+    one compile per method."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nnx_classifier", REPO / "examples" / "nnx_classifier" / "train.py")
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example  # dataclasses look their module up
+    spec.loader.exec_module(example)
+    res = example.run(example.Setup(rounds=30, methods=("fedhl", "flexlora")))
+    base_loss = res["base"][0]
+    fedhl, flex = res["fedhl"]["loss"], res["flexlora"]["loss"]
+    assert fedhl[-1] < base_loss - 0.15, (fedhl[-1], base_loss)
+    assert fedhl[-1] < flex[-1] - 0.15, (fedhl[-1], flex[-1])
+    assert flex[-1] > base_loss - 0.05, (flex[-1], base_loss)  # FlexLoRA does not get below the base
+    assert res["fedhl"]["accuracy"][-1] > res["flexlora"]["accuracy"][-1] + 0.05
+    assert res["fedhl"]["compilations"] == res["flexlora"]["compilations"] == 1
