@@ -106,21 +106,24 @@ class NnxLlama(nnx.Module):
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
         self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, rngs=rngs)
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, rngs=rngs))
 
     def __call__(self, tokens):
         x = self.embed_tokens(tokens)
         for block in self.layers:
             x = block(x)
-        return self.lm_head(self.norm(x)).astype(jnp.float32)
+        x = self.norm(x)
+        return (self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
 
 
 def nnx_llama_from_params(cfg: M.LlamaConfig, params: dict) -> NnxLlama:
-    """An ``NnxLlama`` holding the project Llama's weights (``[out, in]`` → NNX ``[in, out]`` kernels)."""
+    """An ``NnxLlama`` of ``cfg``'s shape holding the project Llama's weights (``[out, in]`` → NNX ``[in, out]`` kernels)."""
     model = NnxLlama(cfg, nnx.Rngs(0))
     model.embed_tokens.embedding.set_value(params["embed_tokens"])
     model.norm.weight.set_value(params["norm"])
-    model.lm_head.kernel.set_value(params["lm_head"].T)
+    if model.lm_head is not None:
+        model.lm_head.kernel.set_value(params["lm_head"].T)
     layers = params["layers"]
     for i, block in enumerate(model.layers):
         block.input_layernorm.weight.set_value(layers["input_layernorm"][i])
@@ -266,19 +269,26 @@ def test_errors_come_before_any_compile(llama, monkeypatch):
 # --------------------------------------------------------------------------- the NNX Llama
 
 
-def test_nnx_llama_forward_matches_project_llama(llama):
+@pytest.mark.parametrize("tied", [False, True])
+def test_nnx_llama_forward_matches_project_llama(llama, tied):
     params, model = llama
+    if tied:  # the head is the embedding (stories260K's layout)
+        cfg = TINY.replace(tie_word_embeddings=True)
+        params = {k: v for k, v in params.items() if k != "lm_head"}
+        model = nnx_llama_from_params(cfg, params)
+    else:
+        cfg = TINY
     bridge = nnx_lora(model, lm_loss, PATTERNS, r_max=4)
     shapes = M.lora_targets(TINY, TARGETS)
     assert bridge.shapes == shapes
     ad = random_adapter(shapes, 4, rank=3)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 9)), jnp.int32)
-    want = M.forward(TINY, params, tokens, adapter=ad)
+    want = M.forward(cfg, params, tokens, adapter=ad)
     got = bridge.bind(bridge.base, ad)(tokens)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     delta = M.adapter_delta(ad)
     np.testing.assert_allclose(np.asarray(bridge.bind(bridge.merge_delta(bridge.base, delta))(tokens)),
-                               np.asarray(M.forward(TINY, M.merge_delta(params, delta), tokens)),
+                               np.asarray(M.forward(cfg, M.merge_delta(params, delta), tokens)),
                                rtol=1e-5, atol=1e-5)
 
 
