@@ -3,6 +3,7 @@ Llama written in NNX that trains exactly as the project's Llama through the engi
 one compile across rank changes)."""
 
 import json
+import os
 import math
 import re
 import subprocess
@@ -397,3 +398,15 @@ def test_classifier_example_separates_fedhl_from_flexlora():
     assert flex[-1] > base_loss - 0.05, (flex[-1], base_loss)  # FlexLoRA does not get below the base
     assert res["fedhl"]["accuracy"][-1] > res["flexlora"]["accuracy"][-1] + 0.05
     assert res["fedhl"]["compilations"] == res["flexlora"]["compilations"] == 1
+
+
+def test_docs_example_runs(tmp_path):
+    """docs/nnx.md's example runs as written."""
+    (block,) = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "nnx.md").read_text(), re.S)
+    script = tmp_path / "example.py"
+    script.write_text(block)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "(32, 4)" in res.stdout
