@@ -41,10 +41,6 @@ from flax import nnx
 
 from fedhl_jax.lora import Adapter
 
-#: Layer types a pattern may match.
-SUPPORTED = (nnx.LoRALinear, nnx.Linear, nnx.Einsum, nnx.LoRA)
-
-
 class LoRAFactor(nnx.Variable):
     """A client's LoRA factor or gate (``mask · s``): filled on each call, never part of the base."""
 

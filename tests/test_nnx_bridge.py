@@ -210,13 +210,20 @@ def test_lora_layer_matches_float64_numpy(kind):
     got = jax.jit(bridge.loss)(bridge.base, ad, x)
     want = np_lora(x, W, ad.A["proj"], ad.B["proj"], ad.mask, ad.scale)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-    if kind == "lora_base" or kind == "lora_linear" or kind.startswith("einsum") or kind == "linear":
-        delta = {"proj": jnp.asarray(np.random.default_rng(1).normal(size=(5, 6)), jnp.float32)}
-        merged = bridge.merge_delta(bridge.base, delta)
-        off = ad._replace(mask=jnp.zeros_like(ad.mask))
-        np.testing.assert_allclose(np.asarray(bridge.loss(merged, off, x)),
-                                   np.asarray(x, np.float64) @ (W + np.asarray(delta["proj"], np.float64).T),
-                                   rtol=1e-5, atol=1e-5)
+    delta = {"proj": jnp.asarray(np.random.default_rng(1).normal(size=(5, 6)), jnp.float32)}  # [d_out, d_in]
+    merged = bridge.merge_delta(bridge.base, delta)
+    off = ad._replace(mask=jnp.zeros_like(ad.mask))
+    np.testing.assert_allclose(np.asarray(bridge.loss(merged, off, x)),
+                               np.asarray(x, np.float64) @ (W + np.asarray(delta["proj"], np.float64).T),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_merge_delta_refuses_a_lora_without_base_and_unknown_modules():
+    bridge = nnx_lora(Holder(nnx.LoRA(6, 2, 5, rngs=nnx.Rngs(0))), lambda m, x: m.proj(x), ["proj"], r_max=2)
+    with pytest.raises(ValueError, match=r"module 'proj' is an nnx.LoRA without a full-rank base module"):
+        bridge.merge_delta(bridge.base, {"proj": jnp.zeros((5, 6))})
+    with pytest.raises(KeyError, match=r"unknown module 'other'"):
+        bridge.merge_delta(bridge.base, {"other": jnp.zeros((5, 6))})
 
 
 def test_masked_columns_get_no_gradient_and_model_is_untouched():
