@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fedhl_jax as F
 from fedhl_jax import engine
@@ -216,6 +218,22 @@ def test_lora_layer_matches_float64_numpy(kind):
     np.testing.assert_allclose(np.asarray(bridge.loss(merged, off, x)),
                                np.asarray(x, np.float64) @ (W + np.asarray(delta["proj"], np.float64).T),
                                rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(rank=st.integers(1, 4), alpha=st.floats(0.5, 32.0), seed=st.integers(0, 2**16))
+def test_lora_term_over_ranks_matches_float64_numpy_with_one_compile(rank, alpha, seed):
+    ad = random_adapter(BRIDGE_1.shapes, 4, rank=rank, alpha=alpha, seed=seed)
+    x = jnp.asarray(np.random.default_rng(seed).normal(size=(3, 6)), jnp.float32)
+    got = LOSS_1(BRIDGE_1.base, ad, x)
+    W = np.asarray(BRIDGE_1.base["proj"]["inner"]["kernel"], np.float64)
+    want = np_lora(x, W, ad.A["proj"], ad.B["proj"], ad.mask, ad.scale) + np.asarray(BRIDGE_1.base["proj"]["inner"]["bias"])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    assert LOSS_1._cache_size() == 1  # ranks and scales are data
+
+
+BRIDGE_1 = nnx_lora(Holder(nnx.Linear(6, 5, rngs=nnx.Rngs(7))), lambda m, x: m.proj(x), ["proj"], r_max=4)
+LOSS_1 = jax.jit(BRIDGE_1.loss)
 
 
 def test_merge_delta_refuses_a_lora_without_base_and_unknown_modules():
