@@ -724,3 +724,52 @@ def main(argv=None):
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# --------------------------------------------------------------------------- NNX bridge
+
+
+def bench_nnx(clients=20, steps=2, batch=4, seq=64, ranks=(2, 4, 8, 16), r_max=16, repeat=5):
+    """Tokens/s of one FedHL round of stories260K (LoRA on q/v, AdamW, the clients vmapped): the
+    project's Llama against the same weights as an NNX Llama (``tests/test_nnx_bridge.py``'s
+    ``NnxLlama``) through ``fedhl_jax.nnx_bridge``, in one process. Each is compiled first, then
+    they are timed alternately ``repeat`` times; ``ratio`` is NNX tokens/s over the Llama's (best
+    and median of the repeats). Run: ``python -c "import json; from benchmarks.run import bench_nnx;
+    print(json.dumps(bench_nnx()))"``."""
+    from fedhl_jax import algorithms, engine
+    from fedhl_jax.nnx_bridge import nnx_lora
+    from tests.test_nnx_bridge import lm_loss, nnx_llama_from_params
+
+    cfg, params = load_model("stories260K")
+    alg = algorithms.fedhl(r_max)
+    opt = make_optimizer("adamw", 1e-3, trainable=alg.trainable)
+    bridge = nnx_lora(nnx_llama_from_params(cfg, params), lm_loss, [r"layers\.\d+\.self_attn\.(q|v)_proj"], r_max)
+    shapes = M.lora_targets(cfg, ("q_proj", "v_proj"))
+    assert bridge.shapes == shapes
+    state = alg.init(shapes, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    rk = np.resize(np.asarray(ranks), clients)
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(clients, steps, batch, seq + 1)), jnp.int32)
+    inputs = engine.RoundInputs(rank_mask(rk, r_max), lora_scale(rk, 16.0), jnp.ones((clients,)),
+                                (tokens, jnp.ones(tokens.shape, jnp.float32)), jax.random.PRNGKey(1))
+    llama = jax.jit(engine.make_round_step(
+        alg, lambda p, a, t, m: M.loss_fn(cfg, p, a, t, m), opt, merge_delta=M.merge_delta,
+        to_client=lambda a: M.stacked_adapter(cfg, a), from_client=lambda a: M.per_layer_adapter(cfg, a)))
+    nnx_round = jax.jit(engine.make_round_step(alg, bridge.loss, opt, merge_delta=bridge.merge_delta))
+    cases = {"llama": (llama, params), "nnx": (nnx_round, bridge.base)}
+    compile_s, seconds = {}, {name: [] for name in cases}
+    for name, (fn, base) in cases.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(state, base, inputs))
+        compile_s[name] = time.perf_counter() - t0
+    for _ in range(repeat):
+        for name, (fn, base) in cases.items():
+            seconds[name].append(timed(lambda fn=fn, base=base: fn(state, base, inputs)))
+    toks = clients * steps * batch * seq
+    best = {name: min(s) for name, s in seconds.items()}
+    median = {name: float(np.median(s)) for name, s in seconds.items()}
+    return {"model": "stories260K", "clients": clients, "local_steps": steps, "batch": batch, "seq": seq,
+            "r_max": r_max, "repeat": repeat, "device": jax.devices()[0].device_kind, "tokens": toks,
+            "seconds": seconds, "compile_s": compile_s,
+            "tok_s": {name: toks / best[name] for name in cases},
+            "ratio_best": best["llama"] / best["nnx"], "ratio_median": median["llama"] / median["nnx"]}

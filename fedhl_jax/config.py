@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,8 +63,15 @@ class ModelConfig:
     ``"random"`` takes a random-init tiny Llama (``random_*`` below); anything else is a local
     folder or GGUF file, or a Hugging Face Hub id (needs network). A path that does not exist is
     an error naming it.
+
+    ``kind: nnx`` takes a Flax NNX model instead: ``factory`` (``package.module:function``) is called
+    as ``function(vocab_size=V, seed=S)`` and returns ``(module, loss)`` with
+    ``loss(module, tokens, loss_mask) -> []``; ``targets`` are then regular expressions over its
+    module paths (``fedhl_jax.nnx_bridge``, docs/nnx.md).
     """
 
+    kind: str = "llama"
+    factory: str | None = None
     name_or_path: str = "auto"
     dtype: str = "float32"
     compute_dtype: str | None = None
@@ -91,6 +99,9 @@ class ModelConfig:
         _require(self.cpu_matmul in CPU_MATMUL_MODES,
                  f"model.cpu_matmul must be fast or accurate, got {self.cpu_matmul!r}")
         _require(len(self.targets) > 0, "model.targets must name at least one module")
+        _require(self.kind in ("llama", "nnx"), f"model.kind must be llama or nnx, got {self.kind!r}")
+        _require(self.kind == "llama" or re.fullmatch(r"[\w.]+:\w+", self.factory or "") is not None,
+                 f"model.kind: nnx needs model.factory as package.module:function, got {self.factory!r}")
         _require(self.alpha > 0, f"model.alpha must be > 0, got {self.alpha}")
 
 

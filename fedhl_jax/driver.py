@@ -296,7 +296,8 @@ def export_final(executor: RoundExecutor, state, out: Path, log) -> Path:
 
     def write(folder: Path, delta: dict) -> None:
         save_file({k: np.asarray(v, np.float32) for k, v in delta.items()}, str(folder / "global_adapter.safetensors"))
-        M.export_peft(folder / "peft_adapter", delta, rank, cfg.model.alpha, base, rslora=cfg.model.rslora)
+        if cfg.model.kind != "nnx":  # a PEFT adapter names Llama modules; an NNX model keeps the dense one
+            M.export_peft(folder / "peft_adapter", delta, rank, cfg.model.alpha, base, rslora=cfg.model.rslora)
 
     final = write_final(out, jax.device_get(executor.global_delta(executor.host_state(state))), write)
     log(f"exported the global adapter to {final}/ (dense, and PEFT rank {rank})")
@@ -331,6 +332,8 @@ def check_export(executor: RoundExecutor) -> None:
     if rank > largest:
         raise ConfigError(f"{key}={rank} exceeds the largest rank the LoRA modules allow ({largest}: their "
                           f"smallest dimension); set export_rank to at most {largest}")
+    if cfg.model.kind == "nnx":  # no PEFT adapter to check (export_final)
+        return
     try:
         with tempfile.TemporaryDirectory(prefix="fedhl-export-check-") as tmp:
             M.export_peft(Path(tmp) / "peft", {name: np.zeros((rank, rank), np.float32) for name in shapes},

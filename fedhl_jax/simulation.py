@@ -90,6 +90,28 @@ def load_model(cfg: TrainConfig, texts_for_fallback: list[str], mesh=None):
     return model_cfg, params, tokenizer, dataclasses.replace(source, description=desc)
 
 
+def load_nnx_model(cfg: TrainConfig, texts_for_fallback: list[str]):
+    """``(bridge, tokenizer, source)`` of ``model.kind: nnx``: ``model.factory`` called with the
+    vocabulary size of a word-level tokenizer built from ``texts_for_fallback`` and the run's seed,
+    LoRA placed at the module paths ``model.targets`` matches (``nnx_bridge.from_factory``).
+
+    Raises:
+      ConfigError: the factory or a pattern is wrong (``nnx_bridge``'s message).
+    """
+    from fedhl_jax.data.toy_tokenizer import word_level_tokenizer
+    from fedhl_jax.model.hub import ModelSource
+    from fedhl_jax.nnx_bridge import from_factory
+
+    tokenizer = word_level_tokenizer(texts_for_fallback)
+    try:
+        bridge = from_factory(cfg.model.factory, cfg.model.targets, cfg.fed.r_max, vocab_size=len(tokenizer),
+                              seed=cfg.seed)
+    except ValueError as e:
+        raise ConfigError(f"model.factory / model.targets: {e}") from None
+    return bridge, tokenizer, ModelSource("nnx", cfg.model.factory,
+                                          f"Flax NNX model from {cfg.model.factory} with a word-level tokenizer")
+
+
 def mesh_from_config(mesh_cfg, clients_per_round: int):
     """The run's device mesh from the config's ``mesh`` section, checked before anything loads.
 
@@ -144,9 +166,14 @@ class Simulation:
             raise ConfigError(f"fed.num_clients={fed.num_clients} is more than the {len(records[0])} training "
                               f"examples of {dc.dataset}")
         texts = [" ".join(r.values()) for r in records[0].select(range(min(len(records[0]), 2000)))]
-        self.model_cfg, self.params, self.tokenizer, self.model_source = load_model(cfg, texts, self.mesh)
+        self.nnx = None
+        if cfg.model.kind == "nnx":  # a Flax NNX model from model.factory (fedhl_jax.nnx_bridge)
+            self.nnx, self.tokenizer, self.model_source = load_nnx_model(cfg, texts)
+            self.model_cfg, self.params, self.shapes = None, self.nnx.base, self.nnx.shapes
+        else:
+            self.model_cfg, self.params, self.tokenizer, self.model_source = load_model(cfg, texts, self.mesh)
+            self.shapes = M.lora_targets(self.model_cfg, cfg.model.targets)
         log(f"model: {self.model_source.description}")
-        self.shapes = M.lora_targets(self.model_cfg, cfg.model.targets)
         smallest = min(min(s) for s in self.shapes.values())
         if fed.r_max > smallest:
             raise ConfigError(f"rank {fed.r_max} in fed.ranks exceeds min(d_out, d_in)={smallest} of the "
@@ -173,11 +200,15 @@ class Simulation:
         # The clients' optimizer, loss and adapter layout (also used by a deployed node, fedhl_jax.flower).
         self.optimizer = make_optimizer(o.optimizer, o.lr, lr_b=o.lr_b, weight_decay=o.weight_decay,
                                         momentum=o.momentum, grad_clip=o.grad_clip, trainable=self.algorithm.trainable)
-        train_cfg = self.model_cfg.replace(remat=cfg.model.remat)  # remat per scanned block, for training
-        self.loss = lambda params, adapter, tokens, mask: M.loss_fn(train_cfg, params, adapter, tokens, mask)
-        self.to_client = lambda ad: M.stacked_adapter(self.model_cfg, ad)
-        self.from_client = lambda ad: M.per_layer_adapter(self.model_cfg, ad)
-        self.merge_delta = M.merge_delta
+        if self.nnx is not None:
+            self.loss, self.to_client, self.from_client = self.nnx.loss, None, None
+            self.merge_delta = self.nnx.merge_delta
+        else:
+            train_cfg = self.model_cfg.replace(remat=cfg.model.remat)  # remat per scanned block, for training
+            self.loss = lambda params, adapter, tokens, mask: M.loss_fn(train_cfg, params, adapter, tokens, mask)
+            self.to_client = lambda ad: M.stacked_adapter(self.model_cfg, ad)
+            self.from_client = lambda ad: M.per_layer_adapter(self.model_cfg, ad)
+            self.merge_delta = M.merge_delta
         # Process-wide: the round step, evaluation and generation compile in this mode (fedhl_jax.runtime).
         runtime.set_cpu_matmul(cfg.model.cpu_matmul)
         if cfg.model.cpu_matmul == "accurate" and jax.default_backend() == "cpu":
@@ -187,7 +218,7 @@ class Simulation:
             merge_delta=self.merge_delta, to_client=self.to_client, from_client=self.from_client,
             mesh=self.mesh, probe=probe))
         self.evaluator = None
-        if self.data.eval is not None:
+        if self.data.eval is not None and self.nnx is None:  # held-out metrics: the built-in Llama only
             self.evaluator = GlobalEvaluator(self.model_cfg, self.params, self.tokenizer, self.data.eval,
                                              self.algorithm, self.ranks, cfg.eval, eval_metric(dc.dataset),
                                              alpha=cfg.model.alpha, rslora=cfg.model.rslora, r_max=fed.r_max,
