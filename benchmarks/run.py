@@ -734,7 +734,7 @@ def bench_nnx(clients=20, steps=2, batch=4, seq=64, ranks=(2, 4, 8, 16), r_max=1
     project's Llama against the same weights as an NNX Llama (``tests/test_nnx_bridge.py``'s
     ``NnxLlama``) through ``fedhl_jax.nnx_bridge``, in one process. Each is compiled first, then
     they are timed alternately ``repeat`` times; ``ratio`` is NNX tokens/s over the Llama's (best
-    and median of the repeats). Run: ``python -c "import json; from benchmarks.run import bench_nnx;
+    and median of the repeats, and the median of the per-repeat ratios with its bootstrap interval). Run: ``python -c "import json; from benchmarks.run import bench_nnx;
     print(json.dumps(bench_nnx()))"``."""
     from fedhl_jax import algorithms, engine
     from fedhl_jax.nnx_bridge import nnx_lora
@@ -772,4 +772,15 @@ def bench_nnx(clients=20, steps=2, batch=4, seq=64, ranks=(2, 4, 8, 16), r_max=1
             "r_max": r_max, "repeat": repeat, "device": jax.devices()[0].device_kind, "tokens": toks,
             "seconds": seconds, "compile_s": compile_s,
             "tok_s": {name: toks / best[name] for name in cases},
-            "ratio_best": best["llama"] / best["nnx"], "ratio_median": median["llama"] / median["nnx"]}
+            "ratio_best": best["llama"] / best["nnx"], "ratio_median": median["llama"] / median["nnx"],
+            **paired_ratio(seconds["llama"], seconds["nnx"])}
+
+
+def paired_ratio(base_s, other_s, *, resamples=10_000, seed=0) -> dict:
+    """The median over repeats of ``base_s[k] / other_s[k]`` (adjacent timings, so a load change
+    between repeats cancels) with a 95% bootstrap interval over the repeats."""
+    r = np.asarray(base_s, np.float64) / np.asarray(other_s, np.float64)
+    idx = np.random.default_rng(seed).integers(0, r.size, size=(resamples, r.size))
+    boot = np.median(r[idx], axis=1)
+    return {"ratio_paired_median": float(np.median(r)),
+            "ratio_paired_ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]}
