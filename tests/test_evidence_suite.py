@@ -47,8 +47,10 @@ def fake_run_cell(calls):
 
 @pytest.fixture
 def spec():
+    """The suite's spec with the grid rule (the bracket rule: ``test_bracket_tuning``)."""
     s = copy.deepcopy(SPEC)
     s["zero_shot"] = False
+    s["tune"] = {"seed": 0, "grid": [0.004, 0.002, 0.008, 0.001], "extend": 1}
     return s
 
 
@@ -105,6 +107,36 @@ def test_tuning_rule_seeds_leaders_and_resume(spec, tmp_path, monkeypatch):
             break
     key = lambda p: sorted(json.dumps(json.loads(line), sort_keys=True) for line in p.read_text().splitlines())
     assert key(cache) == key(cache2)
+
+
+def test_bracket_tuning_walks_the_ladder_to_each_methods_best(tmp_path, monkeypatch):
+    spec = copy.deepcopy(SPEC)
+    spec["zero_shot"] = False
+    assert spec["tune"]["search"] == "bracket"
+    ladder = sorted(spec["tune"]["ladder"])
+    calls = []
+    monkeypatch.setattr(R, "run_cell", fake_run_cell(calls))
+    res = E.run_suite(spec, tmp_path / "c.jsonl", log=lambda *a, **k: None)
+    n = len(spec["methods"])
+    # pass 1: every method at the start; pass 2: every method one step up
+    assert [c[1] for c in calls[:n]] == [spec["tune"]["start"]] * n
+    assert [c[1] for c in calls[n:2 * n]] == [2 * spec["tune"]["start"]] * n
+    for m, o in OPT.items():
+        best = min(ladder, key=lambda lr: abs(math.log2(lr / 0.004) - o))
+        assert res["tuned"][m] == pytest.approx(best), m
+        tried = sorted(E.tried(spec, res["by_config"], m))
+        i = ladder.index(best)
+        # the best's neighbours ran; the walk went from the start to the best and one step past it
+        assert all(ladder[j] in tried for j in (i - 1, i + 1) if 0 <= j < len(ladder))
+        lo, hi = min(0.004, best), max(0.008, best)
+        want = [lr for lr in ladder if lo / 2 <= lr <= hi * 2 and (lr >= lo or lr == best / 2) and (lr <= hi or lr == best * 2)]
+        assert tried == want, (m, tried)
+    n_tune = sum(len(E.tried(spec, res["by_config"], m)) for m in OPT)
+    assert n_tune < 4 * len(OPT)  # fewer tuning runs than the 4-rate grid
+    with pytest.raises(ValueError, match=r"tune.start=0.003 is not on tune.ladder"):
+        E.next_rate(dict(spec, tune=dict(spec["tune"], start=0.003)), {})
+    with pytest.raises(ValueError, match=r"tune.search must be 'grid' or 'bracket', got 'line'"):
+        E.next_rate(dict(spec, tune=dict(spec["tune"], search="line")), {})
 
 
 def test_page_from_the_cache_alone(spec, tmp_path, monkeypatch):

@@ -6,12 +6,20 @@ dataset) each with its methods and seeds. The suite runs, in this order, each ru
 file (keyed by the digest of its resolved config, as in ``results_suite``) as soon as it finishes:
 
 1. **Zero-shot**: the starting model's held-out and validation loss (and the generation metric).
-2. **Tuning** (the first setting, ``tune.seed``): every method at every learning rate of
-   ``tune.grid`` (in the grid's order, all methods at one rate before the next), then, for a method
-   whose best rate lies on an edge of what it has tried, the next rate beyond that edge (×2 or ÷2,
-   at most ``tune.extend`` times). The best rate is the one with the lowest *validation* loss
-   (``data.validation_examples`` training rows that no client holds): the held-out (test) rows
-   never choose anything.
+2. **Tuning** (the first setting, ``tune.seed``). Two rules:
+
+   * ``tune.search: grid``: every method at every learning rate of ``tune.grid`` (in the grid's
+     order, all methods at one rate before the next), then, for a method whose best rate lies on an
+     edge of what it has tried, the next rate beyond that edge (×2 or ÷2, at most ``tune.extend``
+     times);
+   * ``tune.search: bracket``: a walk on the ×2 ladder ``tune.ladder`` from ``tune.start``: the rate
+     above the best one tried so far, then the rate below it, until the best rate's two neighbours
+     on the ladder have both run (or the best is an end of the ladder). This assumes the
+     validation loss is unimodal in log(lr) over the ladder; it costs 3 runs for a method whose
+     best is the start (the grid rule: 4 or 5). Each pass runs every untuned method's next rate.
+
+   The best rate is the one with the lowest *validation* loss (``data.validation_examples``
+   training rows that no client holds): the held-out (test) rows never choose anything.
 3. **Seeds**: the first setting's other seeds, each method at its own best rate (the tuning run at
    that rate is the run of ``tune.seed``: same config, same digest).
 4. **Other settings**: their methods (``leaders``: the ``spec["leaders"]`` methods with the lowest
@@ -79,8 +87,26 @@ def tried(spec: dict, by_config: dict, method: str) -> dict[float, dict]:
     return out
 
 
+def _bracket(spec: dict) -> bool:
+    mode = spec["tune"].get("search", "grid")
+    if mode not in ("grid", "bracket"):
+        raise ValueError(f"tune.search must be 'grid' or 'bracket', got {mode!r}")
+    return mode == "bracket"
+
+
+def _ladder(spec: dict) -> list[float]:
+    ladder = sorted(float(x) for x in spec["tune"]["ladder"])
+    start = float(spec["tune"]["start"])
+    if start not in ladder:
+        raise ValueError(f"tune.start={start!r} is not on tune.ladder={ladder}")
+    return ladder
+
+
 def candidate_rates(spec: dict) -> list[float]:
-    """Every rate tuning may try: the grid and up to ``tune.extend`` steps beyond each edge."""
+    """Every rate tuning may try: the ladder (``bracket``), or the grid and up to ``tune.extend``
+    steps beyond each edge (``grid``)."""
+    if _bracket(spec):
+        return _ladder(spec)
     grid = [float(x) for x in spec["tune"]["grid"]]
     k = int(spec["tune"].get("extend", 0))
     lo, hi = min(grid), max(grid)
@@ -93,6 +119,15 @@ def next_rate(spec: dict, runs: dict[float, dict]) -> float | None:
     The grid first, in its order; then, while the best rate (lowest validation loss) is the largest
     (smallest) tried, the next one up (down), at most ``tune.extend`` steps beyond the grid.
     """
+    if _bracket(spec):
+        ladder, start = _ladder(spec), float(spec["tune"]["start"])
+        if start not in runs:
+            return start
+        i = ladder.index(best_rate({lr: r for lr, r in runs.items() if lr in ladder}))
+        for j in (i + 1, i - 1):  # up first
+            if 0 <= j < len(ladder) and ladder[j] not in runs:
+                return ladder[j]
+        return None
     grid = [float(x) for x in spec["tune"]["grid"]]
     for lr in grid:
         if lr not in runs:
@@ -194,7 +229,7 @@ def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable
         todo = [(m, lr) for m, lr in todo if lr is not None]
         if not todo:
             break
-        lr_now = todo[0][1] if todo[0][1] in spec["tune"]["grid"] else None
+        lr_now = todo[0][1] if not _bracket(spec) and todo[0][1] in spec["tune"]["grid"] else None
         progressed = False
         for m, lr in todo:
             if lr_now is not None and lr != lr_now:
@@ -391,7 +426,7 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
             if r.get("global_norm"):
                 curves.setdefault(m, []).append((r["global_norm"][-1], r["final_eval_loss"], lr))
     # the named pairs at one common learning rate (seed ``tune_seed``: intervals over answers only)
-    rates = [float(x) for x in spec["tune"]["grid"]]
+    rates = sorted({lr for m in spec["methods"] for lr in tried(spec, by_config, m)})
     rows = []
     for a, b in spec.get("pairs", []):
         ta, tb = tried(spec, by_config, a), tried(spec, by_config, b)
