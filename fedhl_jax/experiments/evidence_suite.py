@@ -404,6 +404,11 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
             L.append("| " + " | ".join([s, f"{a} − {b}"] + _fmt_cmp(compare(ra, rb), (a, b))) + " |")
     # ---- step size
     L += ["", "## Step size: every method at every learning rate it was tuned on", "",
+          (f"Tuning rule: a walk on the ×2 ladder {', '.join(f'{x:g}' for x in _ladder(spec))} from "
+           f"{float(spec['tune']['start']):g}, one step up, then down, until the best rate's two neighbours ran "
+           "(it assumes the validation loss is unimodal in log lr). " if _bracket(spec) else
+           f"Tuning rule: the grid {', '.join(f'{float(x):g}' for x in spec['tune']['grid'])}, extended by up to "
+           f"{int(spec['tune'].get('extend', 0))} ×2 step(s) beyond an edge that holds the best rate. ") +
           f"Setting {first}, seed {tune_seed}. Validation loss (pooled over tokens; it chose the rate, **bold**), "
           "held-out loss, the norm of the final global adapter ‖G‖_F, the mean update norm ‖ΔG‖_F per round, and the "
           "share of round 1's update energy beyond rank 2 and of the mean round's beyond rank 8 and 16.", "",
