@@ -195,3 +195,21 @@ def test_run_cell_records_the_update_validation_and_per_example_losses(tmp_path)
     assert len(rec["eval_loss_examples"]) == 8 and all(np.isfinite(rec["eval_loss_examples"]))
     # round 1 starts from G = 0: the update's norm is the final norm of a one-round run
     assert rec["global_norm"][0] == pytest.approx(rec["update_norm"][0], rel=1e-5)
+
+
+def test_committed_cache_keys_are_the_specs_digests():
+    """Every cached run is found again by the spec: a new config field that changes the digests of
+    finished runs (so the suite would rerun them) fails here, not after hours of compute."""
+    rows = R.read_cache(REPO / "docs" / "results" / "results_smollm2.jsonl")
+    assert rows, "the committed cache is empty"
+    for row in rows:
+        rid, seed = row["id"], row["seed"]
+        if rid == E.ZERO_SHOT:
+            want = "zero_shot-" + R.config_digest(SPEC["base"], {}, seed)
+        else:
+            setting, method, lr = rid.split(":")
+            assert setting in SPEC["settings"] and method.startswith("method="), rid
+            method, lr = method.removeprefix("method="), float(lr.removeprefix("lr="))
+            assert lr in E.candidate_rates(SPEC), rid
+            want = E.digest(SPEC, setting, method, lr, seed)
+        assert row["config"] == want, rid

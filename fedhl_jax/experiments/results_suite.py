@@ -138,7 +138,7 @@ _LATER_DEFAULTS = {("data", "prompt_format"): "auto", ("eval", "loss_examples"):
                    ("eval", "generate_every"): None, ("eval", "zero_shot"): False,
                    ("eval", "generate_batch_size"): None, ("model", "cpu_matmul"): "fast",
                    ("fed", "options", "beta_cap"): None, ("data", "validation_examples"): 0,
-                   ("eval", "per_example"): False}
+                   ("eval", "per_example"): False, ("model", "kind"): "llama", ("model", "factory"): None}
 _LATER_SECTIONS = {"mesh": MeshConfig()}
 
 
