@@ -274,6 +274,9 @@ def nnx_lora(model: nnx.Module, loss_fn: Callable, patterns: Sequence[str], r_ma
 def load_factory(spec: str) -> Callable:
     """The function named by ``"package.module:function"`` (``model.factory``).
 
+    The module is looked up on ``sys.path`` and then in the working directory (as ``python -m``
+    does), so ``fedhl-train`` run from a project's root finds that project's modules.
+
     Raises:
       ValueError: a malformed spec, a module that does not import or a missing function (naming it).
     """
@@ -282,7 +285,12 @@ def load_factory(spec: str) -> Callable:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"model factory {spec!r} is not of the form package.module:function")
+    import os
+    import sys
+
     try:
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(f"model factory {spec!r}: cannot import {module_name!r} ({e})") from None
