@@ -128,10 +128,10 @@ def run(until: str | None, limit: int | None) -> None:
     for row in rows():
         if key(row) in load_cache():  # read again each time: another runner may have added it
             continue
+        if (stop and dt.datetime.now(dt.timezone.utc) >= stop) or (limit is not None and count >= limit):
+            break  # before claiming: a claimed row is skipped by every other runner
         if not claim(row):  # another runner compiles it now
             continue
-        if (stop and dt.datetime.now(dt.timezone.utc) >= stop) or (limit is not None and count >= limit):
-            break
         cmd = command(row)
         t0 = time.time()
         res = subprocess.run([sys.executable, "-m", "fedhl_jax.plan_cli", *cmd[1:]], capture_output=True,
