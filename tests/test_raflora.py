@@ -16,6 +16,7 @@ from tests.test_engine import ALPHA, D_IN, D_OUT, K, LR, M, lsq_loss, problem, s
 from tests.test_engine import RANKS as ENGINE_RANKS
 from tests.test_engine import inputs as engine_inputs
 from tests.test_fedhl_momentum import R_MAX, RANKS, SHAPES, SIZES, trained  # the same small two-module round
+from tests.test_fedhl_rb import rel, rounds
 
 N_HYP, D_OUT_HYP, D_IN_HYP, R_HYP = 5, 7, 6, 5  # the fixed shapes of the property tests
 
@@ -42,22 +43,6 @@ def np_raflora(B, A, ranks, scale, base):
 def np_truncate_to(G, r):
     U, S, Vt = np.linalg.svd(np.asarray(G, np.float64), full_matrices=False)
     return (U[:, :r] * S[:r]) @ Vt[:r]
-
-
-def rel(got, want):
-    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
-
-
-def rounds(alg, n, ranks=RANKS, jit=False):
-    """``n`` rounds from ``init`` with fixed inputs; the states and infos of every round."""
-    mask, scale = F.rank_mask(ranks, R_MAX), F.lora_scale(ranks, 8.0)
-    step = jax.jit(alg.aggregate) if jit else alg.aggregate
-    state, out = alg.init(SHAPES), []
-    for t in range(n):
-        state, info = step(state, *trained(alg.broadcast(state, mask, scale, jax.random.PRNGKey(t)), mask, t),
-                           mask, scale, SIZES)
-        out.append((state, info))
-    return out
 
 
 def test_registered_in_the_dense_family():
@@ -172,19 +157,21 @@ def test_untrained_round_keeps_g_up_to_the_largest_rank_held():
         assert rel(new.G[k], want) <= 1e-5, (k, rel(new.G[k], want))
 
 
-def test_a_diverging_client_is_left_out():
+@pytest.mark.parametrize("bad", [2, 0])  # the only rank-4 client, the only rank-1 client
+def test_a_diverging_client_is_left_out(bad):
     alg = F.make_algorithm("raflora", R_MAX)
     state, _ = rounds(alg, 1)[-1]
     mask, scale = F.rank_mask(RANKS, R_MAX), F.lora_scale(RANKS, 8.0)
     B, A = trained(alg.broadcast(state, mask, scale, jax.random.PRNGKey(1)), mask, 1)
-    bad = {k: b.at[2, 0, 0].set(jnp.nan) for k, b in B.items()}  # the only rank-4 client
-    with pytest.warns(RuntimeWarning, match=r"clients \[2\]"):
-        new, info = alg.aggregate(state, bad, A, mask, scale, SIZES)
+    broken = {k: a.at[bad, 0, 0].set(jnp.inf) for k, a in A.items()}
+    with pytest.warns(RuntimeWarning, match=rf"clients \[{bad}\]"):
+        new, info = alg.aggregate(state, B, broken, mask, scale, SIZES)
         jax.effects_barrier()
-    keep = np.array([0, 1, 3])
-    assert bool(info["applied"]) and float(info["p"][2]) == 0.0
-    np.testing.assert_array_equal(np.asarray(info["w"])[2], 0.0)
-    np.testing.assert_array_equal(np.asarray(info["w"])[:, 3], 0.0)  # column 3: nobody left
+    keep = np.delete(np.arange(len(RANKS)), bad)
+    w = np.asarray(info["w"])
+    assert bool(info["applied"]) and float(info["p"][bad]) == 0.0 and np.all(w[bad] == 0)
+    held = [float(np.any(RANKS[keep] > j)) for j in range(R_MAX)]  # a column nobody kept holds sums to 0
+    np.testing.assert_allclose(w.sum(axis=0), held, rtol=1e-6)
     for k in SHAPES:
         want = np_raflora(B[k][keep], A[k][keep], RANKS[keep], scale[keep], np.asarray(SIZES)[keep])
         assert rel(new.G[k], want) <= 1e-5

@@ -1,7 +1,8 @@
 """raFLoRA: rank-partitioned aggregation with SVD-based allocation.
 
 Wu, Hu, Min and Wang, *Preventing Rank Collapse in Federated Low-Rank Adaptation with Client
-Heterogeneity* (arXiv 2602.13486, Section 5, Algorithm 1, Eq. 8). The server holds a dense adapter
+Heterogeneity* (arXiv 2602.13486, Section 5; Algorithm 1 and Eq. 8 as a public reimplementation cites
+them, the section's text not having been consulted). The server holds a dense adapter
 ``G`` and hands a client of rank ``r_k`` its rank-``r_k`` SVD truncation (FlexLoRA's allocation, this
 package's dense-``G`` family). Rank-agnostic aggregation ``G ← Σ_k p_k s_k B_k A_k`` gives the
 components past the smallest rank only the weight ``Σ_{k: r_k > j} p_k < 1`` of the clients that
