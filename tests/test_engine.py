@@ -125,7 +125,7 @@ def test_algorithm_facts():
     homogeneous = {n for n in F.ALGORITHMS if F.make_algorithm(n, 4).homogeneous}
     assert homogeneous == {"fedit", "ffa_lora", "fedex_lora"}
     per_rank_eval = {n for n in F.ALGORITHMS if F.make_algorithm(n, 4).per_rank_eval}
-    assert per_rank_eval == {"fedhl", "flexlora", "rb_lora", "fedhl_momentum", "fedhl_rb"}
+    assert per_rank_eval == {"fedhl", "flexlora", "rb_lora", "fedhl_momentum", "fedhl_rb", "raflora"}
     assert F.fedhl(4).options == F.FedHLOptions()
     assert F.fedhl(4, {"eps": 0.5}, power=1.0).options == F.FedHLOptions(eps=0.5, power=1.0)
 
