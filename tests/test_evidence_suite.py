@@ -18,7 +18,7 @@ SPEC = yaml.safe_load((REPO / "configs" / "results_smollm2.yaml").read_text())
 GPU_SPEC = yaml.safe_load((REPO / "configs" / "results_smollm2_gpu.yaml").read_text())
 #: the synthetic validation optimum of each method (log2 of lr / 4e-3): off-grid ones need an extension
 OPT = {"flexlora": 0.0, "fedhl": -1.0, "fedhl_data_size": 3.0, "fedhl_balanced": -4.0, "rb_lora": 1.0,
-       "rb_lora_cap2": 0.4, "fedhl_rb": 0.9, "hetlora": -0.2, "fedit_r16": 0.1}
+       "rb_lora_cap2": 0.4, "raflora_uniform": 1.6, "fedhl_rb": 0.9, "hetlora": -0.2, "fedit_r16": 0.1}
 
 
 def _method(ov):
