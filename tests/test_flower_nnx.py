@@ -2,6 +2,7 @@
 LoRA shapes on an abstract model (no weight), the nodes train through the bridge, and the
 federation equals the in-process simulation."""
 
+import json
 import os
 
 import jax
@@ -132,11 +133,39 @@ def test_a_flower_federation_of_an_nnx_model_matches_the_simulation(setup, task_
     diff = max(float(np.abs(np.asarray(got[k]) - want[k]).max()) for k in want)
     print(f"NNX federation vs simulation: maxdiff {diff:.3g} (max |delta| {max(float(np.abs(v).max()) for v in want.values()):.3g})")
     assert sorted(got) == sorted(want) and diff < 1e-5
-    import json
-
     lines = [json.loads(x) for x in (tmp / "server" / "metrics.jsonl").read_text().splitlines()]
     rounds = [x for x in lines if "train_loss" in x]
     assert len(rounds) == 2
     for m, sim_m in zip(rounds, metrics):
         np.testing.assert_allclose(m["train_loss"], sim_m["train_loss"], rtol=1e-5)
         np.testing.assert_allclose(m["p"], sim_m["p"], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_flora_nodes_merge_the_base_update_through_the_bridge(tmp_path, task_identity):
+    """FLoRA sends the nodes the dense base update, which a node merges into the NNX model's
+    kernels (``NnxLoRA.merge_delta``): through the strategy and the ``ClientApp`` handlers, two
+    rounds equal the simulation's."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from tests.test_deploy import node_context, strategy_for
+
+    cfg = load_config(None, tiny_overrides(tmp_path, **{**NNX_FEDERATION, "fed.algorithm": "flora"}))
+    save_config(cfg, tmp_path / "run.yaml")
+    sim = Simulation(cfg, log=lambda *_: None, mesh=None)
+    state = sim.init_state()
+    for t in range(2):
+        state = sim.run_round(state, t).state
+    want = {k: np.asarray(v) for k, v in sim.global_delta(state).items()}
+    strategy = strategy_for(cfg)
+    for server_round in (1, 2):
+        msgs = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid=None)
+        if server_round == 2:
+            assert any(k.startswith("base_delta/") for k in msgs[0].content["arrays"])
+        replies = [client_app.train(m, node_context(tmp_path / "run.yaml", pid, RANKS[pid]))
+                   for m in msgs for pid in [int(m.content["config"]["partition-id"])]]
+        strategy.aggregate_train(server_round, replies)
+    got = strategy.algorithm.global_delta(strategy.state)
+    diff = max(float(np.abs(np.asarray(got[k]) - want[k]).max()) for k in want)
+    print(f"NNX FLoRA federation vs simulation: maxdiff {diff:.3g}")
+    assert diff < 1e-5
