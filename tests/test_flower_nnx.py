@@ -34,6 +34,13 @@ def recorded_nnx_llama(vocab_size: int, seed: int):
     return model, loss
 
 
+def concrete_nnx_llama(vocab_size: int, seed: int):
+    """A factory that reads a weight's value while building (it cannot run abstractly)."""
+    model, loss = tiny_nnx_llama(vocab_size, seed)
+    model.scale = float(model.embed_tokens.embedding[0, 0])
+    return model, loss
+
+
 #: The tiny NNX Llama of tests/test_nnx_bridge.py over 3 nodes at ranks 1, 2, 4 (tests/test_deploy.py's federation).
 NNX_FEDERATION = {**FEDERATION, **NNX_RUN, "model.cpu_matmul": "accurate", "model.factory": "tests.test_flower_nnx:recorded_nnx_llama"}
 
@@ -91,6 +98,15 @@ def test_server_shape_errors_name_the_value_as_the_simulation(setup, extra, mess
         lora_shapes(cfg)
     with pytest.raises(ConfigError, match=message):
         Simulation(cfg, log=lambda *_: None, mesh=None)
+
+
+def test_a_factory_that_needs_concrete_weights_is_named_on_the_server(setup):
+    tmp, _, _, _, _ = setup
+    cfg = load_config(None, tiny_overrides(tmp, **{**NNX_FEDERATION,
+                                                 "model.factory": "tests.test_flower_nnx:concrete_nnx_llama"}))
+    with pytest.raises(ConfigError, match=r"model.factory 'tests.test_flower_nnx:concrete_nnx_llama' needs concrete "
+                                          r"weights to build its model, but the server builds it abstractly"):
+        lora_shapes(cfg)
 
 
 def test_a_target_whose_shape_follows_the_vocabulary_is_refused_on_the_server(setup):
