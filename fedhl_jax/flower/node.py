@@ -83,9 +83,13 @@ def unpack(arrays: dict, shapes: dict, r_max: int, rank: int, *, fill: dict | No
     return B, A
 
 
-def client_pieces(cfg: TrainConfig, model_cfg, algorithm) -> tuple:
+def client_pieces(cfg: TrainConfig, model_cfg, algorithm, bridge=None) -> tuple:
     """The simulation's client optimizer, loss and adapter layout for ``model_cfg`` (the same
     construction as ``Simulation``'s, so a node's step is the simulation's client step).
+
+    Args:
+      bridge: the ``nnx_bridge.NnxLoRA`` of ``model.kind: nnx`` (``model_cfg`` is then unused): its
+        loss, and the adapter as it is (no layout change), as the simulation's.
 
     Returns:
       ``(optimizer, loss, to_client, from_client)``.
@@ -96,6 +100,8 @@ def client_pieces(cfg: TrainConfig, model_cfg, algorithm) -> tuple:
     o = cfg.optim
     optimizer = make_optimizer(o.optimizer, o.lr, lr_b=o.lr_b, weight_decay=o.weight_decay, momentum=o.momentum,
                                grad_clip=o.grad_clip, trainable=algorithm.trainable)
+    if bridge is not None:
+        return optimizer, bridge.loss, None, None
     train_cfg = model_cfg.replace(remat=cfg.model.remat)
     return (optimizer, lambda params, adapter, tokens, mask: M.loss_fn(train_cfg, params, adapter, tokens, mask),
             lambda ad: M.stacked_adapter(model_cfg, ad), lambda ad: M.per_layer_adapter(model_cfg, ad))
@@ -163,15 +169,16 @@ class NodeTrainer:
 
     Raises:
       ConfigError: a partition id or rank out of range, ``rank_correlated`` partitions or a
-        ``random`` model (whose word-level tokenizer is built from the whole dataset) with a
-        node's own file (each message names the value), or any error of the run's set-up.
+        ``random`` or ``model.kind: nnx`` model (whose word-level tokenizer is built from the
+        whole dataset) with a node's own file (each message names the value), or any error of
+        the run's set-up.
     """
 
     def __init__(self, cfg: TrainConfig, partition_id: int, rank: int, *, data: str | None = None,
                  ranks=None, log: Callable = lambda *_: None):
         from fedhl_jax.build import build_algorithm
         from fedhl_jax.config import ConfigError
-        from fedhl_jax.model import lora_targets
+        from fedhl_jax.model import lora_targets, merge_delta
         from fedhl_jax.simulation import Simulation, load_model
 
         if not 0 <= partition_id < cfg.fed.num_clients:
@@ -181,14 +188,19 @@ class NodeTrainer:
             raise ConfigError(f"rank={rank} is outside [1, {cfg.fed.r_max}] (the largest of fed.ranks)")
         self.cfg, self.partition_id, self.rank, self.r_max = cfg, int(partition_id), int(rank), cfg.fed.r_max
         algorithm = build_algorithm(cfg.fed)
+        bridge = None  # model.kind: nnx (fedhl_jax.nnx_bridge)
         if data is not None:
+            if cfg.model.kind == "nnx":
+                raise ConfigError(f"model.kind=nnx builds its word-level tokenizer from the whole dataset, which a "
+                                  f"node holding only {data} does not have; use partition-id=<i> without data=... "
+                                  f"(the simulation's partitions)")
             check_local_data(cfg, data)
             model_cfg, self.params, tokenizer, _ = load_model(cfg, [])
             self.shapes = lora_targets(model_cfg, cfg.model.targets)
             self.batches, self.num_examples = local_batcher(cfg, data, tokenizer, log=log)
         else:
             sim = Simulation(cfg, log=log, mesh=None)  # the simulation's set-up (nothing compiles here)
-            model_cfg, self.params, self.shapes = sim.model_cfg, sim.params, sim.shapes
+            model_cfg, self.params, self.shapes, bridge = sim.model_cfg, sim.params, sim.shapes, sim.nnx
             batcher, sizes = sim.schedule.batches, sim.data.num_examples
             if cfg.data.partition == "rank_correlated" and ranks is not None and list(ranks) != list(sim.ranks):
                 from fedhl_jax.data.federated import build_federated_dataset
@@ -201,16 +213,15 @@ class NodeTrainer:
             self.batches, self.num_examples = batcher, int(sizes[partition_id])
         self.mask = rank_mask(np.array([rank]), self.r_max)[0]  # [r_max]
         self.scale = lora_scale(np.array([rank]), cfg.model.alpha, rslora=cfg.model.rslora)[0]  # []
-        optimizer, loss, to_client, from_client = client_pieces(cfg, model_cfg, algorithm)
+        optimizer, loss, to_client, from_client = client_pieces(cfg, model_cfg, algorithm, bridge)
+        merge = merge_delta if bridge is None else bridge.merge_delta
         runtime.set_cpu_matmul(cfg.model.cpu_matmul)
         client = engine.make_client_step(algorithm, loss, optimizer, to_client=to_client, from_client=from_client)
         self.trainable = algorithm.trainable
 
         def step(base, base_delta, B, A, mask, scale, *batch):
             if base_delta is not None:  # algorithms that move the base: the shared update, merged here
-                from fedhl_jax.model import merge_delta
-
-                base = merge_delta(base, base_delta)
+                base = merge(base, base_delta)
             trained, losses = client.train(base, B, A, mask, scale, *batch)
             return trained.B, trained.A, losses
 

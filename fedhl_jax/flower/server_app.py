@@ -5,7 +5,8 @@ YAML, the same file the nodes read), ``overrides``, ``out`` (the server's run di
 metrics, checkpoints, the final adapter), ``round-timeout`` (each round's deadline, seconds),
 ``min-replies`` / ``min-reply-fraction`` (the quorum), ``on-short-round`` (``skip`` or ``stop``) and
 ``discover-timeout`` (seconds). The server never loads a base weight (``no_base_weights``): the LoRA
-shapes come from the model's ``config.json`` or GGUF header.
+shapes come from the model's ``config.json`` or GGUF header, or (``model.kind: nnx``) from the
+factory's model built abstractly under ``jax.eval_shape``.
 A server started again on the same ``out`` resumes after its last checkpoint. The run's outcome is
 in ``out/status.json`` (``flwr run`` exits 0 whatever it is; docs/deployment.md).
 """
@@ -22,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedhl_jax import driver
 from fedhl_jax import model as M
-from fedhl_jax.model.hub import resolve_model_source
+from fedhl_jax.model.hub import ModelSource, resolve_model_source
 from fedhl_jax.build import build_algorithm
 from fedhl_jax.config import ConfigError, TrainConfig
 from fedhl_jax.flower.node import run_settings
@@ -34,13 +35,20 @@ def lora_shapes(cfg: TrainConfig) -> dict:
     """``{module: (d_out, d_in)}`` of the run's LoRA modules, from the model's config alone (no
     weight and no data is read).
 
+    For ``model.kind: nnx`` the shapes are the bridge's (``nnx_bridge.from_factory``), found on an
+    abstract model: ``model.factory`` runs under ``jax.eval_shape``, so no weight is materialised
+    (``nnx_shapes``).
+
     Raises:
-      ConfigError: ``fed.r_max`` exceeds a module's smaller dimension.
+      ConfigError: ``fed.r_max`` exceeds a module's smaller dimension, or (``model.kind: nnx``) as
+        ``nnx_shapes``.
     """
     from fedhl_jax.model.shapes import read_model_config
     from fedhl_jax.simulation import random_model_config
 
     mc = cfg.model
+    if mc.kind == "nnx":
+        return nnx_shapes(cfg)
     source = resolve_model_source(mc.name_or_path)
     if source.kind == "random":  # the shapes of the LoRA modules do not depend on the vocabulary
         model_cfg = random_model_config(mc, mc.random_vocab_size)
@@ -51,6 +59,63 @@ def lora_shapes(cfg: TrainConfig) -> dict:
     if cfg.fed.r_max > smallest:
         raise ConfigError(f"rank {cfg.fed.r_max} in fed.ranks exceeds min(d_out, d_in)={smallest} of the LoRA modules")
     return shapes
+
+
+def nnx_shapes(cfg: TrainConfig, vocab_sizes: tuple[int, ...] | None = None) -> dict:
+    """The LoRA shapes ``{module_path: (d_out, d_in)}`` of ``model.kind: nnx``, in the bridge's
+    (graph) order, without a weight: ``model.factory(vocab_size=V, seed=cfg.seed)`` and the
+    bridge's module matching run under ``jax.eval_shape``, on tracers.
+
+    The run's vocabulary is a word-level tokenizer's, built from the training texts (as the
+    simulation's ``load_nnx_model``), which the server does not hold. The shapes are found at two
+    vocabulary sizes; the LoRA modules' shapes must not depend on it (true of any target that is
+    not an embedding or an output head over the vocabulary).
+
+    Args:
+      cfg: the run's config (``model.factory``, ``model.targets``, ``fed.r_max``, ``seed``).
+      vocab_sizes: the sizes tried (default ``model.random_vocab_size`` and ``2 *`` it ``+ 7``).
+
+    Returns:
+      ``{module_path: (d_out, d_in)}``, the simulation's ``Simulation.shapes`` of the run.
+
+    Raises:
+      ConfigError: the factory does not import or returns no ``(nnx.Module, loss)``, a pattern
+        matches nothing, a matched layer is not supported, ``fed.r_max`` is too large (each as the
+        simulation names it), a factory that needs concrete weights to build the model, or a LoRA
+        module whose shape follows the vocabulary size (naming the modules).
+    """
+    from fedhl_jax.nnx_bridge import from_factory
+
+    mc = cfg.model
+    vocab_sizes = vocab_sizes or (mc.random_vocab_size, 2 * mc.random_vocab_size + 7)
+    found = []
+    for vocab_size in vocab_sizes:
+        out = {}
+
+        def build(vocab_size=vocab_size, out=out):  # no array is computed: every weight is a tracer
+            out.update(from_factory(mc.factory, mc.targets, cfg.fed.r_max, vocab_size=vocab_size,
+                                    seed=cfg.seed).shapes)
+
+        try:
+            jax.eval_shape(build)
+        except ValueError as e:
+            raise ConfigError(f"model.factory / model.targets: {e}") from None
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError) as e:
+            raise ConfigError(f"model.factory {mc.factory!r} needs concrete weights to build its model, but the "
+                              f"server builds it abstractly (jax.eval_shape: it loads no weight): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+        found.append(out)
+    first = found[0]
+    moving = [k for k in first if any(f.get(k) != first[k] for f in found[1:])]
+    if moving or any(list(f) != list(first) for f in found[1:]):
+        sizes = "; ".join(f"{k}: " + ", ".join(f"{f.get(k)} at vocab_size={v}" for f, v in zip(found, vocab_sizes))
+                          for k in moving) or "the matched modules change"
+        raise ConfigError(f"model.targets {list(mc.targets)} match LoRA modules whose shape follows the vocabulary "
+                          f"size ({sizes}); the vocabulary of model.kind: nnx is built from the training texts, "
+                          f"which the server of a federation does not hold: place LoRA on modules whose shape does "
+                          f"not depend on the vocabulary")
+    return first
 
 
 class FederationExecutor:
@@ -76,7 +141,8 @@ class FederationExecutor:
         policy = policy or RoundPolicy(deadline=round_timeout)
         self.cfg, self.grid, self.policy, self.discover_timeout = cfg, grid, policy, discover_timeout
         self.round_timeout = policy.deadline
-        self.model_source = resolve_model_source(cfg.model.name_or_path)
+        self.model_source = (resolve_model_source(cfg.model.name_or_path) if cfg.model.kind != "nnx" else
+                             ModelSource("nnx", cfg.model.factory, f"Flax NNX model from {cfg.model.factory}"))
         self.shapes = lora_shapes(cfg)
         self.strategy = FedLoRAStrategy(cfg, self.shapes, None, policy=policy, log=log)
         self.algorithm = self.strategy.algorithm
@@ -122,7 +188,8 @@ class BaseWeightsOnServer(RuntimeError):
 #: Where a base weight can come from: ``(module, function name)``.
 WEIGHT_LOADERS = (("fedhl_jax.model", "load_pretrained"), ("fedhl_jax.model.checkpoint", "load_pretrained"),
                   ("fedhl_jax.model.gguf", "load_gguf"), ("fedhl_jax.model", "init_params"),
-                  ("fedhl_jax.model.llama", "init_params"), ("fedhl_jax.simulation", "load_model"))
+                  ("fedhl_jax.model.llama", "init_params"), ("fedhl_jax.simulation", "load_model"),
+                  ("fedhl_jax.simulation", "load_nnx_model"))
 
 
 @contextlib.contextmanager
