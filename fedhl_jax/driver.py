@@ -300,7 +300,7 @@ def export_final(executor: RoundExecutor, state, out: Path, log) -> Path:
             M.export_peft(folder / "peft_adapter", delta, rank, cfg.model.alpha, base, rslora=cfg.model.rslora)
 
     final = write_final(out, jax.device_get(executor.global_delta(executor.host_state(state))), write)
-    log(f"exported the global adapter to {final}/ (dense, and PEFT rank {rank})")
+    log(f"exported the global adapter to {final}/ (dense" + (")" if cfg.model.kind == "nnx" else f", and PEFT rank {rank})"))
     return final
 
 
@@ -396,9 +396,13 @@ def summary(executor: RoundExecutor, run, last: dict, rounds: int, seconds: floa
             f"{r}: {v:.4f}" for r, v in sorted(per_rank.items(), key=lambda kv: int(kv[0]))) + ")" if per_rank else ""))
     base = base_model(executor)
     rank = cfg.export_rank or cfg.fed.r_max
-    lines += [f"metrics: {run.metrics_path}", f"result:  {final}/global_adapter.safetensors (dense update per module), "
-              f"{final}/peft_adapter/ (PEFT LoRA, rank {rank})"]
-    if base is not None:
+    nnx = cfg.model.kind == "nnx"
+    lines += [f"metrics: {run.metrics_path}", f"result:  {final}/global_adapter.safetensors (dense update per module)"
+              + ("" if nnx else f", {final}/peft_adapter/ (PEFT LoRA, rank {rank})")]
+    if nnx:
+        lines += [f"use it: bridge = nnx_bridge.from_factory({cfg.model.factory!r}, ...); "
+                  "bridge.bind(bridge.merge_delta(bridge.base, delta)) is the fine-tuned module (docs/nnx.md)"]
+    elif base is not None:
         lines += ["use it:",
                   "  from fedhl_jax import model as M; from safetensors.numpy import load_file",
                   f"  cfg, params = M.load_pretrained({base!r})",

@@ -400,6 +400,9 @@ def test_train_cli_runs_an_nnx_model_from_yaml(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows if "train_loss" in r] == [0, 1]
     assert (tmp_path / "run" / "final" / "global_adapter.safetensors").exists()
+    assert not (tmp_path / "run" / "final" / "peft_adapter").exists()
+    out = res.stdout + res.stderr  # the summary names what was written, and no PEFT adapter
+    assert "peft_adapter" not in out and "bridge.merge_delta(bridge.base, delta)" in out, out[-2000:]
 
 
 # --------------------------------------------------------------------------- a second model: examples/nnx_classifier
