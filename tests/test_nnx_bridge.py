@@ -7,6 +7,7 @@ import os
 import math
 import re
 import subprocess
+import textwrap
 import sys
 
 import jax
@@ -390,6 +391,38 @@ def test_nnx_kind_needs_a_factory(tmp_path):
         load_config(None, tiny_overrides(tmp_path, **{"model.kind": "nnx"}))
     with pytest.raises(ConfigError, match=r"model.kind must be llama or nnx, got 'flax'"):
         load_config(None, tiny_overrides(tmp_path, **{"model.kind": "flax"}))
+
+
+def test_nnx_model_on_a_clients_x_model_mesh_matches_one_device(tmp_path):
+    """The same NNX run on 8 simulated CPU devices (a 4 x 2 clients x model mesh: the clients split
+    over 4 devices, the NNX base sharded over 2) gives the single-device global adapter."""
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, jax
+        sys.path.insert(0, {str(REPO)!r})
+        from pathlib import Path
+        from fedhl_jax.config import load_config
+        from fedhl_jax.simulation import Simulation
+        from tests.conftest import tiny_overrides
+        from tests.test_nnx_bridge import NNX_RUN
+        ov = {{**NNX_RUN, "fed.num_clients": 8, "fed.participation": 1.0}}
+        meshed = Simulation(load_config(None, tiny_overrides(Path({str(tmp_path)!r}), **ov, **{{"mesh.clients": 4,
+                            "mesh.model": 2}})), log=lambda *_: None)
+        assert jax.device_count() == 8 and dict(meshed.mesh.shape) == {{"clients": 4, "model": 2}}, meshed.mesh
+        single = Simulation(load_config(None, tiny_overrides(Path({str(tmp_path)!r}), **ov)), log=lambda *_: None,
+                            mesh=None)
+        a, b = meshed.init_state(), single.init_state()
+        for t in range(2):
+            a, b = meshed.run_round(a, t).state, single.run_round(b, t).state
+        d = max(float(np.abs(np.asarray(a.G[k]) - np.asarray(b.G[k])).max()) for k in b.G)
+        scale = max(float(np.abs(np.asarray(b.G[k])).max()) for k in b.G)
+        print("maxdiff", d, "scale", scale)
+        assert scale > 1e-4 and d < 1e-5, (d, scale)
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "maxdiff" in res.stdout
 
 
 def test_train_cli_runs_an_nnx_model_from_yaml(tmp_path):
