@@ -311,7 +311,7 @@ def render_section(cache: dict[str, dict]) -> str:
                   "command's figures equal to that direct `memory_analysis()` to the byte."]
     if pending:
         lines += ["", f"### Pending rows ({len(pending)} of {len(rows())})", "",
-                  "Not compiled yet: one 7-8B round takes 10-30 minutes to compile on one shared CPU core",
+                  "Not compiled yet: one 7-8B round took 4-12 minutes to compile on one core of a shared 2-core CPU",
                   "(the server's per-module SVDs and the clients' training are one program).",
                   "`python scripts/plan_table.py run` compiles them in this order (several runners may share",
                   "the work) and `python scripts/plan_table.py render` adds them here;",
