@@ -175,3 +175,31 @@ def test_a_second_worker_on_a_live_socket_is_refused(worker):
     _, _, sock = worker
     with pytest.raises(WorkerError, match=f"a node worker already listens on {re.escape(str(sock))}"):
         serve(sock, log=lambda *_: None)
+
+
+def test_the_least_recently_used_trainer_is_dropped(worker):
+    """``max_trainers=1``: a request under another run config loads a new trainer and drops the
+    old one; a trainer is kept by its run config, client id, rank, data and ranks."""
+    from fedhl_jax.flower.node import pack
+    from fedhl_jax.flower.worker import Worker
+
+    tmp, cfg, _ = worker
+    shapes = lora_shapes(cfg)
+    arrays = pack({k: np.zeros((o, 4), np.float32) for k, (o, i) in shapes.items()},
+                  {k: np.full((4, i), 0.01, np.float32) for k, (o, i) in shapes.items()}, 2)
+    keep = dict(client_app._trainers)
+    client_app._trainers.clear()
+    try:
+        w = Worker(max_trainers=1)
+        runs = [{"config": str(tmp / "run.yaml"), "overrides": lr} for lr in ("optim.lr=0.5", "optim.lr=0.25")]
+        replies = [w.train(TrainRequest(run, 0, 2, None, None, 0, arrays)) for run in runs]
+        assert [k[0] for k in client_app._trainers] == [tuple(sorted(runs[1].items()))]
+        for reply in replies:
+            assert sorted(reply.arrays) == sorted(arrays) and reply.losses.shape == (cfg.optim.local_steps,)
+        first = "B/" + next(iter(shapes))
+        assert not np.array_equal(replies[0].arrays[first], replies[1].arrays[first])  # the learning rates differ
+    finally:
+        client_app._trainers.clear()
+        client_app._trainers.update(keep)
+    with pytest.raises(ValueError, match="max_trainers=0 must be at least 1"):
+        Worker(max_trainers=0)

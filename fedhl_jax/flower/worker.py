@@ -15,8 +15,9 @@ factors as NumPy arrays) and returns the worker's ``TrainReply``; it imports Flo
 only, never JAX or the model, so a message costs a Python start and Flower's import.
 
 Trainers are kept per (run config, client id, rank, data file, ranks), as in the ``ClientApp``
-process (``client_app.trainer_for``): a new run config or rank loads a new one; a data file
-changed on disk is read again only by a new worker. Requests are served each on its own thread,
+process (``client_app.trainer_for``): a new run config or rank loads a new one, and the least
+recently used beyond ``--max-trainers`` is dropped; a data file changed on disk is read again only
+by a new trainer (a new worker). Requests are served each on its own thread,
 one at a time per trainer (a lock), and the reply is the in-process ``NodeTrainer.train``'s, the
 same numbers.
 
@@ -134,11 +135,15 @@ class Worker:
     """The worker's state: its trainers and their locks.
 
     Args:
+      max_trainers: how many trainers are kept (the least recently used beyond it is dropped,
+        its model and data freed once no request uses it).
       log: where progress messages go.
     """
 
-    def __init__(self, log=lambda *_: None):
-        self.log = log
+    def __init__(self, max_trainers: int = 4, log=lambda *_: None):
+        if max_trainers < 1:
+            raise ValueError(f"max_trainers={max_trainers} must be at least 1")
+        self.max_trainers, self.log = int(max_trainers), log
         self._guard = threading.Lock()  # creation of trainers and locks
         self._locks: dict = {}
 
@@ -152,7 +157,7 @@ class Worker:
         Raises:
           Whatever ``NodeTrainer`` raises (a bad config, rank or file; the message names it).
         """
-        from fedhl_jax.flower.client_app import trainer_key, trainer_for, use_compile_cache
+        from fedhl_jax.flower.client_app import _trainers, trainer_for, trainer_key, use_compile_cache
 
         r = request
         key = trainer_key(r.run_config, r.partition_id, r.rank, r.data, r.ranks)
@@ -163,6 +168,11 @@ class Worker:
             if time.perf_counter() - t0 > 0.01:
                 self.log(f"loaded the trainer of client {r.partition_id} at rank {r.rank} "
                          f"({time.perf_counter() - t0:.1f} s)")
+            with self._guard:  # most recently used last; the oldest beyond max_trainers dropped
+                _trainers[key] = _trainers.pop(key)
+                for old in list(_trainers)[:-self.max_trainers]:
+                    del _trainers[old]
+                    self.log(f"dropped the trainer of client {old[1]} at rank {old[2]} (least recently used)")
             t0 = time.perf_counter()
             arrays, losses = trainer.train(r.round, r.arrays)
             return TrainReply(arrays, np.asarray(losses), int(trainer.num_examples), time.perf_counter() - t0)
@@ -186,7 +196,7 @@ class Worker:
                 self.log(f"the reply was not delivered: {e}")
 
 
-def serve(socket_path: str | os.PathLike, *, log=print, ready=None) -> None:
+def serve(socket_path: str | os.PathLike, *, max_trainers: int = 4, log=print, ready=None) -> None:
     """Listens on ``socket_path`` until interrupted, serving each connection on its own thread.
 
     Writes a fresh key to ``<socket>.key`` (mode 0600), replaces a stale socket file, and removes
@@ -194,6 +204,7 @@ def serve(socket_path: str | os.PathLike, *, log=print, ready=None) -> None:
 
     Args:
       socket_path: the Unix socket's path (its folder is made if missing).
+      max_trainers: as ``Worker``.
       log: where progress messages go.
       ready: an optional ``threading.Event`` set once the socket listens.
 
@@ -221,7 +232,7 @@ def serve(socket_path: str | os.PathLike, *, log=print, ready=None) -> None:
         listener = Listener(str(where), family="AF_UNIX", authkey=key)
     finally:
         os.umask(old)
-    worker = Worker(log=log)
+    worker = Worker(max_trainers, log=log)
     log(f"node worker listening on {where}")
     if ready is not None:
         ready.set()
@@ -242,10 +253,15 @@ def serve(socket_path: str | os.PathLike, *, log=print, ready=None) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fedhl-node-worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--socket", required=True, help="the Unix socket to listen on (the node config's worker=)")
+    parser.add_argument("--max-trainers", type=int, default=4,
+                        help="trainers kept (run config, client id, rank, data); the least recently used beyond "
+                             "it is dropped (default 4)")
     args = parser.parse_args(argv)
+    if args.max_trainers < 1:
+        parser.error(f"--max-trainers={args.max_trainers} must be at least 1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a clean exit removes the socket and its key
     try:
-        serve(args.socket, log=lambda m: print(m, file=sys.stderr, flush=True))
+        serve(args.socket, max_trainers=args.max_trainers, log=lambda m: print(m, file=sys.stderr, flush=True))
     except KeyboardInterrupt:
         return 0
     except WorkerError as e:
