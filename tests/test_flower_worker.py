@@ -26,7 +26,8 @@ from fedhl_jax.flower.server_app import lora_shapes  # noqa: E402
 from fedhl_jax.flower.strategy import FedLoRAStrategy  # noqa: E402
 from fedhl_jax.flower.worker import TrainRequest, WorkerError, ask, key_path  # noqa: E402
 from tests.conftest import REPO, tiny_overrides  # noqa: E402
-from tests.test_deploy import stop, task_identity  # noqa: E402,F401 (a fixture)
+from tests.test_deploy import RANKS as DEPLOY_RANKS  # noqa: E402
+from tests.test_deploy import LocalFederation, flwr_run, setup, stop, task_identity  # noqa: E402,F401 (fixtures)
 
 RANKS = [2, 4]
 #: The embedded stories260K, 2 clients in every round at ranks 2 and 4, the simulation's partitions.
@@ -58,16 +59,24 @@ def context(tmp: Path, pid: int, **extra) -> Context:
                    state=RecordDict(), run_config={"config": str(tmp / "run.yaml"), "overrides": ""})
 
 
+def two_node_strategy(cfg) -> FedLoRAStrategy:
+    """The server's strategy with the nodes of partitions 0 and 1 registered at ``RANKS``."""
+    import jax
+
+    shapes = lora_shapes(cfg)
+    strategy = FedLoRAStrategy(cfg, shapes, build_algorithm(cfg.fed).init(shapes, jax.random.PRNGKey(cfg.seed)),
+                               log=lambda *_: None)
+    for pid, rank in enumerate(RANKS):
+        strategy.register(pid, 100 + pid, rank)
+    return strategy
+
+
 def test_the_worker_gives_the_in_process_numbers(worker, task_identity):
     """Two rounds, two nodes: each message answered by the ClientApp training in-process and by the
     same ClientApp forwarding to the worker; the factors, losses and sizes are identical, and the
     rounds aggregate the worker's replies."""
     tmp, cfg, sock = worker
-    shapes = lora_shapes(cfg)
-    strategy = FedLoRAStrategy(cfg, shapes, build_algorithm(cfg.fed).init(shapes, __import__("jax").random.PRNGKey(
-        cfg.seed)), log=lambda *_: None)
-    for pid, rank in enumerate(RANKS):
-        strategy.register(pid, 100 + pid, rank)
+    strategy = two_node_strategy(cfg)
     for server_round in (1, 2):
         replies = []
         for msg in strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid=None):
@@ -75,7 +84,7 @@ def test_the_worker_gives_the_in_process_numbers(worker, task_identity):
             here = client_app.train(msg, context(tmp, pid))
             there = client_app.train(msg, context(tmp, pid, worker=str(sock)))
             a, b = here.content["arrays"], there.content["arrays"]
-            assert sorted(a) == sorted(b) and len(a) == 2 * len(shapes)
+            assert sorted(a) == sorted(b) and len(a) == 2 * len(strategy.shapes)
             for k in a:
                 np.testing.assert_array_equal(b[k].numpy(), a[k].numpy(), err_msg=k)
             for key in ("losses", "num-examples", "round", "partition-id"):
@@ -91,11 +100,7 @@ def test_a_clientapp_with_a_worker_imports_no_jax(worker, task_identity, tmp_pat
     the worker without importing JAX, Flax, the tokenizers or the model; its reply is the
     in-process one."""
     tmp, cfg, sock = worker
-    shapes = lora_shapes(cfg)
-    strategy = FedLoRAStrategy(cfg, shapes, build_algorithm(cfg.fed).init(shapes, __import__("jax").random.PRNGKey(
-        cfg.seed)), log=lambda *_: None)
-    for pid, rank in enumerate(RANKS):
-        strategy.register(pid, 100 + pid, rank)
+    strategy = two_node_strategy(cfg)
     msg = next(m for m in strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None)
                if int(m.content["config"]["partition-id"]) == 1)
     want = client_app.train(msg, context(tmp, 1)).content["arrays"]
@@ -203,3 +208,44 @@ def test_the_least_recently_used_trainer_is_dropped(worker):
         client_app._trainers.update(keep)
     with pytest.raises(ValueError, match="max_trainers=0 must be at least 1"):
         Worker(max_trainers=0)
+
+
+@pytest.mark.slow
+def test_a_local_deployment_with_node_workers_matches_the_simulation(setup, tmp_path):
+    """``flower-superlink``, three ``flower-supernode`` processes each with ``worker=`` its own
+    node worker, two rounds of ``flwr run``: the global adapter is the simulation's, and the
+    nodes' processes left the training to the workers."""
+    from safetensors.numpy import load_file
+
+    _, cfg, want, _ = setup
+    cfg_path, out = tmp_path / "run.yaml", tmp_path / "server"
+    save_config(cfg, cfg_path)
+    federation = LocalFederation(tmp_path)
+    try:
+        federation.start_link()
+        for pid, rank in enumerate(DEPLOY_RANKS):
+            sock = tmp_path / f"worker{pid}.sock"
+            log = tmp_path / f"worker{pid}.log"
+            federation.logs.append(log)
+            federation.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "fedhl_jax.flower.worker", "--socket", str(sock)], env=federation.env,
+                cwd=tmp_path, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True))
+            deadline = time.time() + 60
+            while not key_path(sock).exists():
+                assert time.time() < deadline and federation.procs[-1].poll() is None, log.read_text()
+                time.sleep(0.1)
+            federation.add_node(pid, f"partition-id={pid} rank={rank} worker='{sock}'")
+        flwr_run(federation, f"config='{cfg_path}' out='{out}' overrides='fed.rounds=2'")
+    except BaseException:
+        federation.dump_logs()
+        raise
+    finally:
+        federation.close()
+    got = load_file(str(out / "final" / "global_adapter.safetensors"))
+    diff = max(float(np.abs(got[k] - want[k]).max()) for k in want)
+    print(f"Flower deployment with node workers vs simulation: maxdiff {diff:.3g}")
+    assert diff < 1e-5
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == [0, 1] and all(not m["missing"] for m in lines)
+    for pid in range(len(DEPLOY_RANKS)):
+        assert "loaded the trainer of client" in (tmp_path / f"worker{pid}.log").read_text()

@@ -163,15 +163,16 @@ class Worker:
         key = trainer_key(r.run_config, r.partition_id, r.rank, r.data, r.ranks)
         with self._lock(key):
             use_compile_cache({"compile-cache": r.compile_cache})
-            t0 = time.perf_counter()
+            t0, new = time.perf_counter(), key not in _trainers
             trainer = trainer_for(r.run_config, r.partition_id, r.rank, r.data, r.ranks)
-            if time.perf_counter() - t0 > 0.01:
+            if new:
                 self.log(f"loaded the trainer of client {r.partition_id} at rank {r.rank} "
                          f"({time.perf_counter() - t0:.1f} s)")
             with self._guard:  # most recently used last; the oldest beyond max_trainers dropped
                 _trainers[key] = _trainers.pop(key)
                 for old in list(_trainers)[:-self.max_trainers]:
                     del _trainers[old]
+                    self._locks.pop(old, None)
                     self.log(f"dropped the trainer of client {old[1]} at rank {old[2]} (least recently used)")
             t0 = time.perf_counter()
             arrays, losses = trainer.train(r.round, r.arrays)
