@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.test_deploy import LocalFederation, flwr_run  # noqa: E402
+from tests.test_deploy import LocalFederation  # noqa: E402
 
 MODELS = {
     "tiny": {"model.name_or_path": "auto"},
@@ -89,7 +89,12 @@ def run_mode(args, tmp: Path, cfg_path: Path, files: list[Path], ranks: list[int
                 start_worker(federation, sock, f"worker{i}")
                 config += f" worker='{sock}'"
             federation.add_node(i, config)
-        flwr_run(federation, f"config='{cfg_path}' out='{out}'", timeout=args.timeout)
+        proc = federation.run(f"config='{cfg_path}' out='{out}'")
+        federation.procs.append(proc)
+        output, _ = proc.communicate(timeout=args.timeout)
+        done = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        if len(done) != args.rounds:  # the stream may end before the export's line; the metrics count
+            raise SystemExit(f"{mode}: {len(done)} of {args.rounds} rounds in {out}/metrics.jsonl\n{output[-4000:]}")
     except BaseException:
         federation.dump_logs()
         raise
@@ -129,6 +134,9 @@ def main(argv=None) -> int:
         for mode in args.modes.split(","):
             t0 = time.perf_counter()
             runs[mode] = run_mode(args, tmp, cfg_path, files, ranks, worker=mode == "worker")
+            if args.out:  # each mode's metrics as soon as it is done
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                Path(f"{args.out}.{mode}.metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in runs[mode]))
             print(f"{mode}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     warm_runs = [m for m in runs.get("worker", runs[next(iter(runs))]) if m["round"] >= 1]
     warm = float(np.median([s for m in warm_runs for s in m["node_train_seconds"]]))
