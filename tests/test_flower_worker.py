@@ -26,8 +26,7 @@ from fedhl_jax.flower.server_app import lora_shapes  # noqa: E402
 from fedhl_jax.flower.strategy import FedLoRAStrategy  # noqa: E402
 from fedhl_jax.flower.worker import TrainRequest, WorkerError, ask, key_path  # noqa: E402
 from tests.conftest import REPO, tiny_overrides  # noqa: E402
-from tests.test_deploy import RANKS as DEPLOY_RANKS  # noqa: E402
-from tests.test_deploy import LocalFederation, flwr_run, setup, stop, task_identity  # noqa: E402,F401 (fixtures)
+from tests.test_deploy import stop, task_identity  # noqa: E402,F401 (a fixture)
 
 RANKS = [2, 4]
 #: The embedded stories260K, 2 clients in every round at ranks 2 and 4, the simulation's partitions.
@@ -209,43 +208,3 @@ def test_the_least_recently_used_trainer_is_dropped(worker):
     with pytest.raises(ValueError, match="max_trainers=0 must be at least 1"):
         Worker(max_trainers=0)
 
-
-@pytest.mark.slow
-def test_a_local_deployment_with_node_workers_matches_the_simulation(setup, tmp_path):
-    """``flower-superlink``, three ``flower-supernode`` processes each with ``worker=`` its own
-    node worker, two rounds of ``flwr run``: the global adapter is the simulation's, and the
-    nodes' processes left the training to the workers."""
-    from safetensors.numpy import load_file
-
-    _, cfg, want, _ = setup
-    cfg_path, out = tmp_path / "run.yaml", tmp_path / "server"
-    save_config(cfg, cfg_path)
-    federation = LocalFederation(tmp_path)
-    try:
-        federation.start_link()
-        for pid, rank in enumerate(DEPLOY_RANKS):
-            sock = tmp_path / f"worker{pid}.sock"
-            log = tmp_path / f"worker{pid}.log"
-            federation.logs.append(log)
-            federation.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "fedhl_jax.flower.worker", "--socket", str(sock)], env=federation.env,
-                cwd=tmp_path, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True))
-            deadline = time.time() + 60
-            while not key_path(sock).exists():
-                assert time.time() < deadline and federation.procs[-1].poll() is None, log.read_text()
-                time.sleep(0.1)
-            federation.add_node(pid, f"partition-id={pid} rank={rank} worker='{sock}'")
-        flwr_run(federation, f"config='{cfg_path}' out='{out}' overrides='fed.rounds=2'")
-    except BaseException:
-        federation.dump_logs()
-        raise
-    finally:
-        federation.close()
-    got = load_file(str(out / "final" / "global_adapter.safetensors"))
-    diff = max(float(np.abs(got[k] - want[k]).max()) for k in want)
-    print(f"Flower deployment with node workers vs simulation: maxdiff {diff:.3g}")
-    assert diff < 1e-5
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["round"] for m in lines] == [0, 1] and all(not m["missing"] for m in lines)
-    for pid in range(len(DEPLOY_RANKS)):
-        assert "loaded the trainer of client" in (tmp_path / f"worker{pid}.log").read_text()
