@@ -171,7 +171,8 @@ class NodeTrainer:
 
     def __init__(self, cfg: TrainConfig, partition_id: int, rank: int, *, data: str | None = None,
                  ranks=None, log: Callable = lambda *_: None):
-        from fedhl_jax import engine, lora, runtime
+        from fedhl_jax import engine, runtime
+        from fedhl_jax.lora import lora_scale, rank_mask
         from fedhl_jax.build import build_algorithm
         from fedhl_jax.config import ConfigError
         from fedhl_jax.model import lora_targets
@@ -202,8 +203,8 @@ class NodeTrainer:
                                      seed=cfg.seed)
                 sizes = fd.num_examples
             self.batches, self.num_examples = batcher, int(sizes[partition_id])
-        self.mask = lora.rank_mask(np.array([rank]), self.r_max)[0]  # [r_max]
-        self.scale = lora.lora_scale(np.array([rank]), cfg.model.alpha, rslora=cfg.model.rslora)[0]  # []
+        self.mask = rank_mask(np.array([rank]), self.r_max)[0]  # [r_max]
+        self.scale = lora_scale(np.array([rank]), cfg.model.alpha, rslora=cfg.model.rslora)[0]  # []
         optimizer, loss, to_client, from_client = client_pieces(cfg, model_cfg, algorithm)
         runtime.set_cpu_matmul(cfg.model.cpu_matmul)
         client = engine.make_client_step(algorithm, loss, optimizer, to_client=to_client, from_client=from_client)
