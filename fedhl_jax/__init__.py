@@ -14,15 +14,36 @@ The stable core contract (one LoRA module, leading client axis):
 algorithms in the ``fedhl_jax.algorithms`` package.
 """
 
-from fedhl_jax.aggregation import (balanced_weights, factor_average, fedhl_aggregate, fedhl_update, fedhl_weights,
-                                   flexlora_aggregate, flexlora_update, flora_stack, rank_rarity, rb_lora_aggregate,
-                                   rb_lora_update)
-from fedhl_jax.algorithms import (ALGORITHMS, Algorithm, ClientPlan, ClientStart, DenseState, FactorResidualState,
-                                  FactorState, FedHLOptions, FloraState, NoOptions, SVDOptions, fedex_lora, fedhl, fedit,
-                                  ffa_lora, flexlora, flora, hetlora, make_algorithm, rb_lora, register)
-from fedhl_jax.lora import Adapter, check_ranks, lora_scale, rank_mask, ranks_from_mask
-from fedhl_jax.truncation import (SVD, TruncationPlan, client_deltas, factors_from_plan, rank_approx, svd,
-                                  truncate, truncate_from_svd, truncation_error, truncation_plan, weighted_delta)
+import importlib
+
+#: Each public name and its module, imported on first use (``import fedhl_jax`` alone imports no JAX).
+_EXPORTS = {
+    "fedhl_jax.aggregation": ("balanced_weights", "factor_average", "fedhl_aggregate", "fedhl_update", "fedhl_weights",
+                              "flexlora_aggregate", "flexlora_update", "flora_stack", "rank_rarity",
+                              "rb_lora_aggregate", "rb_lora_update"),
+    "fedhl_jax.algorithms": ("ALGORITHMS", "Algorithm", "ClientPlan", "ClientStart", "DenseState",
+                             "FactorResidualState", "FactorState", "FedHLOptions", "FloraState", "NoOptions",
+                             "SVDOptions", "fedex_lora", "fedhl", "fedit", "ffa_lora", "flexlora", "flora", "hetlora",
+                             "make_algorithm", "rb_lora", "register"),
+    "fedhl_jax.lora": ("Adapter", "check_ranks", "lora_scale", "rank_mask", "ranks_from_mask"),
+    "fedhl_jax.truncation": ("SVD", "TruncationPlan", "client_deltas", "factors_from_plan", "rank_approx", "svd",
+                             "truncate", "truncate_from_svd", "truncation_error", "truncation_plan",
+                             "weighted_delta"),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'fedhl_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HOME))
+
 
 __version__ = "0.1.0"
 

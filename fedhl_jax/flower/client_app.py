@@ -11,6 +11,11 @@ size, the local losses, the round it answers, and its timings: ``train-seconds``
 step, with its compilation on a process's first call) and ``node-seconds`` (since the ``ClientApp``
 process started: start-up, model and data load, training)). The node keeps JAX's persistent
 compilation cache in ``compile-cache="<dir>"`` of its node config (or ``$JAX_COMPILATION_CACHE_DIR``).
+
+With ``worker="<socket>"`` in its node config the node hands each ``train`` to its long-lived node
+worker (``flower.worker``: model, data and compiled step kept between messages) and this process
+imports no JAX: a message costs a Python start and Flower's import. Without it, each process
+trains itself (and Flower 1.42 starts one per message).
 """
 
 from __future__ import annotations
@@ -19,11 +24,11 @@ import os
 import time
 from pathlib import Path
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedhl_jax.flower.node import NodeTrainer, node_identity, run_settings
-from fedhl_jax.flower.strategy import ARRAYS, CONFIG, METRICS, array_record
+from fedhl_jax.flower.node import ARRAYS, CONFIG, METRICS, node_identity
 
 app = ClientApp()
 _trainers: dict = {}
@@ -59,11 +64,19 @@ def use_compile_cache(node_config: dict) -> str | None:
     return str(folder)
 
 
+def trainer_key(run_config: dict, partition_id: int, rank: int, data: str | None = None,
+                ranks: tuple | None = None) -> tuple:
+    """What a ``NodeTrainer`` is kept by: the run config, client id, rank, data file and ranks."""
+    return tuple(sorted((k, str(v)) for k, v in run_config.items())), partition_id, rank, data, ranks
+
+
 def trainer_for(run_config: dict, partition_id: int, rank: int, data: str | None = None,
-                ranks: tuple | None = None) -> NodeTrainer:
+                ranks: tuple | None = None):
     """The node's ``NodeTrainer`` (one per process, run config and client id: the model and the
     data load once per process)."""
-    key = (tuple(sorted((k, str(v)) for k, v in run_config.items())), partition_id, rank, data, ranks)
+    from fedhl_jax.flower.node import NodeTrainer, run_settings
+
+    key = trainer_key(run_config, partition_id, rank, data, ranks)
     if key not in _trainers:
         _trainers[key] = NodeTrainer(run_settings(run_config), partition_id, rank, data=data, ranks=ranks)
     return _trainers[key]
@@ -86,14 +99,26 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"the server sent client {pid} at rank {c['rank']} to the node of partition "
                          f"{me.partition_id} at rank {me.rank}")
     ranks = tuple(int(r) for r in c["ranks"]) if "ranks" in c else None
-    use_compile_cache(context.node_config)
-    trainer = trainer_for(dict(context.run_config), pid, me.rank, me.data, ranks)
+    worker = str(context.node_config.get("worker", "") or "")
+    if not worker:
+        use_compile_cache(context.node_config)
+        trainer = trainer_for(dict(context.run_config), pid, me.rank, me.data, ranks)
     if me.delay is not None and me.delay[0] == t:
         time.sleep(me.delay[1])
     arrays = {k: a.numpy() for k, a in msg.content[ARRAYS].items()}
-    t0 = time.perf_counter()
-    reply, losses = trainer.train(t, arrays)
-    metrics = MetricRecord({"partition-id": pid, "round": t, "num-examples": trainer.num_examples,
-                            "losses": [float(x) for x in losses], "train-seconds": time.perf_counter() - t0,
+    if worker:  # the node's long-lived worker trains; this process imports no JAX
+        from fedhl_jax.flower.worker import TrainRequest, ask
+
+        data = None if me.data is None else os.path.abspath(me.data)
+        answer = ask(worker, TrainRequest(dict(context.run_config), pid, me.rank, data, ranks, t, arrays,
+                                          str(context.node_config.get("compile-cache", "") or "")))
+        reply, losses, num_examples, seconds = answer
+    else:
+        t0 = time.perf_counter()
+        reply, losses = trainer.train(t, arrays)
+        num_examples, seconds = trainer.num_examples, time.perf_counter() - t0
+    metrics = MetricRecord({"partition-id": pid, "round": t, "num-examples": int(num_examples),
+                            "losses": [float(x) for x in losses], "train-seconds": seconds,
                             "node-seconds": process_seconds()})
-    return Message(RecordDict({ARRAYS: array_record(reply), METRICS: metrics}), reply_to=msg)
+    record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in reply.items()})
+    return Message(RecordDict({ARRAYS: record, METRICS: metrics}), reply_to=msg)

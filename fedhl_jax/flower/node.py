@@ -9,22 +9,24 @@ simulation of the same seeds and ranks give the same global adapter (``tests/tes
 On the wire a rank-``r`` client's factors travel at their own rank, not padded to ``r_max``:
 ``B`` as ``[d_out, r]`` and ``A`` as ``[r, d_in]`` per module (``pack`` / ``unpack``), float32,
 which is what ``algorithms.comm_bytes`` counts.
+
+Importing this module loads no JAX (a ``ClientApp`` that hands its rounds to a node worker,
+``flower.worker``, never does); a ``NodeTrainer`` does.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fedhl_jax import engine, runtime
-from fedhl_jax.config import TrainConfig
-from fedhl_jax.lora import lora_scale, rank_mask
+if TYPE_CHECKING:  # JAX and the model load with a NodeTrainer, not with this module (see flower.worker)
+    from fedhl_jax.config import TrainConfig
 
 #: Array-name prefixes of the factors and of the shared base update in a message.
 B_KEY, A_KEY, BASE_KEY = "B/", "A/", "base_delta/"
+#: The records of a message: its arrays, its config and its metrics.
+ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 
 
 def pack(B: dict, A: dict, rank: int, factors=("A", "B")) -> dict[str, np.ndarray]:
@@ -176,6 +178,8 @@ class NodeTrainer:
 
     def __init__(self, cfg: TrainConfig, partition_id: int, rank: int, *, data: str | None = None,
                  ranks=None, log: Callable = lambda *_: None):
+        from fedhl_jax import engine, runtime
+        from fedhl_jax.lora import lora_scale, rank_mask
         from fedhl_jax.build import build_algorithm
         from fedhl_jax.config import ConfigError
         from fedhl_jax.model import lora_targets, merge_delta
@@ -239,6 +243,9 @@ class NodeTrainer:
           ``(reply, losses)``: ``pack`` of the trained factors (the trainable ones) and ``[K]``
           the loss before each local step.
         """
+        import jax
+        import jax.numpy as jnp
+
         B, A = unpack(arrays, self.shapes, self.r_max, self.rank)
         base_delta = {k[len(BASE_KEY):]: jnp.asarray(v) for k, v in arrays.items() if k.startswith(BASE_KEY)} or None
         batch = self.batches(t, np.array([self.partition_id]))

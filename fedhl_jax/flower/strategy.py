@@ -41,11 +41,10 @@ from flwr.serverapp.strategy import Strategy
 from fedhl_jax import engine, runtime
 from fedhl_jax.build import build_algorithm
 from fedhl_jax.config import ConfigError, TrainConfig
-from fedhl_jax.flower.node import BASE_KEY, pack, unpack
+from fedhl_jax.flower.node import ARRAYS, BASE_KEY, CONFIG, METRICS, pack, unpack
 
 #: Message types besides Flower's ``train``: the node says who it is (partition id, rank).
 QUERY = "query"
-ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 
 
 def payload_bytes(arrays: dict) -> int:
