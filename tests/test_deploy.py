@@ -24,6 +24,7 @@ from fedhl_jax.flower import client_app  # noqa: E402
 from fedhl_jax.flower.node import node_identity, pack, unpack  # noqa: E402
 from fedhl_jax.flower.server_app import lora_shapes  # noqa: E402
 from fedhl_jax.flower.strategy import FedLoRAStrategy  # noqa: E402
+from fedhl_jax.flower.wire import from_record  # noqa: E402
 from fedhl_jax.simulation import Simulation  # noqa: E402
 from tests.conftest import REPO, tiny_overrides  # noqa: E402
 
@@ -243,9 +244,9 @@ def test_a_missing_reply_is_left_out_and_the_weights_renormalised(setup, task_id
     # The reference: the algorithm's aggregate over the two clients that answered.
     keep = [0, 2]
     shapes, r_max = strategy.shapes, strategy.r_max
-    B = {k: np.stack([unpack({a: x.numpy() for a, x in replies[i].content["arrays"].items()}, shapes, r_max,
+    B = {k: np.stack([unpack(from_record(replies[i].content["arrays"]), shapes, r_max,
                              RANKS[i])[0][k] for i in keep]) for k in shapes}
-    A = {k: np.stack([unpack({a: x.numpy() for a, x in replies[i].content["arrays"].items()}, shapes, r_max,
+    A = {k: np.stack([unpack(from_record(replies[i].content["arrays"]), shapes, r_max,
                              RANKS[i])[1][k] for i in keep]) for k in shapes}
     n = np.array([float(replies[i].content["metrics"]["num-examples"]) for i in keep], np.float32)
     from fedhl_jax.engine import AGGREGATE_STREAM

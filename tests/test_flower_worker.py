@@ -25,6 +25,7 @@ from fedhl_jax.flower import client_app  # noqa: E402
 from fedhl_jax.flower.server_app import lora_shapes  # noqa: E402
 from fedhl_jax.flower.strategy import FedLoRAStrategy  # noqa: E402
 from fedhl_jax.flower.worker import TrainRequest, WorkerError, ask, key_path  # noqa: E402
+from fedhl_jax.flower.wire import from_record  # noqa: E402
 from tests.conftest import REPO, tiny_overrides  # noqa: E402
 from tests.test_deploy import stop, task_identity  # noqa: E402,F401 (a fixture)
 
@@ -82,10 +83,10 @@ def test_the_worker_gives_the_in_process_numbers(worker, task_identity):
             pid = int(msg.content["config"]["partition-id"])
             here = client_app.train(msg, context(tmp, pid))
             there = client_app.train(msg, context(tmp, pid, worker=str(sock)))
-            a, b = here.content["arrays"], there.content["arrays"]
+            a, b = from_record(here.content["arrays"]), from_record(there.content["arrays"])
             assert sorted(a) == sorted(b) and len(a) == 2 * len(strategy.shapes)
             for k in a:
-                np.testing.assert_array_equal(b[k].numpy(), a[k].numpy(), err_msg=k)
+                np.testing.assert_array_equal(b[k], a[k], err_msg=k)
             for key in ("losses", "num-examples", "round", "partition-id"):
                 assert there.content["metrics"][key] == here.content["metrics"][key], key
             assert there.content["metrics"]["train-seconds"] > 0
@@ -102,24 +103,25 @@ def test_a_clientapp_with_a_worker_imports_no_jax(worker, task_identity, tmp_pat
     strategy = two_node_strategy(cfg)
     msg = next(m for m in strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid=None)
                if int(m.content["config"]["partition-id"]) == 1)
-    want = client_app.train(msg, context(tmp, 1)).content["arrays"]
-    np.savez(tmp_path / "arrays.npz", **{k: a.numpy() for k, a in msg.content["arrays"].items()})
+    want = from_record(client_app.train(msg, context(tmp, 1)).content["arrays"])
+    np.savez(tmp_path / "arrays.npz", **from_record(msg.content["arrays"]))
     (tmp_path / "config.json").write_text(json.dumps(dict(msg.content["config"])))
     script = f"""
 import json, sys
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from fedhl_jax.flower import client_app
+from fedhl_jax.flower.wire import from_record, to_record
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 arrays = dict(np.load({str(tmp_path / "arrays.npz")!r}))
 config = json.load(open({str(tmp_path / "config.json")!r}))
-msg = Message(RecordDict({{"arrays": ArrayRecord({{k: Array(v) for k, v in arrays.items()}}),
+msg = Message(RecordDict({{"arrays": to_record(arrays),
                            "config": ConfigRecord(config)}}), 101, "train")
 ctx = Context(run_id=1, node_id=101, node_config={{"partition-id": 1, "rank": 4, "worker": {str(sock)!r}}},
               state=RecordDict(), run_config={{"config": {str(tmp / "run.yaml")!r}, "overrides": ""}})
 reply = client_app.train(msg, ctx)
-np.savez({str(tmp_path / "reply.npz")!r}, **{{k: a.numpy() for k, a in reply.content["arrays"].items()}})
+np.savez({str(tmp_path / "reply.npz")!r}, **from_record(reply.content["arrays"]))
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r} or m in {HEAVY!r})))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
@@ -129,7 +131,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r} o
     got = np.load(tmp_path / "reply.npz")
     assert sorted(got.files) == sorted(want)
     for k in want:
-        np.testing.assert_array_equal(got[k], want[k].numpy(), err_msg=k)
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
 def test_a_request_the_worker_cannot_serve_fails_with_its_error(worker):

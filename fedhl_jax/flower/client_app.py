@@ -8,8 +8,10 @@ dataset, for experiments). It reads the run's config from the run config (``conf
 rank and whether it holds its own data) and ``train`` (the starting factors at the node's rank,
 the global round and the node's client id; the reply carries the trained factors, the data's
 size, the local losses, the round it answers, and its timings: ``train-seconds`` (the local
-step, with its compilation on a process's first call) and ``node-seconds`` (since the ``ClientApp``
-process started: start-up, model and data load, training)). The node keeps JAX's persistent
+step, with its compilation on a process's first call), ``start-seconds`` (the ``ClientApp``
+process's age when Flower hands it the message: Python's start, Flower's import, the app's load and
+the message's pull) and ``node-seconds`` (its age at the reply: start-up, model and data load,
+training)). The node keeps JAX's persistent
 compilation cache in ``compile-cache="<dir>"`` of its node config (or ``$JAX_COMPILATION_CACHE_DIR``).
 
 With ``worker="<socket>"`` in its node config the node hands each ``train`` to its long-lived node
@@ -24,11 +26,11 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedhl_jax.flower.node import ARRAYS, CONFIG, METRICS, node_identity
+from fedhl_jax.flower.wire import from_record, to_record
 
 app = ClientApp()
 _trainers: dict = {}
@@ -92,6 +94,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = process_seconds()  # the process's age when Flower hands it the message
     me = node_identity(context.node_config)
     c = msg.content[CONFIG]
     pid, t = int(c["partition-id"]), int(c["round"])
@@ -105,7 +108,7 @@ def train(msg: Message, context: Context) -> Message:
         trainer = trainer_for(dict(context.run_config), pid, me.rank, me.data, ranks)
     if me.delay is not None and me.delay[0] == t:
         time.sleep(me.delay[1])
-    arrays = {k: a.numpy() for k, a in msg.content[ARRAYS].items()}
+    arrays = from_record(msg.content[ARRAYS])
     if worker:  # the node's long-lived worker trains; this process imports no JAX
         from fedhl_jax.flower.worker import TrainRequest, ask
 
@@ -119,6 +122,5 @@ def train(msg: Message, context: Context) -> Message:
         num_examples, seconds = trainer.num_examples, time.perf_counter() - t0
     metrics = MetricRecord({"partition-id": pid, "round": t, "num-examples": int(num_examples),
                             "losses": [float(x) for x in losses], "train-seconds": seconds,
-                            "node-seconds": process_seconds()})
-    record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in reply.items()})
-    return Message(RecordDict({ARRAYS: record, METRICS: metrics}), reply_to=msg)
+                            "start-seconds": started, "node-seconds": process_seconds()})
+    return Message(RecordDict({ARRAYS: to_record(reply), METRICS: metrics}), reply_to=msg)

@@ -34,7 +34,7 @@ from typing import Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -42,6 +42,7 @@ from fedhl_jax import engine, runtime
 from fedhl_jax.build import build_algorithm
 from fedhl_jax.config import ConfigError, TrainConfig
 from fedhl_jax.flower.node import ARRAYS, BASE_KEY, CONFIG, METRICS, pack, unpack
+from fedhl_jax.flower.wire import from_record, to_record
 
 #: Message types besides Flower's ``train``: the node says who it is (partition id, rank).
 QUERY = "query"
@@ -280,7 +281,7 @@ class FedLoRAStrategy(Strategy):
         A = {k: np.full((n, self.r_max, d_in), np.nan, np.float32) for k, (_, d_in) in self.shapes.items()}
         num_examples = np.ones(n, np.float32)
         losses = np.full((n, self.cfg.optim.local_steps), np.nan, np.float32)
-        timings = np.full((2, n), np.nan)  # the nodes' train-seconds and node-seconds
+        timings = np.full((3, n), np.nan)  # the nodes' train-seconds, node-seconds and start-seconds
         got, problems, up, wire = set(), [], 0, 0
         for reply in replies:
             if reply.has_error():
@@ -296,7 +297,11 @@ class FedLoRAStrategy(Strategy):
                 problems.append(f"node {reply.metadata.src_node_id}: an unexpected reply for partition {pid}")
                 continue
             j = slot[pid]
-            arrays = {k: a.numpy() for k, a in record.items()}
+            try:
+                arrays = from_record(record)
+            except ValueError as e:
+                problems.append(f"node {reply.metadata.src_node_id} (partition {pid}): {e}")
+                continue
             start = rnd["start"]
             sent = {"A": {k: a[j] for k, a in start.A.items()}, "B": {k: b[j] for k, b in start.B.items()}}
             try:
@@ -308,7 +313,7 @@ class FedLoRAStrategy(Strategy):
                 B[k][j], A[k][j] = b[k], a[k]
             num_examples[j] = float(m["num-examples"])
             losses[j] = np.asarray(m["losses"], np.float32)
-            timings[:, j] = [float(m.get("train-seconds", np.nan)), float(m.get("node-seconds", np.nan))]
+            timings[:, j] = [float(m.get(k, np.nan)) for k in ("train-seconds", "node-seconds", "start-seconds")]
             up += payload_bytes(arrays)
             wire += wire_bytes(reply)
             got.add(pid)
@@ -337,7 +342,8 @@ class FedLoRAStrategy(Strategy):
                          f"not answer and were left out, the weights of the others renormalised to sum to 1")
         self.state = state
         metrics = self._metrics(rnd, info, missing, up, wire)
-        metrics.update(short_round=short, node_train_seconds=timings[0], node_seconds=timings[1])
+        metrics.update(short_round=short, node_train_seconds=timings[0], node_seconds=timings[1],
+                       node_start_seconds=timings[2])
         self.last = engine.RoundRecord(rnd["t"], state, info, ids, ranks, metrics)
         self.history.append(metrics)
         self._round = None
@@ -375,5 +381,5 @@ class FedLoRAStrategy(Strategy):
 
 
 def array_record(arrays: dict) -> ArrayRecord:
-    """A Flower ``ArrayRecord`` of named host arrays."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    """A Flower ``ArrayRecord`` of named host arrays, one buffer per dtype (``flower.wire``)."""
+    return to_record(arrays)
