@@ -100,7 +100,12 @@ def run_mode(args, tmp: Path, cfg_path: Path, files: list[Path], ranks: list[int
         raise
     finally:
         federation.close()
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    failed = [(m["round"] + 1, m["missing"]) for m in metrics if m.get("missing")]
+    if failed:  # a round timed without a node's reply measures nothing
+        raise SystemExit(f"{mode}: rounds without some node's reply (round, clients): {failed}; see the nodes' "
+                         f"errors with the server's log in {out}")
+    return metrics
 
 
 def main(argv=None) -> int:
@@ -143,8 +148,9 @@ def main(argv=None) -> int:
     for mode, metrics in runs.items():
         for m in metrics:
             node, train = np.asarray(m["node_seconds"], float), np.asarray(m["node_train_seconds"], float)
+            start = np.asarray(m.get("node_start_seconds", [np.nan] * len(node)), float)
             line = {"model": args.model, "mode": mode, "round": m["round"] + 1, "node_seconds": node.tolist(),
-                    "train_seconds": train.tolist(), "warm_step_seconds": warm,
+                    "train_seconds": train.tolist(), "start_seconds": start.tolist(), "warm_step_seconds": warm,
                     "overhead_seconds": (node - warm).tolist(), "round_seconds": m.get("seconds")}
             lines.append(line)
             print(json.dumps(line), flush=True)
@@ -152,13 +158,13 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("".join(json.dumps(line) + "\n" for line in lines))
     print(f"\n{args.model}: medians over the nodes; overhead = node process - warm step ({warm:.2f} s)")
-    print("| round | " + " | ".join(f"{mode}: node process / train call / overhead" for mode in runs) + " |")
+    print("| round | " + " | ".join(f"{mode}: node process / Flower start / train call / overhead" for mode in runs) + " |")
     for r in range(1, args.rounds + 1):
         cells = []
         for mode in runs:
             line = next(x for x in lines if x["mode"] == mode and x["round"] == r)
             cells.append(" / ".join(f"{np.median(line[k]):.1f} s" for k in
-                                    ("node_seconds", "train_seconds", "overhead_seconds")))
+                                    ("node_seconds", "start_seconds", "train_seconds", "overhead_seconds")))
         print(f"| {r} | " + " | ".join(cells) + " |")
     return 0
 
