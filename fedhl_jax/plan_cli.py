@@ -56,8 +56,9 @@ def plan(cfg, topology: str, *, model_shape: str | None = None, max_compiles: in
       A JSON-ready dict: ``topology``, ``chip``, ``chips``, ``hbm_bytes``, ``model`` (its shape),
       ``round`` (clients, local steps, batch, sequence, ``r_max``, targets, remat, dtype, algorithm),
       ``mesh`` (``{"clients", "model"}``, or null: one chip), ``clients_per_chunk``, ``memory``
-      (per-chip bytes: ``argument``, ``output``, ``temp``, ``generated_code``, ``alias``, ``total``),
-      ``fits``, ``largest_fitting_chunk`` (``{"chunk", "conclusive", "tried"}``), ``compiles``,
+      (per-chip bytes: ``argument``, ``output``, ``temp``, ``generated_code``, ``alias``, ``total``;
+      when XLA refused the program for HBM, those are None, ``total`` is what it had placed and
+      ``refused`` its error, ``slice_plan.compile_round``), ``fits``, ``largest_fitting_chunk`` (``{"chunk", "conclusive", "tried"}``), ``compiles``,
       ``compile_seconds``.
 
     Raises:
@@ -102,7 +103,7 @@ def plan(cfg, topology: str, *, model_shape: str | None = None, max_compiles: in
         "mesh": None if mesh is None else {"clients": mesh[0], "model": mesh[1]},
         "clients_per_chunk": chunk,
         "memory": first,
-        "fits": first["total"] <= topo.hbm_bytes,
+        "fits": S.fits(first, topo.hbm_bytes),
         "largest_fitting_chunk": search,
         "compiles": len(seconds),
         "compile_seconds": seconds,
@@ -124,14 +125,25 @@ def render_text(p: dict) -> str:
         f"round: {r['algorithm']}, {r['clients']} clients x {r['local_steps']} steps x {r['batch_size']} x "
         f"{r['seq_len']} tokens, r_max {r['r_max']}, LoRA on {','.join(r['targets'])}, remat {r['remat']}",
         f"mesh: {mesh}; clients_per_chunk: {chunk}",
-        "per-chip memory (XLA memory_analysis):",
-        f"  arguments       {mem['argument'] / gib:9.2f} GiB",
-        f"  output          {mem['output'] / gib:9.2f} GiB",
-        f"  temporaries     {mem['temp'] / gib:9.2f} GiB",
-        f"  generated code  {mem['generated_code'] / gib:9.2f} GiB",
-        f"  alias (donated) {mem['alias'] / gib:9.2f} GiB",
-        f"  total           {mem['total'] / gib:9.2f} GiB of {p['hbm_bytes'] / gib:.0f} GiB: "
-        + ("fits" if p["fits"] else "does NOT fit"),
+    ]
+    if "refused" in mem:  # XLA would not place the program in a chip's HBM: no memory_analysis
+        lines += [
+            f"XLA refused the program: it does NOT fit ({mem['refused']['error']})",
+            f"  {mem['refused']['what']} alone  {mem['total'] / gib:9.2f} GiB (a lower bound of the need) of "
+            f"{mem['refused']['usable'] / gib:.2f} GiB usable ({p['hbm_bytes'] / gib:.0f} GiB HBM)",
+        ]
+    else:
+        lines += [
+            "per-chip memory (XLA memory_analysis):",
+            f"  arguments       {mem['argument'] / gib:9.2f} GiB",
+            f"  output          {mem['output'] / gib:9.2f} GiB",
+            f"  temporaries     {mem['temp'] / gib:9.2f} GiB",
+            f"  generated code  {mem['generated_code'] / gib:9.2f} GiB",
+            f"  alias (donated) {mem['alias'] / gib:9.2f} GiB",
+            f"  total           {mem['total'] / gib:9.2f} GiB of {p['hbm_bytes'] / gib:.0f} GiB: "
+            + ("fits" if p["fits"] else "does NOT fit"),
+        ]
+    lines += [
         f"largest clients_per_chunk that fits: {search['chunk'] or 'none'}"
         + ("" if search["conclusive"] else f" (search stopped at the cap of {len(search['tried'])} compiles)"),
         f"compiles: {p['compiles']} ({', '.join(f'{s:.0f} s' for s in p['compile_seconds'])})",

@@ -305,16 +305,71 @@ def memory_of(compiled) -> dict:
     return out
 
 
+#: XLA:TPU's refusal of a program larger than a chip's HBM, in the two forms libtpu has used (binary
+#: units): ``RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory
+#: required for HLO temporaries (16.15G) exceeds available HBM (15.75G).`` (the libtpu of jax 0.12) and
+#: ``RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used
+#: 21.95G of 15.48G hbm. Exceeded hbm capacity by 6.47G.`` (earlier releases).
+_HBM_REFUSALS = (
+    re.compile(r"Ran out of memory on HBM, the total memory required for (?P<what>[^(]+?) \((?P<need>[0-9.]+)"
+               r"(?P<nu>[KMGT]?)i?B?\) exceeds available HBM \((?P<usable>[0-9.]+)(?P<uu>[KMGT]?)i?B?\)"),
+    re.compile(r"Ran out of memory in memory space hbm\. Used (?P<need>[0-9.]+)(?P<nu>[KMGT]?)i?B? of "
+               r"(?P<usable>[0-9.]+)(?P<uu>[KMGT]?)i?B? hbm"),
+)
+
+
+def hbm_refusal(message: str) -> dict | None:
+    """XLA's "ran out of memory on HBM" compile error, read.
+
+    Args:
+      message: an exception's text.
+
+    Returns:
+      ``{"used": bytes, "usable": bytes, "what": str, "error": the error's line}``: ``used`` is what
+      XLA reports needing when it gave up (``what``: "HLO temporaries" in the current form, the
+      program in the older one), a lower bound of the program's whole need; ``usable`` is the
+      chip's HBM less what the runtime reserves. None when the message is not that error.
+    """
+    for pattern in _HBM_REFUSALS:
+        m = pattern.search(message)
+        if m is not None:
+            break
+    else:
+        return None
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    line = next((ln.strip() for ln in message.splitlines() if m.group(0) in ln), m.group(0))
+    return {"used": int(float(m.group("need")) * scale[m.group("nu")]),
+            "usable": int(float(m.group("usable")) * scale[m.group("uu")]),
+            "what": (m.groupdict().get("what") or "the program").strip(), "error": line}
+
+
 def compile_round(cfg: TrainConfig, model_cfg: M.LlamaConfig, devices: Sequence, *,
                   clients_per_chunk: int | None = None) -> dict:
     """Compiles :func:`round_program` and returns its :func:`memory_of` plus ``"seconds"`` (lower +
-    compile), ``"mesh"`` and ``"clients_per_chunk"``."""
+    compile), ``"mesh"`` and ``"clients_per_chunk"``.
+
+    A program XLA refuses because it does not fit a chip's HBM is an answer, not a failure: the
+    figures of :func:`memory_of` are then None, ``"total"`` is what XLA reports it had placed (a
+    lower bound), and ``"refused"`` holds :func:`hbm_refusal` of the error. Any other compile error
+    is raised.
+    """
     prog = round_program(cfg, model_cfg, devices, clients_per_chunk=clients_per_chunk)
     t0 = time.perf_counter()
-    compiled = prog.fn.lower(*prog.args).compile()
+    try:
+        mem = memory_of(prog.fn.lower(*prog.args).compile())
+    except Exception as e:  # noqa: BLE001 - XlaRuntimeError / JaxRuntimeError, by jax version
+        refused = hbm_refusal(str(e))
+        if refused is None:
+            raise
+        mem = {"argument": None, "output": None, "temp": None, "generated_code": None, "alias": None,
+               "total": refused["used"], "refused": refused}
     seconds = time.perf_counter() - t0
-    return {**memory_of(compiled), "seconds": round(seconds, 1), "mesh": prog.mesh,
-            "clients_per_chunk": prog.clients_per_chunk}
+    return {**mem, "seconds": round(seconds, 1), "mesh": prog.mesh, "clients_per_chunk": prog.clients_per_chunk}
+
+
+def fits(mem: dict, budget: int) -> bool:
+    """Whether a :func:`compile_round` result fits ``budget`` bytes (a refused program never does)."""
+    return "refused" not in mem and mem["total"] <= budget
 
 
 def chunk_candidates(clients: int, clients_axis: int) -> list[int]:
@@ -330,7 +385,8 @@ def largest_fitting_chunk(measure, candidates: Sequence[int], budget: int, *, fi
     Memory grows with the chunk (more clients train at once), so the candidates that fit form a prefix.
 
     Args:
-      measure: ``measure(chunk) -> memory dict`` (:func:`compile_round`); one call per compile.
+      measure: ``measure(chunk) -> memory dict`` (:func:`compile_round`; a program XLA refused for
+        HBM does not fit); one call per compile.
       candidates: ascending chunk sizes (:func:`chunk_candidates`).
       budget: bytes of one chip.
       first: ``(chunk, memory)`` already compiled (the config's own chunk), used as a bound; it counts
@@ -346,15 +402,15 @@ def largest_fitting_chunk(measure, candidates: Sequence[int], budget: int, *, fi
 
     def record(chunk, mem):
         nonlocal lo, hi
-        fits = mem["total"] <= budget
-        tried.append({"clients_per_chunk": chunk, "total": mem["total"], "fits": fits})
+        ok = fits(mem, budget)
+        tried.append({"clients_per_chunk": chunk, "total": mem["total"], "fits": ok})
         below = [i for i, c in enumerate(candidates) if c <= chunk]
         above = [i for i, c in enumerate(candidates) if c >= chunk]
-        if fits and below:
+        if ok and below:
             lo = max(lo, below[-1])
-        if not fits and above:
+        if not ok and above:
             hi = min(hi, above[0])
-        return fits
+        return ok
 
     best = 0
     if first is not None:

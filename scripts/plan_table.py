@@ -222,8 +222,8 @@ def check() -> None:
     print(json.dumps(out, indent=1))
 
 
-def _gib(x: float) -> str:
-    return f"{x / GIB:.2f}"
+def _gib(x: float | None) -> str:
+    return "–" if x is None else f"{x / GIB:.2f}"
 
 
 def render_section(cache: dict[str, dict]) -> str:
@@ -262,7 +262,11 @@ def render_section(cache: dict[str, dict]) -> str:
         "half a chip's HBM; `clients_per_chunk` is the `clients` axis (one client per chip at a time, the",
         "least memory), so a row that does not fit has no chunk that does on that mesh. Each row is one",
         "compile (`--max-compiles 1`: no chunk search; run the command without it for the largest",
-        "`clients_per_chunk` that fits). Made by `python scripts/plan_table.py run` (cache:",
+        "`clients_per_chunk` that fits). When XLA refuses to compile a program because it does not fit a",
+        "chip's HBM (`RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: ... the total memory required for HLO",
+        "temporaries (X) exceeds available HBM (Y)`), there is no `memory_analysis()`: the row says *no (XLA",
+        "refused)*, its temporaries and total are XLA's figure for the temporaries alone (≥: a lower bound",
+        "of the need). Made by `python scripts/plan_table.py run` (cache:",
         "[results/plan_tpu.jsonl](results/plan_tpu.jsonl)); each row's command is in the cache.",
         "",
         "Shapes: Llama-2-7B, Llama-3.1-8B (vocab 128,256, 8 KV heads, `llama3` RoPE scaling) and Qwen2.5-7B",
@@ -288,8 +292,10 @@ def render_section(cache: dict[str, dict]) -> str:
         mesh = f"{p['mesh']['clients']} x {p['mesh']['model']}" if p["mesh"] else "one chip"
         lines.append(f"| {MODELS[row['model']]} | {row['targets']} | `{row['remat']}` | {row['clients']} | "
                      f"{row['slice']} (`{p['topology']}`) | {mesh} | {p['clients_per_chunk']} | "
-                     f"{_gib(mem['argument'])} | {_gib(mem['temp'])} | {_gib(mem['output'] - mem['alias'])} | "
-                     f"{_gib(mem['total'])} | {p['hbm_bytes'] / GIB:.0f} | {'yes' if p['fits'] else '**no**'} | "
+                     f"{_gib(mem['argument'])} | {'≥ ' + _gib(mem['total']) if 'refused' in mem else _gib(mem['temp'])} | "
+                     f"{_gib(None if 'refused' in mem else mem['output'] - mem['alias'])} | "
+                     f"{'≥ ' if 'refused' in mem else ''}{_gib(mem['total'])} | {p['hbm_bytes'] / GIB:.0f} | "
+                     f"{'yes' if p['fits'] else ('**no** (XLA refused)' if 'refused' in mem else '**no**')} | "
                      f"{p['compile_seconds'][0]:.0f} |")
     checks = [r for k, r in cache.items() if k.startswith("check|")]
     if checks:
