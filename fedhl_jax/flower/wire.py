@@ -40,7 +40,7 @@ def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
         groups.setdefault(a.dtype.str, []).append(a.reshape(-1))
     record = {LAYOUT: Array(np.frombuffer(json.dumps(layout).encode(), np.uint8).copy())}
     for dtype, parts in groups.items():
-        record[PACKED + dtype] = Array(np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros(0, dtype)))
+        record[PACKED + dtype] = Array(np.ascontiguousarray(np.concatenate(parts)))
     return ArrayRecord(record)
 
 
