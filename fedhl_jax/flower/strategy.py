@@ -297,14 +297,10 @@ class FedLoRAStrategy(Strategy):
                 problems.append(f"node {reply.metadata.src_node_id}: an unexpected reply for partition {pid}")
                 continue
             j = slot[pid]
-            try:
-                arrays = from_record(record)
-            except ValueError as e:
-                problems.append(f"node {reply.metadata.src_node_id} (partition {pid}): {e}")
-                continue
             start = rnd["start"]
             sent = {"A": {k: a[j] for k, a in start.A.items()}, "B": {k: b[j] for k, b in start.B.items()}}
-            try:
+            try:  # a damaged layout or a factor of the wrong shape: the reply is left out, by name
+                arrays = from_record(record)
                 b, a = unpack(arrays, self.shapes, self.r_max, int(ranks[j]), fill=sent)
             except ValueError as e:
                 problems.append(f"node {reply.metadata.src_node_id} (partition {pid}): {e}")
