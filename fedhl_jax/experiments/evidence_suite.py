@@ -340,6 +340,15 @@ def _lr(lr: float | None) -> str:
     return "–" if lr is None else f"{lr:g}"
 
 
+def _spread(by_config: dict) -> str:
+    """How the runs' wall times spread: a machine shared with other jobs stretches some of them."""
+    secs = sorted(r["seconds"] for r in by_config.values() if "seconds" in r)
+    if len(secs) < 2:
+        return ""
+    return (f"; the median run took {np.median(secs):.0f} s, the longest {secs[-1]:.0f} s: a run that shares "
+            "the machine with other jobs takes longer")
+
+
 def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
     """Writes the plots ``out_dir/figures/<stem>_*.png`` and returns the page's Markdown (from the cache alone)."""
     import matplotlib
@@ -354,7 +363,7 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
     zs = by_config.get("zero_shot-" + R.config_digest(spec["base"], {}, tune_seed)) or {}
     L = [f"# {spec.get('title', 'Results')}", "",
          f"**{res['seconds'] / 3600:.1f} h of compute** so far ({len(by_config)} cached runs: the sum of their wall "
-         f"times on {spec.get('machine', 'this machine')}). Regenerate: `fedhl-results --config configs/{stem}.yaml` "
+         f"times on {spec.get('machine', 'this machine')}{_spread(by_config)}). Regenerate: `fedhl-results --config configs/{stem}.yaml` "
          f"(finished runs are cached in `docs/results/{stem}.jsonl` as they finish and reused; the page is "
          "regenerated from the cache alone, and an interrupted suite resumes where it stopped).", "",
          spec.get("setup", "").strip(), "",
