@@ -316,8 +316,10 @@ def render_section(cache: dict[str, dict]) -> str:
                   "and records the ratios here. On the small `v5e:2x2` round, `tests/test_plan_tpu.py` finds the",
                   "command's figures equal to that direct `memory_analysis()` to the byte."]
     if pending:
+        walls = [r["wall_seconds"] for k, r in cache.items() if not k.startswith("check|")]
+        took = (f"took {min(walls) / 60:.0f}-{max(walls) / 60:.0f} minutes" if walls else "takes minutes")
         lines += ["", f"### Pending rows ({len(pending)} of {len(rows())})", "",
-                  "Not compiled yet: one 7-8B round took 4-12 minutes to compile on one core of a shared 2-core CPU",
+                  f"Not compiled yet: one 7-8B round {took} to compile on one core of a shared 2-core CPU",
                   "(the server's per-module SVDs and the clients' training are one program).",
                   "`python scripts/plan_table.py run` compiles them in this order (several runners may share",
                   "the work) and `python scripts/plan_table.py render` adds them here;",
