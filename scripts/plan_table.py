@@ -45,13 +45,14 @@ COMMON = ("model.dtype=bfloat16", "data.seq_len=512", "optim.batch_size=4", "opt
 
 def rows() -> list[dict]:
     """Every row, in the order they are compiled: Llama-2-7B q+v remat full 10 clients on each slice
-    first, then the other models the same way, then the rest."""
+    first, then the other models the same way, then every q+v row (minutes each), then the
+    all-linear rows (up to 40 minutes each)."""
     grid = [dict(model=m, targets=t, remat=r, clients=c, slice=s)
             for m in MODELS for t in TARGETS for r in REMATS for c in CLIENTS for s in SLICES]
 
     def priority(row):
         lead = row["targets"] == "q,v" and row["remat"] == "full" and row["clients"] == 10
-        return (not lead, list(MODELS).index(row["model"]), list(TARGETS).index(row["targets"]),
+        return (not lead, list(TARGETS).index(row["targets"]), list(MODELS).index(row["model"]),
                 REMATS.index(row["remat"]), CLIENTS.index(row["clients"]))  # then SLICES order (stable)
 
     return sorted(grid, key=priority)
