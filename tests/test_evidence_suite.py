@@ -153,6 +153,31 @@ def test_page_from_the_cache_alone(spec, tmp_path, monkeypatch):
     assert "not decided" in md or " < " in md
     assert (tmp_path / "figures" / "results_smollm2_loss_vs_norm.png").exists()
     assert "At matched update size" in md
+    assert "The named pairs at matched ‖G‖_F" in md
+    after = md.split("The named pairs at matched ‖G‖_F", 1)[1]
+    row = next(line for line in after.splitlines() if line.startswith("| fedhl − flexlora |"))
+    assert row.count("[") == 3 and "–" not in row  # an interval at each of the three matched norms
+
+
+def test_at_norm_interpolates_each_example_in_log_norm():
+    rng = np.random.default_rng(1)
+    l1, l2, l3 = (rng.normal(size=7) for _ in range(3))
+    pts = [(4.0, l2), (1.0, l1), (16.0, l3)]  # unsorted on purpose
+    # float64 reference: between norms 1 and 4 at g = 2, w = log(2/1) / log(4/1) = 1/2
+    np.testing.assert_allclose(E.at_norm(pts, 2.0), 0.5 * l1 + 0.5 * l2, rtol=1e-12)
+    g = 8.0  # between 4 and 16: w = log 2 / log 4 = 1/2 as well; g = 6: w = log 1.5 / log 4
+    np.testing.assert_allclose(E.at_norm(pts, g), 0.5 * l2 + 0.5 * l3, rtol=1e-12)
+    w = np.log(1.5) / np.log(4.0)
+    np.testing.assert_allclose(E.at_norm(pts, 6.0), (1 - w) * l2 + w * l3, rtol=1e-12)
+    np.testing.assert_allclose(E.at_norm(pts, 1.0), l1, rtol=1e-12)
+    np.testing.assert_allclose(E.at_norm(pts, 16.0), l3, rtol=1e-12)
+    # the mean of the interpolated examples is the interpolated mean (the page's table of means)
+    assert E.at_norm(pts, 6.0).mean() == pytest.approx(np.interp(np.log(6.0), np.log([1, 4, 16]),
+                                                                 [l1.mean(), l2.mean(), l3.mean()]))
+    with pytest.raises(ValueError, match=r"‖G‖_F = 20.0 is outside the range"):
+        E.at_norm(pts, 20.0)
+    with pytest.raises(ValueError, match="at least two rates, got 1"):
+        E.at_norm(pts[:1], 4.0)
 
 
 def test_compare_is_the_stats_modules_paired_interval():

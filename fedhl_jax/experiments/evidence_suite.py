@@ -312,6 +312,32 @@ def compare(a: dict[int, dict], b: dict[int, dict], key: str = "eval_loss_exampl
     return {"ci": ci, "t": t, "seeds": len(seeds), "examples": int(ok.sum())}
 
 
+def at_norm(points: list[tuple[float, np.ndarray]], g: float) -> np.ndarray:
+    """Per-example losses interpolated at final ``‖G‖_F = g``, linearly in ``log ‖G‖_F``.
+
+    Args:
+      points: ``(‖G‖_F, per-example losses [E])`` of one method at the rates it ran (one seed).
+      g: the norm, inside ``[min, max]`` of the points' norms.
+
+    Returns:
+      ``[E]`` float64: ``(1 − w)·L_i + w·L_j`` between the two rates whose norms bracket ``g``, with
+      ``w = (log g − log g_i) / (log g_j − log g_i)`` (each example's loss on the same line as the mean's).
+
+    Raises:
+      ValueError: fewer than two points, or ``g`` outside their range (naming it and the range).
+    """
+    pts = sorted(points, key=lambda p: p[0])
+    if len(pts) < 2:
+        raise ValueError(f"interpolation needs the runs of at least two rates, got {len(pts)}")
+    lo, hi = pts[0][0], pts[-1][0]
+    if not lo <= g <= hi:
+        raise ValueError(f"‖G‖_F = {g!r} is outside the range the runs reached, [{lo!r}, {hi!r}]")
+    j = next(k for k in range(1, len(pts)) if g <= pts[k][0])
+    (gi, li), (gj, lj) = pts[j - 1], pts[j]
+    w = 0.0 if gj == gi else (math.log(g) - math.log(gi)) / (math.log(gj) - math.log(gi))
+    return (1.0 - w) * np.asarray(li, np.float64) + w * np.asarray(lj, np.float64)
+
+
 def mean_ci(runs: dict[int, dict], key: str = "eval_loss_examples") -> S.Interval | None:
     """The 95% bootstrap interval (seeds × examples) of a method's mean per-example loss."""
     seeds = sorted(runs)
@@ -471,6 +497,28 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
                 c = sorted(c)
                 y = np.interp(np.log(grid), np.log([g for g, _, _ in c]), [v for _, v, _ in c])
                 L.append(f"| {m} | " + " | ".join(f"{v:.4f}" for v in y) + " |")
+            # the named pairs at matched norm, per answer (seed ``tune_seed``: intervals over answers only)
+            pts = {m: [(g, np.asarray(r["eval_loss_examples"], np.float64))
+                       for g, r in ((r["global_norm"][-1], r) for r in tried(spec, by_config, m).values()
+                                    if r.get("global_norm") and "eval_loss_examples" in r)]
+                   for m in curves}
+            rows = []
+            for a, b in spec.get("pairs", []):
+                if len(pts.get(a, [])) < 2 or len(pts.get(b, [])) < 2:
+                    continue
+                cells = []
+                for g in grid:
+                    la, lb = at_norm(pts[a], g), at_norm(pts[b], g)
+                    ok = np.isfinite(la) & np.isfinite(lb)
+                    ci = S.paired_bootstrap_ci(la[ok], lb[ok])
+                    cells.append(f"{_fmt_ci(ci, sign=True)}{'' if S.decision(ci) == S.NOT_DECIDED else ' •'}")
+                rows.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+            if rows:
+                L += ["", f"The named pairs at matched ‖G‖_F: each answer's loss interpolated as above (seed "
+                      f"{tune_seed}; 95% bootstrap over answers only, so the intervals leave out seed-to-seed "
+                      "variation and the error of the interpolation; •: the interval excludes 0):", "",
+                      "| a − b | " + " | ".join(f"‖G‖_F = {g:.3f}" for g in grid) + " |", "|---" * (len(grid) + 1) + "|"]
+                L += rows
     # ---- plots
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     if curves:
