@@ -449,7 +449,7 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
           "share of round 1's update energy beyond rank 2 and of the mean round's beyond rank 8 and 16.", "",
           "| method | lr | validation loss | held-out loss | ‖G‖_F | mean ‖ΔG‖_F | beyond r2 (round 1) | "
           "beyond r8 | beyond r16 |", "|---|---|---|---|---|---|---|---|---|"]
-    curves = {}
+    curves, points = {}, {}  # per method: (‖G‖_F, held-out loss, lr) and (‖G‖_F, per-answer losses)
     for m in methods:
         runs = tried(spec, by_config, m)
         for lr in sorted(runs):
@@ -465,6 +465,8 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
                 f"{np.mean(eb['16']):.3f}" if eb.get("16") else "–"]) + " |")
             if r.get("global_norm"):
                 curves.setdefault(m, []).append((r["global_norm"][-1], r["final_eval_loss"], lr))
+                if "eval_loss_examples" in r:
+                    points.setdefault(m, []).append((r["global_norm"][-1], r["eval_loss_examples"]))
     # the named pairs at one common learning rate (seed ``tune_seed``: intervals over answers only)
     rates = sorted({lr for m in spec["methods"] for lr in tried(spec, by_config, m)})
     rows = []
@@ -498,17 +500,13 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
                 y = np.interp(np.log(grid), np.log([g for g, _, _ in c]), [v for _, v, _ in c])
                 L.append(f"| {m} | " + " | ".join(f"{v:.4f}" for v in y) + " |")
             # the named pairs at matched norm, per answer (seed ``tune_seed``: intervals over answers only)
-            pts = {m: [(g, np.asarray(r["eval_loss_examples"], np.float64))
-                       for g, r in ((r["global_norm"][-1], r) for r in tried(spec, by_config, m).values()
-                                    if r.get("global_norm") and "eval_loss_examples" in r)]
-                   for m in curves}
             rows = []
             for a, b in spec.get("pairs", []):
-                if len(pts.get(a, [])) < 2 or len(pts.get(b, [])) < 2:
+                if len(points.get(a, [])) < 2 or len(points.get(b, [])) < 2:
                     continue
                 cells = []
                 for g in grid:
-                    la, lb = at_norm(pts[a], g), at_norm(pts[b], g)
+                    la, lb = at_norm(points[a], g), at_norm(points[b], g)
                     ok = np.isfinite(la) & np.isfinite(lb)
                     ci = S.paired_bootstrap_ci(la[ok], lb[ok])
                     cells.append(f"{_fmt_ci(ci, sign=True)}{'' if S.decision(ci) == S.NOT_DECIDED else ' •'}")
