@@ -355,6 +355,11 @@ def _fmt_ci(ci: S.Interval | None, digits: int = 3, sign: bool = False) -> str:
     return f"{f.format(ci.mean)} [{f.format(ci.low)}, {f.format(ci.high)}]"
 
 
+def _fmt_marked(ci: S.Interval) -> str:
+    """A signed interval, marked • when it excludes 0 (the one-seed tables)."""
+    return f"{_fmt_ci(ci, sign=True)}{'' if S.decision(ci) == S.NOT_DECIDED else ' •'}"
+
+
 def _fmt_cmp(c: dict | None, names: tuple[str, str]) -> list[str]:
     if c is None:
         return ["–", "–", "–", "not run"]
@@ -475,8 +480,7 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
         cells = []
         for lr in sorted(rates):
             c = compare({tune_seed: ta[lr]}, {tune_seed: tb[lr]}) if lr in ta and lr in tb else None
-            cells.append(f"{_fmt_ci(c['ci'], sign=True)}{'' if S.decision(c['ci']) == S.NOT_DECIDED else ' •'}"
-                         if c else "–")
+            cells.append(_fmt_marked(c["ci"]) if c else "–")
         rows.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
     if rows:
         L += ["", f"The named pairs at the same learning rate (held-out loss, seed {tune_seed}; 95% bootstrap over "
@@ -508,8 +512,7 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
                 for g in grid:
                     la, lb = at_norm(points[a], g), at_norm(points[b], g)
                     ok = np.isfinite(la) & np.isfinite(lb)
-                    ci = S.paired_bootstrap_ci(la[ok], lb[ok])
-                    cells.append(f"{_fmt_ci(ci, sign=True)}{'' if S.decision(ci) == S.NOT_DECIDED else ' •'}")
+                    cells.append(_fmt_marked(S.paired_bootstrap_ci(la[ok], lb[ok])))
                 rows.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
             if rows:
                 L += ["", f"The named pairs at matched ‖G‖_F: each answer's loss interpolated as above (seed "
