@@ -81,6 +81,9 @@ class GlobalEvaluator:
     def generation(self, delta: dict, n: int | None = None) -> dict:
         """Exact match (GSM8K) or ROUGE-L (others) of greedy answers to the first ``n`` held-out prompts.
 
+        Returns ``eval_<metric>`` (the mean), ``eval_<metric>_examples`` (``[n]`` per-answer scores,
+        for paired intervals over answers), ``eval_generated`` (n) and ``eval_sample`` (one answer).
+
         Every batch has the run's fixed prompt width and batch size (``generation_eval`` fills the
         last one with copies of its last prompt and drops their answers), so generation compiles
         once per run.
@@ -98,6 +101,7 @@ class GlobalEvaluator:
         res = metrics.generation_eval(gen, self.data.prompt_ids[:n], self.data.references[:n], self.metric,
                                          batch_size=self.generate_batch)
         return {f"eval_{self.metric}": res["score"], "eval_generated": n,
+                f"eval_{self.metric}_examples": [round(float(x), 6) for x in res["scores"]],
                 "eval_sample": res["predictions"][0] if n else ""}
 
 

@@ -128,6 +128,9 @@ def test_generation_compiles_once_per_run(chat_tok):
     before = _generate_padded._cache_size()
     first = ev(state, jax.random.PRNGKey(1))
     assert first["eval_generated"] == 7 and 0.0 <= first["eval_rouge_l"] <= 1.0
+    per = first["eval_rouge_l_examples"]  # per-answer scores, whose mean is the reported score
+    assert len(per) == 7 and all(0.0 <= x <= 1.0 for x in per)
+    np.testing.assert_allclose(np.mean(per), first["eval_rouge_l"], atol=1e-6)
     again = ev(state, jax.random.PRNGKey(1))
     assert _generate_padded._cache_size() == before + 1  # 3 batches x 2 calls, one program
     assert again["eval_rouge_l"] == first["eval_rouge_l"]
