@@ -180,6 +180,29 @@ def test_at_norm_interpolates_each_example_in_log_norm():
         E.at_norm(pts[:1], 4.0)
 
 
+def test_generation_section_pairs_only_the_seeds_with_per_answer_scores(spec):
+    from fedhl_jax.experiments import stats as S
+
+    rng = np.random.default_rng(3)
+    best = {"fedhl_data_size": 0.008, "fedhl_balanced": 0.004}
+    a1, b1 = rng.uniform(0, 1, 64), rng.uniform(0, 1, 64)
+    recs = {("fedhl_data_size", 0): {"eval_rouge_l": 0.40},  # cached before per-answer scores were stored
+            ("fedhl_data_size", 1): {"eval_rouge_l": float(a1.mean()), "eval_rouge_l_examples": a1.tolist()},
+            ("fedhl_balanced", 0): {"eval_rouge_l": 0.30},
+            ("fedhl_balanced", 1): {"eval_rouge_l": float(b1.mean()), "eval_rouge_l_examples": b1.tolist()}}
+    by_config = {E.digest(spec, "codealpaca", m, best[m], sd): r for (m, sd), r in recs.items()}
+    md = "\n".join(E.generation_section(spec, by_config, best))
+    assert "## Generation quality: ROUGE-L" in md
+    row = next(line for line in md.splitlines() if line.startswith("| codealpaca | fedhl_data_size |"))
+    assert f"{(0.40 + a1.mean()) / 2:.3f} (seed 0: 0.400, seed 1: {a1.mean():.3f})" in row  # mean over both seeds
+    ci = S.paired_bootstrap_ci(a1[None], np.zeros((1, 64)))  # interval: seed 1 alone
+    assert f"{ci.mean:.3f} [{ci.low:.3f}, {ci.high:.3f}] (1 seed × 64)" in row
+    pair = next(line for line in md.splitlines() if line.startswith("| codealpaca | fedhl_balanced − fedhl_data_size |"))
+    d = S.paired_bootstrap_ci(b1[None], a1[None])
+    assert f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" in pair and "– (1 seed)" in pair and "1 × 64" in pair
+    assert E.generation_section(spec, {}, best) == []  # no generation metric: no section
+
+
 def test_compare_is_the_stats_modules_paired_interval():
     rng = np.random.default_rng(0)
     a = {s: {"eval_loss_examples": (1 + rng.normal(size=50)).tolist()} for s in (0, 1, 2)}

@@ -348,6 +348,62 @@ def mean_ci(runs: dict[int, dict], key: str = "eval_loss_examples") -> S.Interva
     return S.paired_bootstrap_ci(la, np.zeros_like(la))
 
 
+def with_key(runs: dict[int, dict], key: str) -> dict[int, dict]:
+    """The seeds of ``runs`` whose record holds ``key`` (runs cached before a field was stored lack it)."""
+    return {s: r for s, r in runs.items() if key in r}
+
+
+def generation_section(spec: dict, by_config: dict, best: dict, metric: str = "rouge_l") -> list[str]:
+    """The page's generation-metric tables: each method's mean score per setting (over every seed that
+    ran), its 95% interval over the seeds that stored per-answer scores, and the named pairs' paired
+    differences with intervals and p (empty when no run of the suite scored ``metric``).
+
+    Args:
+      spec, by_config, best: the suite spec, the cache by config digest and the tuned rates.
+      metric: the generation metric (``rouge_l`` or ``exact_match``: higher is better).
+
+    Returns:
+      Markdown lines.
+    """
+    key, per = f"eval_{metric}", f"eval_{metric}_examples"
+    label = metric.replace("_", " ").replace("rouge l", "ROUGE-L")
+    rows, pairs = [], []
+    for s in setting_names(spec):
+        runs = {m: runs_of(spec, by_config, s, m, best.get(m)) for m in spec["methods"]}
+        runs = {m: {sd: r for sd, r in rs.items() if key in r} for m, rs in runs.items()}
+        if not any(runs.values()):
+            continue
+        for m, rs in runs.items():
+            if not rs:
+                continue
+            seeds = ", ".join(f"seed {sd}: {rs[sd][key]:.3f}" for sd in sorted(rs))
+            k = with_key(rs, per)
+            ci = mean_ci(k, per)
+            n = len(next(iter(k.values()))[per]) if k else 0
+            rows.append(f"| {s} | {m} | {np.mean([r[key] for r in rs.values()]):.3f} ({seeds}) | "
+                        + (f"{_fmt_ci(ci)} ({len(k)} seed{'s' if len(k) != 1 else ''} × {n})" if ci else "–")
+                        + " |")
+        for a, b in spec.get("pairs", []):
+            ra, rb = with_key(runs.get(a, {}), per), with_key(runs.get(b, {}), per)
+            if ra and rb:
+                pairs.append("| " + " | ".join([s, f"{a} − {b}"] + _fmt_cmp(compare(ra, rb, per), (a, b))) + " |")
+    if not rows:
+        return []
+    L = ["", f"## Generation quality: {label}", "",
+         f"{label} of greedy answers (higher is better), each method at its tuned rate: the mean over every seed "
+         f"that ran (per-seed values in brackets) and the 95% bootstrap interval over the seeds whose runs stored "
+         f"per-answer scores (runs cached before per-answer scores were stored give only their mean).", "",
+         f"| setting | method | {label}: mean (per seed) | 95% interval (seeds × answers) |", "|---|---|---|---|"]
+    L += rows
+    if pairs:
+        L += ["", f"Paired differences of {label} (a − b; positive: a scores higher; over the seeds both stored "
+              "per answer):", "",
+              "| setting | a − b | difference [95% interval] | p (paired t) | seeds × answers | decision |",
+              "|---|---|---|---|---|---|"]
+        L += pairs
+    return L
+
+
 def _fmt_ci(ci: S.Interval | None, digits: int = 3, sign: bool = False) -> str:
     if ci is None:
         return "–"
@@ -442,6 +498,7 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
             if not ra or not rb:
                 continue
             L.append("| " + " | ".join([s, f"{a} − {b}"] + _fmt_cmp(compare(ra, rb), (a, b))) + " |")
+    L += generation_section(spec, by_config, best)
     # ---- step size
     L += ["", "## Step size: every method at every learning rate it was tuned on", "",
           (f"Tuning rule: a walk on the ×2 ladder {', '.join(f'{x:g}' for x in _ladder(spec))} from "
