@@ -41,7 +41,8 @@ def fake_run_cell(calls):
                 "train_loss": [1.0] * 10, "bytes": 10 * 2**20, "eval_loss_examples": ex,
                 "global_norm": [0.1 * lr / 0.004] * 10, "update_norm": [0.01 * lr / 0.004] * 10,
                 "energy_beyond": {"2": [0.5] * 10, "8": [0.1] * 10, "16": [0.0] * 10}, "seconds": 1.0,
-                **({"eval_exact_match": 0.05} if overrides.get("eval.generate_examples") else {})}
+                **({"eval_exact_match": 0.05, "eval_exact_match_examples": [1.0] * 10 + [0.0] * 190}
+                   if overrides.get("eval.generate_examples") else {})}
     return run_cell
 
 
@@ -153,6 +154,8 @@ def test_page_from_the_cache_alone(spec, tmp_path, monkeypatch):
     assert "not decided" in md or " < " in md
     assert (tmp_path / "figures" / "results_smollm2_loss_vs_norm.png").exists()
     assert "At matched update size" in md
+    w = E.S.wilson_ci(10, 200)  # the final pass of the fake cell: 10 of 200 questions
+    assert f"exact match 0.050 [{w.low:.3f}, {w.high:.3f}] (10 of 200 test questions; Wilson 95% interval)" in md
     assert "The named pairs at matched ‖G‖_F" in md
     after = md.split("The named pairs at matched ‖G‖_F", 1)[1]
     row = next(line for line in after.splitlines() if line.startswith("| fedhl − flexlora |"))
@@ -201,6 +204,27 @@ def test_generation_section_pairs_only_the_seeds_with_per_answer_scores(spec):
     d = S.paired_bootstrap_ci(b1[None], a1[None])
     assert f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" in pair and "– (1 seed)" in pair and "1 × 64" in pair
     assert E.generation_section(spec, {}, best) == []  # no generation metric: no section
+
+
+def test_exact_match_against_the_zero_shot_model():
+    from fedhl_jax.experiments import stats as S
+
+    rng = np.random.default_rng(5)
+    fin = (rng.uniform(size=200) < 0.08).astype(float)
+    zs = (rng.uniform(size=200) < 0.02).astype(float)
+    k, kz = int(fin.sum()), int(zs.sum())
+    rec = {"eval_exact_match": fin.mean(), "eval_exact_match_examples": fin.tolist()}
+    counted = {"eval_exact_match": kz / 200, "eval_generated": 200.0}  # the count only (an older record)
+    assert E.em_count(rec) == (k, 200) and E.em_count(counted) == (kz, 200)
+    ci = S.newcombe_diff_ci(k, 200, kz, 200)
+    text = E.em_versus(rec, counted)
+    assert f"{ci.mean:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]" in text and "Newcombe" in text
+    assert text.endswith("not decided" if ci.low <= 0 <= ci.high else "higher")
+    both = E.em_versus(rec, {"eval_exact_match": zs.mean(), "eval_exact_match_examples": zs.tolist()})
+    ci = S.paired_bootstrap_ci(fin, zs)
+    assert f"{ci.mean:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}] (paired bootstrap over questions)" in both
+    with pytest.raises(ValueError, match="without eval_generated"):
+        E.em_count({"eval_exact_match": 0.1})
 
 
 def test_compare_is_the_stats_modules_paired_interval():

@@ -115,3 +115,37 @@ def test_not_decided_when_the_interval_holds_zero():
     assert iv.low < 0 < iv.high and S.decision(iv) == S.NOT_DECIDED == "not decided"
     assert S.decision(S.Interval(0.1, 0.0, 0.2, 0.95)) == "not decided"  # a bound at 0 decides nothing
     assert S.decision(S.Interval(-0.1, -0.2, -0.01, 0.95)) == "a < b"
+
+
+# Newcombe (1998), Statistics in Medicine 17: the worked examples of the single-proportion paper
+# (Table I, method 3, Wilson's score interval) and of the difference paper (Table II, method 10).
+WILSON = [((81, 263), (0.2553, 0.3662)), ((15, 148), (0.0624, 0.1605)), ((0, 20), (0.0, 0.1611)),
+          ((1, 29), (0.0061, 0.1718))]
+NEWCOMBE = [((56, 70, 48, 80), (0.0524, 0.3339)), ((9, 10, 3, 10), (0.1705, 0.8090)),
+            ((6, 7, 2, 7), (0.0582, 0.8062))]
+
+
+@pytest.mark.parametrize("counts, bounds", WILSON)
+def test_wilson_interval_matches_newcombes_table(counts, bounds):
+    ci = S.wilson_ci(*counts)
+    assert ci.mean == counts[0] / counts[1] and ci.level == 0.95
+    assert (ci.low, ci.high) == pytest.approx(bounds, abs=6e-5)
+
+
+@pytest.mark.parametrize("counts, bounds", NEWCOMBE)
+def test_newcombe_difference_interval_matches_the_paper(counts, bounds):
+    k1, n1, k2, n2 = counts
+    ci = S.newcombe_diff_ci(k1, n1, k2, n2)
+    assert ci.mean == pytest.approx(k1 / n1 - k2 / n2)
+    assert (ci.low, ci.high) == pytest.approx(bounds, abs=6e-5)
+    flipped = S.newcombe_diff_ci(k2, n2, k1, n1)  # a − b mirrors b − a
+    assert (flipped.low, flipped.high) == pytest.approx((-ci.high, -ci.low))
+
+
+def test_proportion_intervals_name_bad_counts():
+    with pytest.raises(ValueError, match=r"k must be an integer in \[0, n=10\], got k=11"):
+        S.wilson_ci(11, 10)
+    with pytest.raises(ValueError, match=r"n must be a positive integer, got n=0"):
+        S.newcombe_diff_ci(0, 0, 1, 2)
+    with pytest.raises(ValueError, match=r"k must be an integer in \[0, n=200\], got k=3.5"):
+        S.wilson_ci(3.5, 200)

@@ -404,6 +404,43 @@ def generation_section(spec: dict, by_config: dict, best: dict, metric: str = "r
     return L
 
 
+def em_count(rec: dict) -> tuple[int, int]:
+    """``(questions answered exactly, questions asked)`` of a record with ``eval_exact_match``: from the
+    per-question scores when stored, else from the mean and ``eval_generated``."""
+    if "eval_exact_match_examples" in rec:
+        per = rec["eval_exact_match_examples"]
+        return int(round(sum(per))), len(per)
+    n = int(rec.get("eval_generated") or 0)
+    if n < 1:
+        raise ValueError(f"an exact-match record without eval_generated: {sorted(rec)}")
+    return int(round(rec["eval_exact_match"] * n)), n
+
+
+def _has_count(rec: dict) -> bool:
+    return "eval_exact_match_examples" in rec or bool(rec.get("eval_generated"))
+
+
+def _fmt_em(rec: dict) -> str:
+    if not _has_count(rec):
+        return f"{rec['eval_exact_match']:.3f}"  # a record that kept neither the scores nor the count
+    k, n = em_count(rec)
+    return f"{_fmt_ci(S.wilson_ci(k, n))} ({k} of {n} test questions; Wilson 95% interval)"
+
+
+def em_versus(rec: dict, base: dict) -> str:
+    """Exact match of ``rec`` minus ``base`` (the zero-shot model) with its 95% interval: the paired
+    bootstrap over questions when both stored per-question scores, else Newcombe's interval for
+    independent proportions (conservative for runs scored on the same questions)."""
+    if "eval_exact_match_examples" in rec and "eval_exact_match_examples" in base:
+        ci, how = S.paired_bootstrap_ci(rec["eval_exact_match_examples"], base["eval_exact_match_examples"]), \
+            "paired bootstrap over questions"
+    else:
+        ci, how = S.newcombe_diff_ci(*em_count(rec), *em_count(base)), \
+            "Newcombe's interval for independent proportions, conservative here: one run kept only its count"
+    verdict = "not decided" if S.decision(ci) == S.NOT_DECIDED else ("higher" if ci.low > 0 else "lower")
+    return f"against the zero-shot model {_fmt_ci(ci, sign=True)} ({how}): {verdict}"
+
+
 def _fmt_ci(ci: S.Interval | None, digits: int = 3, sign: bool = False) -> str:
     if ci is None:
         return "–"
@@ -480,11 +517,14 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
     L.append("")
     if zs:
         L += [f"Zero-shot model: held-out loss {zs.get('eval_loss', float('nan')):.3f} (pooled over tokens)"
-              + (f", exact match {zs['eval_exact_match']:.3f} on {int(zs.get('eval_generated', 0))} test questions"
-                 if "eval_exact_match" in zs else "") + "."]
+              + (f", exact match {_fmt_em(zs)}" if "eval_exact_match" in zs else "") + "."]
     for rid, rec in res.get("final_generation", []):
         metric = next((k for k in rec if k in ("eval_exact_match", "eval_rouge_l")), None)
-        if metric:
+        if metric == "eval_exact_match":
+            L.append(f"Final generation pass ({rid.split(':', 1)[1]}, seed {tune_seed}): exact match {_fmt_em(rec)}"
+                     + (f"; {em_versus(rec, zs)}" if "eval_exact_match" in zs and _has_count(zs) and _has_count(rec)
+                        else "") + ".")
+        elif metric:
             L.append(f"Final generation pass ({rid.split(':', 1)[1]}, seed {tune_seed}): "
                      f"{metric[5:].replace('_', ' ')} {rec[metric]:.3f}.")
     # ---- named comparisons

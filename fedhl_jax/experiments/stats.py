@@ -17,12 +17,18 @@ shares between the two methods cancels in them.
 * :func:`paired_t_test`: the two-sided paired t-test over seeds, on the per-seed mean differences
   ``d̄_s`` (``S − 1`` degrees of freedom). The Student t distribution comes from the regularized
   incomplete beta function (:func:`betainc`), ``P(|T| > t) = I_{ν/(ν + t²)}(ν/2, 1/2)``.
+* :func:`wilson_ci` and :func:`newcombe_diff_ci`: intervals of a proportion (e.g. exact match,
+  ``k`` of ``n`` questions right) and of the difference of two independent proportions (Wilson's score
+  interval; Newcombe 1998, method 10). Two runs scored on the same questions pair up, so the
+  unpaired difference interval is conservative when their scores correlate; it is for records that
+  kept only the count.
 * :func:`decision`: "not decided" when the interval holds 0, otherwise which method is lower.
 """
 
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from typing import NamedTuple
 
 import numpy as np
@@ -200,6 +206,61 @@ def paired_t_test(loss_a, loss_b) -> TTest:
     else:
         t = mean / (sd / math.sqrt(S))
     return TTest(mean, t, S - 1, t_two_sided_p(t, S - 1))
+
+
+def _check_count(k, n) -> tuple[int, int]:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive integer, got n={n!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= n:
+        raise ValueError(f"k must be an integer in [0, n={n}], got k={k!r}")
+    return int(k), int(n)
+
+
+def wilson_ci(k: int, n: int, *, level: float = 0.95) -> Interval:
+    """Wilson's score interval of a proportion ``k / n``.
+
+    ``(p̂ + z²/2n ± z·√(p̂(1 − p̂)/n + z²/4n²)) / (1 + z²/n)`` with ``z`` the ``(1 + level)/2`` normal
+    quantile (Newcombe 1998, "Two-sided confidence intervals for the single proportion", method 3).
+
+    Args:
+      k: successes (e.g. questions answered exactly), ``0 ≤ k ≤ n``.
+      n: trials.
+      level: confidence level in ``(0, 1)``.
+
+    Returns:
+      ``Interval(k / n, low, high, level)``.
+
+    Raises:
+      ValueError: ``k`` or ``n`` not integers with ``0 ≤ k ≤ n``, ``n ≥ 1``; a bad ``level``.
+    """
+    level = _check_level(level)
+    k, n = _check_count(k, n)
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return Interval(p, max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n)), level)
+
+
+def newcombe_diff_ci(k1: int, n1: int, k2: int, n2: int, *, level: float = 0.95) -> Interval:
+    """The interval of ``k1/n1 − k2/n2`` for independent proportions from their Wilson intervals.
+
+    ``[d − √((p̂₁ − l₁)² + (u₂ − p̂₂)²), d + √((u₁ − p̂₁)² + (p̂₂ − l₂)²)]`` (Newcombe 1998, "Interval
+    estimation for the difference between independent proportions", method 10).
+
+    Args:
+      k1, n1, k2, n2: the two counts.
+      level: confidence level in ``(0, 1)``.
+
+    Returns:
+      ``Interval(p̂₁ − p̂₂, low, high, level)``.
+
+    Raises:
+      ValueError: as :func:`wilson_ci`.
+    """
+    a, b = wilson_ci(k1, n1, level=level), wilson_ci(k2, n2, level=level)
+    d = a.mean - b.mean
+    return Interval(d, d - math.hypot(a.mean - a.low, b.high - b.mean),
+                    d + math.hypot(a.high - a.mean, b.mean - b.low), a.level)
 
 
 def decision(interval: Interval, names: tuple[str, str] = ("a", "b")) -> str:
