@@ -110,6 +110,26 @@ def test_tuning_rule_seeds_leaders_and_resume(spec, tmp_path, monkeypatch):
     assert key(cache) == key(cache2)
 
 
+def test_rerun_supersedes_cached_records_once_and_counts_both(spec, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(R, "run_cell", fake_run_cell(calls))
+    cache = tmp_path / "c.jsonl"
+    res = E.run_suite(spec, cache, log=lambda *a, **k: None)
+    n_rows, seconds, lead = len(cache.read_text().splitlines()), res["seconds"], res["leaders"]
+    calls.clear()
+    # interrupted after 2 reruns, then resumed: each matching run reruns exactly once
+    part = E.run_suite(spec, cache, log=lambda *a, **k: None, only="codealpaca", rerun="seed 0", max_runs=2)
+    assert len(calls) == 2 and len(part["superseded"]) == 2
+    res = E.run_suite(spec, cache, log=lambda *a, **k: None, only="codealpaca", rerun="seed 0")
+    assert sorted((c[0], c[2], c[4]) for c in calls) == sorted((m, 0, "codealpaca") for m in lead)
+    assert len(cache.read_text().splitlines()) == n_rows + len(lead)
+    assert len(res["superseded"]) == len(lead) and res["seconds"] == pytest.approx(seconds + len(lead))
+    assert E.run_suite(spec, cache, log=lambda *a, **k: None, only="codealpaca", rerun="seed 0")["seconds"] \
+        == pytest.approx(seconds + len(lead)) and len(calls) == len(lead)  # nothing reruns twice
+    md = E.render(spec, res, tmp_path, stem="results_smollm2")
+    assert f"and {len(lead)} earlier record(s) they superseded" in md and "Reruns (`--rerun`)" in md
+
+
 def test_bracket_tuning_walks_the_ladder_to_each_methods_best(tmp_path, monkeypatch):
     spec = copy.deepcopy(SPEC)
     spec["zero_shot"] = False

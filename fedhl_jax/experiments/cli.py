@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder of the page; plots go to its figures/, run caches to its results/")
     p.add_argument("--only", help="run only the cells whose id contains this text (e.g. main:dataset=gsm8k); "
                    "cached runs of the other cells are still shown")
+    p.add_argument("--rerun", metavar="TEXT",
+                   help="run once more the cached runs whose '<id> seed <seed>' contains TEXT, superseding their "
+                   "records (e.g. to store a field older records lack; suite: evidence)")
     p.add_argument("--render-only", action="store_true",
                    help="write the page from the cached runs without training (suite: evidence)")
     p.add_argument("--compile-cache", default=str(Path.home() / ".cache" / "fedhl_jax" / "xla"),
@@ -97,7 +100,7 @@ def run_evidence_suite(spec: dict, args: argparse.Namespace) -> int:
     (args.out / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     res = ES.run_suite(spec, args.out / RESULTS_DIR / f"{stem}.jsonl", only=args.only,
-                       max_runs=0 if args.render_only else None)
+                       max_runs=0 if args.render_only else None, rerun=args.rerun)
     md = ES.render(spec, res, args.out, stem=stem)
     page = args.out / f"{stem}.md"
     page.write_text(R.keep_discussion(page.read_text() if page.exists() else None, md))

@@ -181,7 +181,7 @@ def setting_methods(spec: dict, setting: str, by_config: dict) -> list[str] | No
 
 
 def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable = print,
-              max_runs: int | None = None) -> dict:
+              max_runs: int | None = None, rerun: str | None = None) -> dict:
     """Runs what is not yet in ``cache``, in the module docstring's order (see there).
 
     Args:
@@ -189,23 +189,39 @@ def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable
       cache: the JSONL run cache (appended to as each run finishes).
       only: run only runs whose id contains this text.
       max_runs: stop after this many new runs (None: until done).
+      rerun: run once more the cached runs whose ``"<id> seed <seed>"`` contains this text (e.g.
+        ``"codealpaca:method=fedit_r16:lr=0.008 seed 0"``, or ``"seed 0"`` with ``only``), to record
+        what an older record lacks. The new record is appended and supersedes the old one; a run the
+        cache already holds twice is not rerun again, so an interrupted rerun resumes. Superseded
+        records still count toward the compute.
 
     Returns:
       ``{"by_config": {digest: rec}, "tuned": {method: lr}, "leaders": [...] | None,
-      "seconds": sum of the cached runs' wall times}``.
+      "superseded": [(id, seed, digest, rec)] (records replaced by a rerun),
+      "seconds": sum of every cached run's wall time, superseded ones included}``.
     """
-    by_config = {row["config"]: row["rec"] for row in R.read_cache(cache)}
+    rows = R.read_cache(cache)
+    by_config = {row["config"]: row["rec"] for row in rows}
+    count: dict[str, int] = {}
+    for row in rows:
+        count[row["config"]] = count.get(row["config"], 0) + 1
+    superseded = [(row["id"], row["seed"], row["config"], row["rec"]) for i, row in enumerate(rows)
+                  if any(later["config"] == row["config"] for later in rows[i + 1:])]
     base = spec["base"]
     first, tune_seed = setting_names(spec)[0], spec["tune"]["seed"]
     done = [0]
     t0 = time.perf_counter()
 
     def run(rid: str, ov: dict, seed: int, d: str) -> bool:
-        if d in by_config or (only is not None and only not in rid):
+        again = (rerun is not None and d in by_config and count.get(d, 0) == 1 and rerun in f"{rid} seed {seed}")
+        if (d in by_config and not again) or (only is not None and only not in rid):
             return True
         if max_runs is not None and done[0] >= max_runs:
             return False
         rec = R.run_cell(base, ov, seed)
+        if again:
+            superseded.append((rid, seed, d, by_config[d]))
+            count[d] = 2
         by_config[d] = rec
         R.append_cache(cache, rid, seed, d, rec)
         done[0] += 1
@@ -236,7 +252,7 @@ def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable
                 continue
             if not run(run_id(first, m, lr), overrides(spec, first, m, lr), tune_seed,
                        digest(spec, first, m, lr, tune_seed)):
-                return _summary(spec, by_config)
+                return _summary(spec, by_config, superseded)
             progressed = progressed or digest(spec, first, m, lr, tune_seed) in by_config
         if not progressed:  # everything left is filtered out by ``only``
             break
@@ -252,12 +268,12 @@ def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable
                     continue
                 if not run(run_id(setting, m, best[m]), overrides(spec, setting, m, best[m]), seed,
                            digest(spec, setting, m, best[m], seed)):
-                    return _summary(spec, by_config)
+                    return _summary(spec, by_config, superseded)
     # 5. one generation pass of the best method
     fg = final_generation(spec, by_config)
     if fg is not None:
         run(fg[0], fg[1], tune_seed, fg[2])
-    return _summary(spec, by_config)
+    return _summary(spec, by_config, superseded)
 
 
 def final_generation(spec: dict, by_config: dict) -> tuple[str, dict, str] | None:
@@ -272,11 +288,13 @@ def final_generation(spec: dict, by_config: dict) -> tuple[str, dict, str] | Non
     return f"{FINAL_GENERATION}:method={m}:lr={lr:g}", ov, R.config_digest(spec["base"], ov, seed)
 
 
-def _summary(spec: dict, by_config: dict) -> dict:
-    fg = final_generation(spec, by_config)
+def _summary(spec: dict, by_config: dict, superseded: list | None = None) -> dict:
+    fg, superseded = final_generation(spec, by_config), superseded or []
     return {"by_config": by_config, "tuned": tuned(spec, by_config), "leaders": leaders(spec, by_config),
             "final_generation": [(fg[0], by_config[fg[2]])] if fg and fg[2] in by_config else [],
-            "seconds": sum(r.get("seconds", 0.0) for r in by_config.values())}
+            "superseded": superseded,
+            "seconds": sum(r.get("seconds", 0.0) for r in by_config.values())
+            + sum(r.get("seconds", 0.0) for *_, r in superseded)}
 
 
 # --------------------------------------------------------------------------- report
@@ -486,8 +504,9 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
     n_tune = sum(len(tried(spec, by_config, m)) for m in methods)
     zs = by_config.get("zero_shot-" + R.config_digest(spec["base"], {}, tune_seed)) or {}
     L = [f"# {spec.get('title', 'Results')}", "",
-         f"**{res['seconds'] / 3600:.1f} h of compute** so far ({len(by_config)} cached runs: the sum of their wall "
-         f"times on {spec.get('machine', 'this machine')}{_spread(by_config)}). Regenerate: `fedhl-results --config configs/{stem}.yaml` "
+         f"**{res['seconds'] / 3600:.1f} h of compute** so far ({len(by_config)} cached runs"
+         + (f" and {len(res.get('superseded', []))} earlier record(s) they superseded" if res.get("superseded") else "")
+         + f": the sum of their wall times on {spec.get('machine', 'this machine')}{_spread(by_config)}). Regenerate: `fedhl-results --config configs/{stem}.yaml` "
          f"(finished runs are cached in `docs/results/{stem}.jsonl` as they finish and reused; the page is "
          "regenerated from the cache alone, and an interrupted suite resumes where it stopped).", "",
          spec.get("setup", "").strip(), "",
@@ -495,6 +514,11 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
          "token loss; an interval is a 95% two-level paired bootstrap over seeds and answers "
          "(`fedhl_jax/experiments/stats.py`); p is the two-sided paired t-test over seeds. A difference whose "
          "interval holds 0 is **not decided**.", ""]
+    if res.get("superseded"):
+        L += [f"Reruns (`--rerun`): {len(res['superseded'])} cached run(s) ran again with the same config to store "
+              "what the first record lacked; the page uses the rerun. Held-out loss, first run → rerun: "
+              + "; ".join(f"{rid} seed {sd}: {old['final_eval_loss']:.4f} → {by_config[d]['final_eval_loss']:.4f}"
+                          for rid, sd, d, old in res["superseded"]) + ".", ""]
     # ---- the table a practitioner reads first
     L += ["## Which method, per setting", "",
           "Held-out loss (lower is better) with its 95% interval, each method at its own learning rate (chosen on "
