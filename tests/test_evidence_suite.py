@@ -174,6 +174,11 @@ def test_page_from_the_cache_alone(spec, tmp_path, monkeypatch):
     assert "not decided" in md or " < " in md
     assert (tmp_path / "figures" / "results_smollm2_loss_vs_norm.png").exists()
     assert "At matched update size" in md
+    # one definition of held-out loss on the page: the step-size table shows the mean over answers
+    r = E.tried(spec, res["by_config"], "flexlora")[0.004]
+    step = md.split("## Step size", 1)[1]
+    assert f"| flexlora | 0.004 | **{r['final_val_loss']:.4f}** | {np.mean(r['eval_loss_examples']):.4f} |" in step
+    assert f"{r['final_eval_loss']:.4f} |" not in step.split("| flexlora | 0.004 |", 1)[1].splitlines()[0]
     w = E.S.wilson_ci(10, 200)  # the final pass of the fake cell: 10 of 200 questions
     assert f"exact match 0.050 [{w.low:.3f}, {w.high:.3f}] (10 of 200 test questions; Wilson 95% interval)" in md
     assert "The named pairs at matched ‖G‖_F" in md

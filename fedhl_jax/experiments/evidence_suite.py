@@ -356,6 +356,16 @@ def at_norm(points: list[tuple[float, np.ndarray]], g: float) -> np.ndarray:
     return (1.0 - w) * np.asarray(li, np.float64) + w * np.asarray(lj, np.float64)
 
 
+def answer_mean(rec: dict) -> float:
+    """A run's held-out loss as the page defines it: the mean over answers of each answer's mean token
+    loss (answers without a target token left out); the pooled ``final_eval_loss`` for a record without
+    per-answer losses."""
+    if "eval_loss_examples" not in rec:
+        return float(rec["final_eval_loss"])
+    x = np.asarray(rec["eval_loss_examples"], np.float64)
+    return float(x[np.isfinite(x)].mean())
+
+
 def mean_ci(runs: dict[int, dict], key: str = "eval_loss_examples") -> S.Interval | None:
     """The 95% bootstrap interval (seeds × examples) of a method's mean per-example loss."""
     seeds = sorted(runs)
@@ -517,7 +527,7 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
     if res.get("superseded"):
         L += [f"Reruns (`--rerun`): {len(res['superseded'])} cached run(s) ran again with the same config to store "
               "what the first record lacked; the page uses the rerun. Held-out loss, first run → rerun: "
-              + "; ".join(f"{rid} seed {sd}: {old['final_eval_loss']:.4f} → {by_config[d]['final_eval_loss']:.4f}"
+              + "; ".join(f"{rid} seed {sd}: {answer_mean(old):.4f} → {answer_mean(by_config[d]):.4f}"
                           for rid, sd, d, old in res["superseded"]) + ".", ""]
     # ---- the table a practitioner reads first
     L += ["## Which method, per setting", "",
@@ -571,7 +581,7 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
            f"Tuning rule: the grid {', '.join(f'{float(x):g}' for x in spec['tune']['grid'])}, extended by up to "
            f"{int(spec['tune'].get('extend', 0))} ×2 step(s) beyond an edge that holds the best rate. ") +
           f"Setting {first}, seed {tune_seed}. Validation loss (pooled over tokens; it chose the rate, **bold**), "
-          "held-out loss, the norm of the final global adapter ‖G‖_F, the mean update norm ‖ΔG‖_F per round, and the "
+          "held-out loss (the mean over answers, as everywhere on this page), the norm of the final global adapter ‖G‖_F, the mean update norm ‖ΔG‖_F per round, and the "
           "share of round 1's update energy beyond rank 2 and of the mean round's beyond rank 8 and 16.", "",
           "| method | lr | validation loss | held-out loss | ‖G‖_F | mean ‖ΔG‖_F | beyond r2 (round 1) | "
           "beyond r8 | beyond r16 |", "|---|---|---|---|---|---|---|---|---|"]
@@ -583,14 +593,14 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
             eb = r.get("energy_beyond", {})
             v = f"{r.get('final_val_loss', float('nan')):.4f}"
             L.append("| " + " | ".join([
-                m, f"{lr:g}", f"**{v}**" if lr == best.get(m) else v, f"{r['final_eval_loss']:.4f}",
+                m, f"{lr:g}", f"**{v}**" if lr == best.get(m) else v, f"{answer_mean(r):.4f}",
                 f"{r['global_norm'][-1]:.3f}" if r.get("global_norm") else "–",
                 f"{np.mean(r['update_norm']):.3f}" if r.get("update_norm") else "–",
                 f"{eb['2'][0]:.3f}" if eb.get("2") else "–",
                 f"{np.mean(eb['8']):.3f}" if eb.get("8") else "–",
                 f"{np.mean(eb['16']):.3f}" if eb.get("16") else "–"]) + " |")
             if r.get("global_norm"):
-                curves.setdefault(m, []).append((r["global_norm"][-1], r["final_eval_loss"], lr))
+                curves.setdefault(m, []).append((r["global_norm"][-1], answer_mean(r), lr))
                 if "eval_loss_examples" in r:
                     points.setdefault(m, []).append((r["global_norm"][-1], r["eval_loss_examples"]))
     # the named pairs at one common learning rate (seed ``tune_seed``: intervals over answers only)
