@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections import Counter
 import math
 import time
 from pathlib import Path
@@ -201,12 +202,10 @@ def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable
       "seconds": sum of every cached run's wall time, superseded ones included}``.
     """
     rows = R.read_cache(cache)
-    by_config = {row["config"]: row["rec"] for row in rows}
-    count: dict[str, int] = {}
-    for row in rows:
-        count[row["config"]] = count.get(row["config"], 0) + 1
-    superseded = [(row["id"], row["seed"], row["config"], row["rec"]) for i, row in enumerate(rows)
-                  if any(later["config"] == row["config"] for later in rows[i + 1:])]
+    by_config = {row["config"]: row["rec"] for row in rows}  # the last record of a config wins
+    count = Counter(row["config"] for row in rows)
+    superseded = [(row["id"], row["seed"], row["config"], row["rec"]) for row in rows
+                  if row["rec"] is not by_config[row["config"]]]  # every record but a config's last
     base = spec["base"]
     first, tune_seed = setting_names(spec)[0], spec["tune"]["seed"]
     done = [0]
@@ -398,7 +397,7 @@ def generation_section(spec: dict, by_config: dict, best: dict, metric: str = "r
     rows, pairs = [], []
     for s in setting_names(spec):
         runs = {m: runs_of(spec, by_config, s, m, best.get(m)) for m in spec["methods"]}
-        runs = {m: {sd: r for sd, r in rs.items() if key in r} for m, rs in runs.items()}
+        runs = {m: with_key(rs, key) for m, rs in runs.items()}
         if not any(runs.values()):
             continue
         for m, rs in runs.items():
@@ -581,8 +580,9 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
            f"Tuning rule: the grid {', '.join(f'{float(x):g}' for x in spec['tune']['grid'])}, extended by up to "
            f"{int(spec['tune'].get('extend', 0))} ×2 step(s) beyond an edge that holds the best rate. ") +
           f"Setting {first}, seed {tune_seed}. Validation loss (pooled over tokens; it chose the rate, **bold**), "
-          "held-out loss (the mean over answers, as everywhere on this page), the norm of the final global adapter ‖G‖_F, the mean update norm ‖ΔG‖_F per round, and the "
-          "share of round 1's update energy beyond rank 2 and of the mean round's beyond rank 8 and 16.", "",
+          "held-out loss (the mean over answers, as everywhere on this page), the norm of the final global adapter "
+          "‖G‖_F, the mean update norm ‖ΔG‖_F per round, and the share of round 1's update energy beyond rank 2 "
+          "and of the mean round's beyond rank 8 and 16.", "",
           "| method | lr | validation loss | held-out loss | ‖G‖_F | mean ‖ΔG‖_F | beyond r2 (round 1) | "
           "beyond r8 | beyond r16 |", "|---|---|---|---|---|---|---|---|---|"]
     curves, points = {}, {}  # per method: (‖G‖_F, held-out loss, lr) and (‖G‖_F, per-answer losses)
