@@ -299,10 +299,14 @@ def test_committed_cache_keys_are_the_specs_digests():
     finished runs (so the suite would rerun them) fails here, not after hours of compute."""
     rows = R.read_cache(REPO / "docs" / "results" / "results_smollm2.jsonl")
     assert rows, "the committed cache is empty"
+    fg = E.final_generation(SPEC, {row["config"]: row["rec"] for row in rows})
     for row in rows:
         rid, seed = row["id"], row["seed"]
         if rid == E.ZERO_SHOT:
             want = "zero_shot-" + R.config_digest(SPEC["base"], {}, seed)
+        elif rid.startswith(E.FINAL_GENERATION + ":"):  # the spec's best method, with the pass's overrides
+            assert fg is not None and rid == fg[0] and seed == SPEC["tune"]["seed"], rid
+            want = fg[2]
         else:
             setting, method, lr = rid.split(":")
             assert setting in SPEC["settings"] and method.startswith("method="), rid
