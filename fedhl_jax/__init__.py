@@ -27,7 +27,7 @@ _EXPORTS = {
                              "make_algorithm", "rb_lora", "register"),
     "fedhl_jax.lora": ("Adapter", "check_ranks", "lora_scale", "rank_mask", "ranks_from_mask"),
     "fedhl_jax.truncation": ("SVD", "TruncationPlan", "client_deltas", "factors_from_plan", "rank_approx", "svd",
-                             "truncate", "truncate_from_svd", "truncation_error", "truncation_plan",
+                             "svd_all", "truncate", "truncate_from_svd", "truncation_error", "truncation_plan",
                              "weighted_delta"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -53,6 +53,6 @@ __all__ = [
     "balanced_weights", "check_ranks", "client_deltas", "factor_average", "factors_from_plan", "fedex_lora", "fedhl",
     "fedhl_aggregate", "fedhl_update", "fedhl_weights", "fedit", "ffa_lora", "flexlora", "flexlora_aggregate",
     "flexlora_update", "flora", "flora_stack", "hetlora", "lora_scale", "make_algorithm", "rank_approx", "rank_mask",
-    "rank_rarity", "ranks_from_mask", "rb_lora", "rb_lora_aggregate", "rb_lora_update", "register", "svd", "truncate",
+    "rank_rarity", "ranks_from_mask", "rb_lora", "rb_lora_aggregate", "rb_lora_update", "register", "svd", "svd_all", "truncate",
     "truncate_from_svd", "truncation_error", "truncation_plan", "weighted_delta",
 ]

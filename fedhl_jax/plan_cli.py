@@ -43,6 +43,13 @@ def parse_args(argv=None):
     return p.parse_intermixed_args(argv)
 
 
+def server_svd(cfg) -> str:
+    """How the round's server factors its dense adapters (``truncation.svd_all``): ``"batched"`` (the
+    randomized SVD, one batched factorization per module shape) or ``"per-module"`` (the exact SVD,
+    one per module and layer)."""
+    return "batched" if cfg.fed.options.get("svd_method") == "randomized" else "per-module"
+
+
 def plan(cfg, topology: str, *, model_shape: str | None = None, max_compiles: int = 4) -> dict:
     """The plan of one run on one slice (what the command prints).
 
@@ -99,7 +106,8 @@ def plan(cfg, topology: str, *, model_shape: str | None = None, max_compiles: in
                   "compute_dtype": model_cfg.compute_dtype or model_cfg.dtype},
         "round": {"algorithm": cfg.fed.algorithm, "clients": n, "local_steps": o.local_steps,
                   "batch_size": o.batch_size, "seq_len": cfg.data.seq_len, "r_max": cfg.fed.r_max,
-                  "targets": list(cfg.model.targets), "remat": cfg.model.remat, "optimizer": o.optimizer},
+                  "targets": list(cfg.model.targets), "remat": cfg.model.remat, "optimizer": o.optimizer,
+                  "server_svd": server_svd(cfg)},
         "mesh": None if mesh is None else {"clients": mesh[0], "model": mesh[1]},
         "clients_per_chunk": chunk,
         "memory": first,

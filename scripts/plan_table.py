@@ -2,6 +2,7 @@
 """The TPU-slice table of docs/memory_planning.md: ``fedhl-plan`` over 7-8B models, LoRA targets, remat and clients.
 
     python scripts/plan_table.py run [--until 18:05] [--limit N]   # compiles pending rows, cached one by one
+    python scripts/plan_table.py run --redo                         # also rows compiled by an older program
     python scripts/plan_table.py check                              # a direct memory_analysis() of one row
     python scripts/plan_table.py render                             # rewrites the section of the page
     python scripts/plan_table.py commands                           # the fedhl-plan command of each pending row
@@ -93,32 +94,54 @@ def command(row: dict) -> list[str]:
             f"fed.clients_per_chunk={clients}"]
 
 
-def load_cache() -> dict[str, dict]:
+#: The server SVD of today's rows (``plan_cli.server_svd``: ``"batched"``, one randomized factorization per
+#: module shape). Rows cached before it was batched have no such field: one factorization per module and layer.
+PROGRAM = "batched"
+
+
+def program(rec: dict) -> str:
+    """The server SVD a cached row was compiled with."""
+    return rec["plan"]["round"].get("server_svd", "per-module")
+
+
+def _records() -> list[dict]:
     if not CACHE.exists():
-        return {}
-    out = {}
-    for line in CACHE.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            out[rec["key"] if rec.get("kind", "row") == "row" else f"check|{rec['key']}"] = rec
-    return out
+        return []
+    return [json.loads(line) for line in CACHE.read_text().splitlines() if line.strip()]
+
+
+def load_cache() -> dict[str, dict]:
+    """The latest record of each row (``key``) and of each check (``check|key``)."""
+    return {rec["key"] if rec.get("kind", "row") == "row" else f"check|{rec['key']}": rec for rec in _records()}
+
+
+def superseded() -> dict[str, list[dict]]:
+    """``{key: [earlier records]}`` of rows compiled again (``run --redo``), oldest first."""
+    seen: dict[str, list[dict]] = {}
+    for rec in _records():
+        if rec.get("kind", "row") == "row":
+            seen.setdefault(rec["key"], []).append(rec)
+    return {k: recs[:-1] for k, recs in seen.items() if len(recs) > 1}
 
 
 CLAIMS = Path(os.environ.get("TMPDIR", "/tmp")) / "fedhl_plan_tpu_claims"
 
 
-def claim(row: dict) -> bool:
+def claim(row: dict, prefix: str = "") -> bool:
     """Takes a row for this runner (a file created exclusively), so several runners share the rows."""
     CLAIMS.mkdir(parents=True, exist_ok=True)
     try:
-        (CLAIMS / key(row).replace("|", "_").replace("=", "")).open("x").close()
+        (CLAIMS / (prefix + key(row).replace("|", "_").replace("=", ""))).open("x").close()
         return True
     except FileExistsError:
         return False
 
 
-def run(until: str | None, limit: int | None) -> None:
-    """Compiles the rows missing from the cache, in :func:`rows` order; appends each as it finishes."""
+def run(until: str | None, limit: int | None, redo: bool = False) -> None:
+    """Compiles the rows missing from the cache, in :func:`rows` order; appends each as it finishes.
+
+    With ``redo``, then the cached rows compiled by an older program (:func:`program` other than
+    ``PROGRAM``): the new record supersedes the old one, which the page keeps as before → after."""
     stop = None
     if until:
         h, m = (int(x) for x in until.split(":"))
@@ -126,12 +149,16 @@ def run(until: str | None, limit: int | None) -> None:
         stop = now.replace(hour=h, minute=m, second=0, microsecond=0)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     count = 0
-    for row in rows():
-        if key(row) in load_cache():  # read again each time: another runner may have added it
+    todo = [(row, False) for row in rows()] + ([(row, True) for row in rows()] if redo else [])
+    for row, again in todo:
+        cached = load_cache().get(key(row))  # read again each time: another runner may have added it
+        if cached is not None and (not again or program(cached) == PROGRAM):
+            continue
+        if cached is None and again:  # failed in the first pass
             continue
         if (stop and dt.datetime.now(dt.timezone.utc) >= stop) or (limit is not None and count >= limit):
             break  # before claiming: a claimed row is skipped by every other runner
-        if not claim(row):  # another runner compiles it now
+        if not claim(row, "redo_" if again else ""):  # another runner compiles it now
             continue
         cmd = command(row)
         t0 = time.time()
@@ -199,9 +226,10 @@ def direct_memory(cfg, model_cfg, mesh) -> dict:
 
 def check() -> None:
     """The first cached row against :func:`direct_memory`; appends a ``check`` record."""
-    done = [r for r in load_cache().values() if r.get("kind", "row") == "row"]
+    done = [r for r in load_cache().values() if r.get("kind", "row") == "row" and program(r) == PROGRAM]
     if not done:
-        raise SystemExit("no compiled row to check; run `python scripts/plan_table.py run --limit 1` first")
+        raise SystemExit(f"no row compiled by today's program ({PROGRAM} server SVD) to check; "
+                         "run `python scripts/plan_table.py run --limit 1` first")
     from fedhl_jax import engine
     from fedhl_jax.config import load_config
     from fedhl_jax.model.planning import MODEL_SHAPES
@@ -215,7 +243,7 @@ def check() -> None:
     direct = direct_memory(cfg, MODEL_SHAPES[rec["model"]].replace(dtype=cfg.model.dtype), mesh)
     ratios = {k: (rec["plan"]["memory"][k] / v if v else float(rec["plan"]["memory"][k] == 0))
               for k, v in direct.items()}
-    out = {"kind": "check", "key": rec["key"], "command": rec["command"],
+    out = {"kind": "check", "key": rec["key"], "command": rec["command"], "server_svd": program(rec),
            "command_memory": rec["plan"]["memory"], "direct_memory": direct, "ratios": ratios,
            "seconds": round(time.time() - t0, 1), "date": dt.date.today().isoformat()}
     with open(CACHE, "a") as f:
@@ -297,19 +325,38 @@ def render_section(cache: dict[str, dict]) -> str:
                      f"{_gib(None if 'refused' in mem else mem['output'] - mem['alias'])} | "
                      f"{'≥ ' if 'refused' in mem else ''}{_gib(mem['total'])} | {p['hbm_bytes'] / GIB:.0f} | "
                      f"{'yes' if p['fits'] else ('**no** (XLA refused)' if 'refused' in mem else '**no**')} | "
-                     f"{p['compile_seconds'][0]:.0f} |")
+                     f"{p['compile_seconds'][0]:.0f}{'' if program(rec) == PROGRAM else ' †'} |")
+    old = [rec for k, rec in cache.items() if not k.startswith("check|") and program(rec) != PROGRAM]
+    again = superseded()
+    if old:
+        lines += ["", f"† {len(old)} rows were compiled before the server's randomized SVD was batched "
+                      "(`truncation.svd_all`:", "one factorization per module shape instead of one per module and "
+                      "layer; the same SVD, module by module).",
+                  *(["What the batching changed in rows compiled both ways is under *Compiled again* below."]
+                    if again else []),
+                  "`python scripts/plan_table.py run --redo` compiles them again with today's program."]
+    if again:
+        lines += ["", "### Compiled again with the batched server SVD", "",
+                  "The same row before (one SVD per module and layer) and after (`run --redo`):", "",
+                  "| row | total GiB before → after | temporaries GiB before → after | compile s before → after |",
+                  "| --- | ---: | ---: | ---: |"]
+        for k, recs in again.items():
+            a, b = recs[0]["plan"], cache[k]["plan"]
+            lines.append(f"| {k.replace('|', ', ')} | {_gib(a['memory']['total'])} → {_gib(b['memory']['total'])} | "
+                         f"{_gib(a['memory']['temp'])} → {_gib(b['memory']['temp'])} | "
+                         f"{a['compile_seconds'][0]:.0f} → {b['compile_seconds'][0]:.0f} |")
     checks = [r for k, r in cache.items() if k.startswith("check|")]
     if checks:
         lines += ["", "### The command against a direct `memory_analysis()`", "",
                   "`python scripts/plan_table.py check` builds the same round straight from the engine",
                   "(`jax.jit(round_step, in_shardings=..., donate_argnums=0)` over the topology's mesh) and compiles",
                   "it again; the command's figures over the direct ones:", "",
-                  "| row | arguments | temporaries | output | alias | generated code |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| row | server SVD | arguments | temporaries | output | alias | generated code |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for c in checks:
             r = c["ratios"]
-            lines.append(f"| {c['key'].replace('|', ', ')} | {r['argument']:.4f} | {r['temp']:.4f} | {r['output']:.4f} | "
-                         f"{r['alias']:.4f} | {r['generated_code']:.4f} |")
+            lines.append(f"| {c['key'].replace('|', ', ')} | {c.get('server_svd', 'per-module')} | {r['argument']:.4f} | "
+                         f"{r['temp']:.4f} | {r['output']:.4f} | {r['alias']:.4f} | {r['generated_code']:.4f} |")
     if not checks:
         lines += ["", "### The command against a direct `memory_analysis()`", "",
                   "Pending for a 7-8B row: `python scripts/plan_table.py check` compiles the first cached row's",
@@ -321,7 +368,7 @@ def render_section(cache: dict[str, dict]) -> str:
         took = (f"took {min(secs) / 60:.0f}-{max(secs) / 60:.0f} minutes" if secs else "takes minutes")
         lines += ["", f"### Pending rows ({len(pending)} of {len(rows())})", "",
                   f"Not compiled yet: one 7-8B round {took} to compile on one core of a shared 2-core CPU",
-                  "(the server's per-module SVDs and the clients' training are one program).",
+                  "(the server's SVDs and the clients' training are one program).",
                   "`python scripts/plan_table.py run` compiles them in this order (several runners may share",
                   "the work) and `python scripts/plan_table.py render` adds them here;",
                   "`python scripts/plan_table.py commands` prints each row's `fedhl-plan` command.", "",
@@ -357,9 +404,11 @@ def main(argv=None) -> None:
     p.add_argument("what", choices=("run", "check", "render", "commands"))
     p.add_argument("--until", default=None, help="HH:MM (UTC): start no compile after this time")
     p.add_argument("--limit", type=int, default=None, help="compile at most this many rows")
+    p.add_argument("--redo", action="store_true",
+                   help="run: after the pending rows, compile again the rows an older program compiled")
     args = p.parse_args(argv)
     if args.what == "run":
-        run(args.until, args.limit)
+        run(args.until, args.limit, args.redo)
     elif args.what == "check":
         check()
     elif args.what == "commands":

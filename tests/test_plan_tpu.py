@@ -164,6 +164,55 @@ def test_a_program_xla_refuses_for_hbm_is_a_plan_that_does_not_fit(monkeypatch):
     assert f"HLO temporaries alone  {used / 2**30:9.2f} GiB (a lower bound of the need) of {usable / 2**30:.2f} GiB usable (16 GiB HBM)" in text
     assert "largest clients_per_chunk that fits: 2" in text
     json.dumps(p)  # still one JSON object for --json
+    # the server's SVD: exact by default (one per module), the randomized one batched per module shape
+    assert p["round"]["server_svd"] == "per-module"
+    cfg = load_config(None, [*TINY, "mesh.clients=2", "mesh.model=4", "fed.num_clients=10",
+                             "fed.options.svd_method=randomized"])
+    assert plan_cli.plan(cfg, "v5e:2x4", max_compiles=1)["round"]["server_svd"] == "batched"
+
+
+def test_plan_table_redo_compiles_old_rows_again_and_the_page_keeps_before_and_after(monkeypatch, tmp_path):
+    """``run`` fills the pending rows, ``run --redo`` then compiles again only the rows an older program
+    compiled; the page marks old rows with † and lists the recompiled ones as before → after."""
+    import subprocess
+
+    pt = _plan_table()
+    monkeypatch.setattr(pt, "CACHE", tmp_path / "plan.jsonl")
+    monkeypatch.setattr(pt, "CLAIMS", tmp_path / "claims")
+    rows = pt.rows()
+
+    def record(row, total, svd=None, seconds=100.0):
+        rnd = {"server_svd": svd} if svd else {}
+        mem = {"argument": 1, "output": 2, "temp": total - 2, "generated_code": 0, "alias": 1, "total": total}
+        return {"kind": "row", "key": pt.key(row), **row, "command": "fedhl-plan",
+                "plan": {"topology": "v5e:2x4", "mesh": {"clients": 2, "model": 4}, "clients_per_chunk": 2,
+                         "hbm_bytes": 16 * 2**30, "round": rnd, "memory": mem, "fits": True,
+                         "compile_seconds": [seconds]}}
+
+    old = record(rows[0], 3 * 2**30, seconds=900.0)  # before the server SVD was batched: no field
+    pt.CACHE.write_text(json.dumps(old) + "\n" + json.dumps(record(rows[1], 2**30, "batched")) + "\n")
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        plan = record(rows[0], 5 * 2**30, "batched", seconds=300.0)["plan"]
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(plan) + "\n", stderr="")
+
+    monkeypatch.setattr(pt.subprocess, "run", fake_run)
+    section = pt.render_section(pt.load_cache())
+    assert "900 † |" in section and "† 1 rows were compiled before" in section and "### Compiled again" not in section
+    pt.run(None, None)  # the pending rows only
+    assert len(calls) == len(rows) - 2 and pt.program(pt.load_cache()[pt.key(rows[0])]) == "per-module"
+    pt.run(None, None, redo=True)  # now the one old row, and nothing else
+    assert len(calls) == len(rows) - 1
+    cache = pt.load_cache()
+    assert all(pt.program(r) == "batched" for r in cache.values()) and len(cache) == len(rows)
+    assert pt.superseded() == {pt.key(rows[0]): [old]}
+    pt.run(None, None, redo=True)  # nothing left to do
+    assert len(calls) == len(rows) - 1
+    section = pt.render_section(cache)
+    assert " †" not in section and "Pending rows" not in section
+    assert f"| {pt.key(rows[0]).replace('|', ', ')} | 3.00 → 5.00 | 3.00 → 5.00 | 900 → 300 |" in section
 
 
 # ---------------------------------------------------------------- compiled for v5e:2x2 (needs libtpu)

@@ -145,6 +145,74 @@ def test_randomized_svd_close_to_exact(shape):
     np.testing.assert_allclose(approx.tail, exact.tail, rtol=1e-3, atol=1e-5)
 
 
+def _decaying(rng, shape, rate=0.8):
+    k = min(shape)
+    U, _ = np.linalg.qr(rng.normal(size=(shape[0], k)))
+    V, _ = np.linalg.qr(rng.normal(size=(shape[1], k)))
+    return (U * (rate ** np.arange(k))) @ V.T
+
+
+def test_svd_all_randomized_is_svd_module_by_module():
+    """Same-shape modules share a batched factorization, and each module's result is its own
+    ``svd`` with its own key (three modules of one shape, one of another, one all zero)."""
+    rng = np.random.default_rng(3)
+    shapes = {"l0.q": (40, 32), "l1.q": (40, 32), "l0.down": (24, 40), "l2.q": (40, 32), "l0.k": (40, 32)}
+    G = {k: jnp.asarray(_decaying(rng, s, 0.7 + 0.05 * i), jnp.float32) for i, (k, s) in enumerate(shapes.items())}
+    G["l0.k"] = jnp.zeros((40, 32), jnp.float32)
+    keys = {k: jax.random.PRNGKey(10 + i) for i, k in enumerate(G)}
+    got = F.svd_all(G, 6, method="randomized", keys=keys)
+    assert list(got) == list(G)  # the modules' order is kept
+    for k, g in G.items():
+        want = F.svd(g, 6, method="randomized", key=keys[k])
+        chex.assert_trees_all_close(got[k].S, want.S, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(got[k].tail, want.tail, rtol=1e-5, atol=1e-6)
+        # Singular vectors up to sign, compared through the rank-6 approximation they build.
+        chex.assert_trees_all_close((got[k].U * got[k].S) @ got[k].Vt, (want.U * want.S) @ want.Vt, atol=1e-5)
+        ref = np.linalg.svd(np.asarray(g, np.float64), compute_uv=False)  # float64 reference
+        np.testing.assert_allclose(np.asarray(got[k].S), ref[:6], rtol=1e-4, atol=1e-6)
+
+
+def test_svd_all_exact_and_jit():
+    rng = np.random.default_rng(4)
+    G = {"a": jnp.asarray(rng.normal(size=(9, 7)), jnp.float32), "b": jnp.asarray(rng.normal(size=(9, 7)), jnp.float32)}
+    got = jax.jit(lambda g: F.svd_all(g, 3))(G)
+    for k in G:
+        chex.assert_trees_all_close(got[k].tail, F.svd(G[k], 3).tail, rtol=1e-5)
+    keys = {k: jax.random.PRNGKey(0) for k in G}
+    eager = F.svd_all(G, 3, method="randomized", keys=keys)
+    jitted = jax.jit(lambda g, ks: F.svd_all(g, 3, method="randomized", keys=ks))(G, keys)
+    chex.assert_trees_all_close(jitted, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_svd_all_batches_same_shapes():
+    """One batched QR chain and one SVD per shape, whatever the number of modules."""
+    G = {f"l{i}.{m}": jnp.ones(s, jnp.float32) for i in range(6) for m, s in (("q", (16, 12)), ("down", (12, 16)))}
+    keys = {k: jax.random.PRNGKey(i) for i, k in enumerate(G)}
+
+    def calls(jaxpr, counts):  # primitive call sites, through nested jaxprs (jit, custom_jvp, ...)
+        for eqn in jaxpr.eqns:
+            counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        calls(inner, counts)
+        return counts
+
+    batched = calls(jax.make_jaxpr(lambda g: F.svd_all(g, 4, method="randomized", keys=keys, n_iter=2))(G).jaxpr, {})
+    assert (batched["svd"], batched["qr"]) == (2, 2 * (1 + 2 * 2))  # two shapes, 1 + 2·n_iter QRs each
+    single = calls(jax.make_jaxpr(lambda g: F.svd(g["l0.q"], 4, method="randomized", key=keys["l0.q"], n_iter=2))(G).jaxpr, {})
+    assert (single["svd"], single["qr"]) == (1, 1 + 2 * 2)  # what each of 12 modules would cost alone
+
+
+def test_svd_all_bad_input():
+    G = {"a": jnp.zeros((5, 4)), "b": jnp.zeros((5, 4))}
+    with pytest.raises(ValueError, match="one PRNG key per module"):
+        F.svd_all(G, 2, method="randomized", keys={"a": jax.random.PRNGKey(0)})
+    with pytest.raises(ValueError, match="r_max=6"):
+        F.svd_all(G, 6, method="randomized", keys={k: jax.random.PRNGKey(0) for k in G})
+
+
 def test_bad_r_max_and_shapes():
     with pytest.raises(ValueError, match="r_max=6"):
         F.svd(jnp.zeros((5, 4)), 6)

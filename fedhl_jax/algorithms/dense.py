@@ -19,7 +19,7 @@ from fedhl_jax import aggregation as agg
 from fedhl_jax.algorithms.base import (Algorithm, ClientPlan, check_rmax, check_shapes, guard, module_keys, register,
                                        require_key, resolve_options, state_migration, valid_clients, zero_round)
 from fedhl_jax.lora import check_ranks as _check_ranks
-from fedhl_jax.truncation import SPLITS, SVD_METHODS, factors_from_plan, svd, truncation_plan
+from fedhl_jax.truncation import SPLITS, SVD_METHODS, factors_from_plan, svd, svd_all, truncation_plan
 
 
 @struct.dataclass
@@ -131,8 +131,8 @@ def dense_family(name: str, r_max: int, options: SVDOptions, combine: Callable, 
     split, svd_method = options.split, options.svd_method
 
     def decompose(G: dict, key) -> dict:
-        keys = module_keys(key, G) if svd_method == "randomized" else {k: None for k in G}
-        return {k: svd(g, r_max, method=svd_method, key=keys[k]) for k, g in G.items()}
+        keys = module_keys(key, G) if svd_method == "randomized" else None
+        return svd_all(G, r_max, method=svd_method, keys=keys)
 
     def init(shapes, key=None):
         check_shapes(shapes, r_max)
