@@ -99,8 +99,9 @@ def svd_all(G: dict, r_max: int, *, method: str = "exact", keys: dict | None = N
     one batched QR per step and one batched SVD per shape, instead of one per module and layer.
     The result is :func:`svd`'s, module by module; only the products ``[m, d_out, ℓ]`` and
     ``[m, ℓ, d_in]`` are stacked (``m`` modules of a shape), never ``G`` itself. A deep model's
-    round then holds a handful of factorizations whatever its depth, which keeps XLA's compile
-    time of the round nearly flat in the number of layers.
+    round then holds one factorization chain per shape whatever its depth: for a 32-layer round
+    with LoRA on all linear modules (224 modules) compiled for a TPU slice, XLA's compile time fell
+    from 376 s to 212 s (docs/algorithms.md).
 
     Args:
       G: ``{module: [d_out, d_in]}``.
