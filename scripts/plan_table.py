@@ -137,11 +137,12 @@ def claim(row: dict, prefix: str = "") -> bool:
         return False
 
 
-def run(until: str | None, limit: int | None, redo: bool = False) -> None:
+def run(until: str | None, limit: int | None, redo: bool = False, match: str | None = None) -> None:
     """Compiles the rows missing from the cache, in :func:`rows` order; appends each as it finishes.
 
     With ``redo``, then the cached rows compiled by an older program (:func:`program` other than
-    ``PROGRAM``): the new record supersedes the old one, which the page keeps as before → after."""
+    ``PROGRAM``): the new record supersedes the old one, which the page keeps as before → after.
+    ``match``: only the rows whose key contains it (e.g. ``"llama2-7b|q,v|remat=full|clients=10|v5e-8"``)."""
     stop = None
     if until:
         h, m = (int(x) for x in until.split(":"))
@@ -149,7 +150,8 @@ def run(until: str | None, limit: int | None, redo: bool = False) -> None:
         stop = now.replace(hour=h, minute=m, second=0, microsecond=0)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     count = 0
-    todo = [(row, False) for row in rows()] + ([(row, True) for row in rows()] if redo else [])
+    chosen = [row for row in rows() if match is None or match in key(row)]
+    todo = [(row, False) for row in chosen] + ([(row, True) for row in chosen] if redo else [])
     for row, again in todo:
         cached = load_cache().get(key(row))  # read again each time: another runner may have added it
         if cached is not None and (not again or program(cached) == PROGRAM):
@@ -225,10 +227,12 @@ def direct_memory(cfg, model_cfg, mesh) -> dict:
 
 
 def check() -> None:
-    """The first cached row against :func:`direct_memory`; appends a ``check`` record."""
-    done = [r for r in load_cache().values() if r.get("kind", "row") == "row" and program(r) == PROGRAM]
+    """The first cached row that fits (XLA gave its ``memory_analysis()``), compiled by today's program,
+    against :func:`direct_memory`; appends a ``check`` record."""
+    done = [r for r in load_cache().values()
+            if r.get("kind", "row") == "row" and program(r) == PROGRAM and "refused" not in r["plan"]["memory"]]
     if not done:
-        raise SystemExit(f"no row compiled by today's program ({PROGRAM} server SVD) to check; "
+        raise SystemExit(f"no row that fits and was compiled by today's program ({PROGRAM} server SVD) to check; "
                          "run `python scripts/plan_table.py run --limit 1` first")
     from fedhl_jax import engine
     from fedhl_jax.config import load_config
@@ -406,9 +410,10 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int, default=None, help="compile at most this many rows")
     p.add_argument("--redo", action="store_true",
                    help="run: after the pending rows, compile again the rows an older program compiled")
+    p.add_argument("--match", default=None, help="run: only the rows whose key contains this text")
     args = p.parse_args(argv)
     if args.what == "run":
-        run(args.until, args.limit, args.redo)
+        run(args.until, args.limit, args.redo, args.match)
     elif args.what == "check":
         check()
     elif args.what == "commands":

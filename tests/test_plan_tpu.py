@@ -201,6 +201,8 @@ def test_plan_table_redo_compiles_old_rows_again_and_the_page_keeps_before_and_a
     monkeypatch.setattr(pt.subprocess, "run", fake_run)
     section = pt.render_section(pt.load_cache())
     assert "900 † |" in section and "† 1 rows were compiled before" in section and "### Compiled again" not in section
+    pt.run(None, None, redo=True, match=pt.key(rows[1]))  # a row of today's program: nothing to do
+    assert calls == []
     pt.run(None, None)  # the pending rows only
     assert len(calls) == len(rows) - 2 and pt.program(pt.load_cache()[pt.key(rows[0])]) == "per-module"
     pt.run(None, None, redo=True)  # now the one old row, and nothing else
