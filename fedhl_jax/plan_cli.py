@@ -45,9 +45,10 @@ def parse_args(argv=None):
 
 def server_svd(cfg) -> str:
     """How the round's server factors its dense adapters (``truncation.svd_all``): ``"batched"`` (the
-    randomized SVD, one batched factorization per module shape) or ``"per-module"`` (the exact SVD,
-    one per module and layer)."""
-    return "batched" if cfg.fed.options.get("svd_method") == "randomized" else "per-module"
+    randomized SVD, one batched factorization per module shape), ``"per-module"`` (the exact SVD,
+    one per module and layer) or ``"none"`` (an algorithm without a dense server adapter)."""
+    method = cfg.fed.options.get("svd_method")
+    return "none" if method is None else ("batched" if method == "randomized" else "per-module")
 
 
 def plan(cfg, topology: str, *, model_shape: str | None = None, max_compiles: int = 4) -> dict:

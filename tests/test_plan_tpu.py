@@ -169,6 +169,8 @@ def test_a_program_xla_refuses_for_hbm_is_a_plan_that_does_not_fit(monkeypatch):
     cfg = load_config(None, [*TINY, "mesh.clients=2", "mesh.model=4", "fed.num_clients=10",
                              "fed.options.svd_method=randomized"])
     assert plan_cli.plan(cfg, "v5e:2x4", max_compiles=1)["round"]["server_svd"] == "batched"
+    cfg = load_config(None, [*TINY, "mesh.clients=2", "mesh.model=4", "fed.num_clients=10", "fed.algorithm=hetlora"])
+    assert plan_cli.plan(cfg, "v5e:2x4", max_compiles=1)["round"]["server_svd"] == "none"
 
 
 def test_plan_table_redo_compiles_old_rows_again_and_the_page_keeps_before_and_after(monkeypatch, tmp_path):
