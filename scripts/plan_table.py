@@ -259,6 +259,29 @@ def _gib(x: float | None) -> str:
     return "–" if x is None else f"{x / GIB:.2f}"
 
 
+def at_a_glance(cache: dict[str, dict]) -> list[str]:
+    """Markdown lines: which slice holds each round (model x LoRA x remat x clients), per-chip total GiB
+    in each cell (*no* where it does not fit, *≥* where XLA refused it, *pending* where not compiled)."""
+    lines = ["### At a glance: which slice holds the round", "",
+             "Per-chip total GiB of each round on each slice; **bold** where it fits the chip's HBM, *(no)* where",
+             "it does not (≥: XLA refused it, a lower bound); the mesh of each is in the table below.", "",
+             "| model | LoRA | remat | clients | " + " | ".join(SLICES) + " |",
+             "| --- | --- | --- | ---: | " + " | ".join("---:" for _ in SLICES) + " |"]
+    for head in [(m, t, r, c) for t in TARGETS for m in MODELS for r in REMATS for c in CLIENTS]:
+        cells = []
+        for sl in SLICES:
+            rec = cache.get(key(dict(zip(("model", "targets", "remat", "clients"), head), slice=sl)))
+            if rec is None:
+                cells.append("pending")
+                continue
+            mem, fits = rec["plan"]["memory"], rec["plan"]["fits"]
+            total = ("≥ " if "refused" in mem else "") + _gib(mem["total"])
+            cells.append(f"**{total}**" if fits else f"{total} (no)")
+        m, t, r, c = head
+        lines.append(f"| {MODELS[m]} | {t} | `{r}` | {c} | " + " | ".join(cells) + " |")
+    return lines + ["", "Every compiled round, with its mesh and memory breakdown:", ""]
+
+
 def render_section(cache: dict[str, dict]) -> str:
     """The Markdown section: done rows, the check, and the pending rows with their commands."""
     lines = [
@@ -311,6 +334,7 @@ def render_section(cache: dict[str, dict]) -> str:
         "does not install it: on the 2-core CI machine the install took 11 s and the test 57 s, more than the",
         "minute it may add.",
         "",
+        *at_a_glance(cache),
         "| model | LoRA | remat | clients | slice (topology) | mesh clients x model | chunk | arguments GiB "
         "| temporaries GiB | output - alias GiB | total GiB | HBM GiB | fits | compile s |",
         "| --- | --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",

@@ -203,6 +203,8 @@ def test_plan_table_redo_compiles_old_rows_again_and_the_page_keeps_before_and_a
     monkeypatch.setattr(pt.subprocess, "run", fake_run)
     section = pt.render_section(pt.load_cache())
     assert "900 † |" in section and "† 1 rows were compiled before" in section and "### Compiled again" not in section
+    # at a glance: the first round on its three slices, two compiled (both fit), one pending
+    assert "| Llama-2-7B | q,v | `full` | 10 | **3.00** | **1.00** | pending |" in section
     pt.run(None, None, redo=True, match=pt.key(rows[1]))  # a row of today's program: nothing to do
     assert calls == []
     pt.run(None, None)  # the pending rows only
@@ -215,7 +217,14 @@ def test_plan_table_redo_compiles_old_rows_again_and_the_page_keeps_before_and_a
     pt.run(None, None, redo=True)  # nothing left to do
     assert len(calls) == len(rows) - 1
     section = pt.render_section(cache)
-    assert " †" not in section and "Pending rows" not in section
+    assert " †" not in section and "Pending rows" not in section and "pending |" not in section
+    assert "| Llama-2-7B | q,v | `full` | 10 | **5.00** | **1.00** | **5.00** |" in section
+    # a round that does not fit, and one XLA refused (its figure a lower bound)
+    big, refused = record(rows[0], 20 * 2**30), record(rows[1], 40 * 2**30)
+    big["plan"]["fits"] = refused["plan"]["fits"] = False
+    refused["plan"]["memory"]["refused"] = {"used": 40 * 2**30}
+    glance = pt.at_a_glance({pt.key(rows[0]): big, pt.key(rows[1]): refused})
+    assert "| Llama-2-7B | q,v | `full` | 10 | 20.00 (no) | ≥ 40.00 (no) | pending |" in glance
     assert f"| {pt.key(rows[0]).replace('|', ', ')} | 3.00 → 5.00 | 3.00 → 5.00 | 900 → 300 |" in section
 
 
