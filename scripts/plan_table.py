@@ -365,7 +365,9 @@ def render_section(cache: dict[str, dict]) -> str:
                   "`python scripts/plan_table.py run --redo` compiles them again with today's program."]
     if again:
         lines += ["", "### Compiled again with the batched server SVD", "",
-                  "The same row before (one SVD per module and layer) and after (`run --redo`):", "",
+                  "The same row before (one SVD per module and layer) and after (`run --redo`). The compile times",
+                  "were taken under different loads of the shared machine; for the two programs compiled side by",
+                  "side see the randomized SVD in [algorithms.md](algorithms.md).", "",
                   "| row | total GiB before → after | temporaries GiB before → after | compile s before → after |",
                   "| --- | ---: | ---: | ---: |"]
         for k, recs in again.items():
