@@ -228,6 +228,28 @@ def test_plan_table_redo_compiles_old_rows_again_and_the_page_keeps_before_and_a
     assert f"| {pt.key(rows[0]).replace('|', ', ')} | 3.00 → 5.00 | 3.00 → 5.00 | 900 → 300 |" in section
 
 
+def test_plan_table_names_the_rounds_whose_memory_remat_does_not_move():
+    """Rows whose per-chip total is the same (within 1%) with remat none and full, both fitting, are named
+    with the dense server state's size; a row that moves with remat, or does not fit, is not."""
+    pt = _plan_table()
+
+    def rec(remat, clients, total, fits=True):
+        row = dict(model="llama2-7b", targets="q,v", remat=remat, clients=clients, slice="v5p-8")
+        return pt.key(row), {"plan": {"fits": fits, "memory": {"total": total * pt.GIB}}}
+
+    cache = dict([rec("full", 10, 10.0), rec("none", 10, 10.05),  # same within 1%: named
+                  rec("full", 100, 10.0), rec("none", 100, 30.0)])  # remat moves it: not named
+    text = " ".join(pt.remat_reading(cache))
+    assert "Llama-2-7B q,v, 10 clients, v5p-8: 10.00 and 10.05 GiB" in text and "100 clients," not in text
+    # 32 layers x (q 4096x4096 + v 4096x4096) float32 = 4 GiB exactly
+    assert "Llama-2-7B q,v 4.0 GiB" in text and pt.dense_server_gib("llama2-7b", "q,v") == 4.0
+    cache.update([rec("none", 10, 10.05, fits=False)])
+    assert pt.remat_reading(cache) == []
+    # all linear modules of Llama-3.1-8B: 32 x (2 x 4096^2 + 2 x 1024x4096 + 3 x 14336x4096) x 4 bytes
+    expected = 32 * (2 * 4096**2 + 2 * 1024 * 4096 + 3 * 14336 * 4096) * 4 / 2**30
+    assert abs(pt.dense_server_gib("llama31-8b", "all-linear") - expected) < 1e-12
+
+
 # ---------------------------------------------------------------- compiled for v5e:2x2 (needs libtpu)
 
 
