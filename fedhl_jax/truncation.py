@@ -45,6 +45,35 @@ def _check_rmax(shape, r_max):
             f"r_max={r_max} must be in [1, min(d_out, d_in)] = [1, {k}] for a module of shape {tuple(shape)}")
 
 
+def _range_finder_svd(Gs: list, omegas: list, r_max: int, n_iter: int) -> list[SVD]:
+    """Randomized top-``r_max`` SVD (Halko et al. 2011, Alg. 4.4 then 5.1) of ``m`` matrices of one
+    shape, factored together: the thin products of every step are stacked for one batched QR, and the
+    small matrices for one batched SVD; ``G`` itself is never stacked.
+
+    Args:
+      Gs: ``m`` arrays ``[d_out, d_in]`` of one shape and dtype.
+      omegas: their sketches, ``m`` arrays ``[d_in, ℓ]``.
+      r_max: number of triplets to keep (static).
+      n_iter: power iterations.
+
+    Returns:
+      One ``SVD`` per matrix, tails from ``‖G‖²_F − Σ_{j≤r} σ_j²`` (clipped at 0).
+    """
+    Q, _ = jnp.linalg.qr(jnp.stack([g @ om for g, om in zip(Gs, omegas)]))  # [m, d_out, ℓ]
+    for _ in range(n_iter):
+        Z, _ = jnp.linalg.qr(jnp.stack([g.T @ Q[i] for i, g in enumerate(Gs)]))  # [m, d_in, ℓ]
+        Q, _ = jnp.linalg.qr(jnp.stack([g @ Z[i] for i, g in enumerate(Gs)]))  # [m, d_out, ℓ]
+    Ub, S, Vt = jnp.linalg.svd(jnp.stack([Q[i].T @ g for i, g in enumerate(Gs)]),
+                               full_matrices=False)  # [m, ℓ, ℓ], [m, ℓ], [m, ℓ, d_in]
+    U = jnp.matmul(Q, Ub[:, :, :r_max])  # [m, d_out, r_max]
+    S, Vt = S[:, :r_max], Vt[:, :r_max]
+    out = []
+    for i, g in enumerate(Gs):
+        head = jnp.concatenate([jnp.zeros((1,), S.dtype), jnp.cumsum(S[i] ** 2)])  # [r_max+1]
+        out.append(SVD(U[i], S[i], Vt[i], jnp.maximum(jnp.sum(g * g) - head, 0.0)))
+    return out
+
+
 def svd(G: jax.Array, r_max: int, *, method: str = "exact", key: jax.Array | None = None,
         oversample: int = 20, n_iter: int = 3) -> SVD:
     """Top-``r_max`` SVD of ``G`` and its tail energies.
@@ -73,19 +102,9 @@ def svd(G: jax.Array, r_max: int, *, method: str = "exact", key: jax.Array | Non
     if method == "randomized":
         if key is None:
             raise ValueError("svd(method='randomized') needs a PRNG key for its sketch")
-        d_out, d_in = G.shape
-        ell = min(r_max + oversample, min(d_out, d_in))
-        omega = jax.random.normal(key, (d_in, ell), G.dtype)  # [d_in, ℓ]
-        Q, _ = jnp.linalg.qr(G @ omega)  # [d_out, ℓ]
-        for _ in range(n_iter):
-            Z, _ = jnp.linalg.qr(G.T @ Q)  # [d_in, ℓ]
-            Q, _ = jnp.linalg.qr(G @ Z)  # [d_out, ℓ]
-        Ub, S, Vt = jnp.linalg.svd(Q.T @ G, full_matrices=False)  # [ℓ, ℓ], [ℓ], [ℓ, d_in]
-        U = Q @ Ub
-        S, U, Vt = S[:r_max], U[:, :r_max], Vt[:r_max]
-        total = jnp.sum(G * G)
-        head = jnp.concatenate([jnp.zeros((1,), S.dtype), jnp.cumsum(S**2)])  # [r_max+1]
-        return SVD(U, S, Vt, jnp.maximum(total - head, 0.0))
+        ell = min(r_max + oversample, min(G.shape))
+        omega = jax.random.normal(key, (G.shape[1], ell), G.dtype)  # [d_in, ℓ]
+        return _range_finder_svd([G], [omega], r_max, n_iter)[0]
     raise ValueError(f"unknown svd method {method!r}; expected one of {SVD_METHODS}")
 
 
@@ -123,21 +142,9 @@ def svd_all(G: dict, r_max: int, *, method: str = "exact", keys: dict | None = N
         groups.setdefault((tuple(g.shape), jnp.dtype(g.dtype)), []).append(k)
     out = {}
     for (shape, dtype), names in groups.items():
-        d_out, d_in = shape
-        ell = min(r_max + oversample, min(d_out, d_in))
-        Gs = [G[k] for k in names]
-        omegas = [jax.random.normal(keys[k], (d_in, ell), dtype) for k in names]  # [d_in, ℓ] each
-        Q, _ = jnp.linalg.qr(jnp.stack([g @ om for g, om in zip(Gs, omegas)]))  # [m, d_out, ℓ]
-        for _ in range(n_iter):
-            Z, _ = jnp.linalg.qr(jnp.stack([g.T @ Q[i] for i, g in enumerate(Gs)]))  # [m, d_in, ℓ]
-            Q, _ = jnp.linalg.qr(jnp.stack([g @ Z[i] for i, g in enumerate(Gs)]))  # [m, d_out, ℓ]
-        Ub, S, Vt = jnp.linalg.svd(jnp.stack([Q[i].T @ g for i, g in enumerate(Gs)]),
-                                   full_matrices=False)  # [m, ℓ, ℓ], [m, ℓ], [m, ℓ, d_in]
-        U = jnp.matmul(Q, Ub[:, :, :r_max])  # [m, d_out, r_max]
-        S, Vt = S[:, :r_max], Vt[:, :r_max]
-        for i, (k, g) in enumerate(zip(names, Gs)):
-            head = jnp.concatenate([jnp.zeros((1,), S.dtype), jnp.cumsum(S[i] ** 2)])  # [r_max+1]
-            out[k] = SVD(U[i], S[i], Vt[i], jnp.maximum(jnp.sum(g * g) - head, 0.0))
+        ell = min(r_max + oversample, min(shape))
+        omegas = [jax.random.normal(keys[k], (shape[1], ell), dtype) for k in names]  # [d_in, ℓ] each
+        out.update(zip(names, _range_finder_svd([G[k] for k in names], omegas, r_max, n_iter)))
     return {k: out[k] for k in G}
 
 

@@ -170,6 +170,23 @@ def test_svd_all_randomized_is_svd_module_by_module():
         chex.assert_trees_all_close((got[k].U * got[k].S) @ got[k].Vt, (want.U * want.S) @ want.Vt, atol=1e-5)
         ref = np.linalg.svd(np.asarray(g, np.float64), compute_uv=False)  # float64 reference
         np.testing.assert_allclose(np.asarray(got[k].S), ref[:6], rtol=1e-4, atol=1e-6)
+        # The same range finder in float64 NumPy, from the same sketch: the batched code is Halko's.
+        omega = np.asarray(jax.random.normal(keys[k], (g.shape[1], min(6 + 20, min(g.shape))), jnp.float32), np.float64)
+        U64, S64, Vt64, tail64 = _range_finder_np(np.asarray(g, np.float64), omega, 6, n_iter=3)
+        np.testing.assert_allclose(np.asarray(got[k].S), S64, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(got[k].tail), tail64, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray((got[k].U * got[k].S) @ got[k].Vt), (U64 * S64) @ Vt64, atol=1e-5)
+
+
+def _range_finder_np(G, omega, r, n_iter):
+    """Halko et al. 2011, Alg. 4.4 (subspace iteration) then 5.1, in float64 NumPy."""
+    Q, _ = np.linalg.qr(G @ omega)
+    for _ in range(n_iter):
+        Z, _ = np.linalg.qr(G.T @ Q)
+        Q, _ = np.linalg.qr(G @ Z)
+    Ub, S, Vt = np.linalg.svd(Q.T @ G, full_matrices=False)
+    head = np.concatenate([[0.0], np.cumsum(S[:r] ** 2)])
+    return (Q @ Ub)[:, :r], S[:r], Vt[:r], np.maximum(np.sum(G * G) - head, 0.0)
 
 
 def test_svd_all_exact_and_jit():
