@@ -110,6 +110,29 @@ def test_tuning_rule_seeds_leaders_and_resume(spec, tmp_path, monkeypatch):
     assert key(cache) == key(cache2)
 
 
+def test_also_runs_a_method_beside_the_leaders_and_names_it(spec, tmp_path, monkeypatch):
+    """``also`` adds methods to a ``leaders`` setting (at their own tuned rate, every seed of the setting);
+    a method it names that is already a leader runs once; an unknown one is refused before any run."""
+    calls = []
+    monkeypatch.setattr(R, "run_cell", fake_run_cell(calls))
+    spec["settings"]["cross_device"]["also"] = ["hetlora", "flexlora"]  # flexlora leads in this synthetic suite
+    res = E.run_suite(spec, tmp_path / "c.jsonl", log=lambda *a, **k: None)
+    lead = res["leaders"]
+    assert "flexlora" in lead and "hetlora" not in lead
+    device = [c for c in calls if c[3] == 100]
+    assert sorted((c[0], c[2]) for c in device) == sorted((m, s) for m in lead + ["hetlora"] for s in (0, 1))
+    assert all(c[1] == pytest.approx(res["tuned"][c[0]]) for c in device)
+    assert sorted(set(c[0] for c in calls if c[4] == "codealpaca")) == sorted(lead)  # no also there
+    md = E.render(spec, res, tmp_path, stem="results_smollm2")
+    assert "and beside them hetlora in cross_device." in md
+    assert any(row.startswith("| hetlora |") and row.count(" (2 seeds) ") == 1 for row in md.splitlines())
+    spec["settings"]["cross_device"]["also"] = ["fedavg"]
+    calls.clear()
+    with pytest.raises(ValueError, match=r"settings.cross_device names method\(s\) \['fedavg'\]"):
+        E.run_suite(spec, tmp_path / "c2.jsonl", log=lambda *a, **k: None)
+    assert calls == []
+
+
 def test_rerun_supersedes_cached_records_once_and_counts_both(spec, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(R, "run_cell", fake_run_cell(calls))

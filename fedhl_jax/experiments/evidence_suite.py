@@ -23,7 +23,8 @@ file (keyed by the digest of its resolved config, as in ``results_suite``) as so
 3. **Seeds**: the first setting's other seeds, each method at its own best rate (the tuning run at
    that rate is the run of ``tune.seed``: same config, same digest).
 4. **Other settings**: their methods (``leaders``: the ``spec["leaders"]`` methods with the lowest
-   tuned validation loss in the first setting) at the rate tuned in the first setting.
+   tuned validation loss in the first setting; ``also``: methods run beside them) at the rate tuned
+   in the first setting.
 5. **Final generation**: the generation metric of the best method (lowest tuned validation loss),
    one pass, ``final_generation``'s overrides.
 
@@ -172,13 +173,32 @@ def leaders(spec: dict, by_config: dict) -> list[str] | None:
     return sorted(val, key=lambda m: (val[m], m))[: int(spec.get("leaders", len(val)))]
 
 
+def check_setting_methods(spec: dict, setting: str) -> tuple[str | list[str], list[str]]:
+    """A setting's ``methods`` and ``also``, after checking that every method they name is in the spec."""
+    st = spec["settings"][setting]
+    ms, also = st.get("methods", "all"), list(st.get("also") or [])
+    if isinstance(ms, str) and ms not in ("all", "leaders"):
+        raise ValueError(f"settings.{setting}.methods must be 'all', 'leaders' or a list of methods, got {ms!r}")
+    unknown = [m for m in (also if isinstance(ms, str) else list(ms) + also) if m not in spec["methods"]]
+    if unknown:
+        raise ValueError(f"settings.{setting} names method(s) {unknown} that are not in methods: {list(spec['methods'])}")
+    return ms, also
+
+
 def setting_methods(spec: dict, setting: str, by_config: dict) -> list[str] | None:
-    ms = spec["settings"][setting].get("methods", "all")
+    """The methods a setting runs: ``methods`` (``all``, ``leaders`` or a list), then those of ``also``
+    that it does not name (for example a reference method that is not among the leaders). None while
+    the leaders are not known."""
+    ms, also = check_setting_methods(spec, setting)
     if ms == "all":
-        return list(spec["methods"])
-    if ms == "leaders":
-        return leaders(spec, by_config)
-    return list(ms)
+        base = list(spec["methods"])
+    elif ms == "leaders":
+        base = leaders(spec, by_config)
+        if base is None:
+            return None
+    else:
+        base = list(ms)
+    return base + [m for m in also if m not in base]
 
 
 def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable = print,
@@ -201,6 +221,8 @@ def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable
       "superseded": [(id, seed, digest, rec)] (records replaced by a rerun),
       "seconds": sum of every cached run's wall time, superseded ones included}``.
     """
+    for setting in setting_names(spec):  # before any run
+        check_setting_methods(spec, setting)
     rows = R.read_cache(cache)
     by_config = {row["config"]: row["rec"] for row in rows}  # the last record of a config wins
     count = Counter(row["config"] for row in rows)
@@ -665,7 +687,10 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
                     fontsize=9)
         L += ["", f"![loss against update size](figures/{stem}_loss_vs_norm.png)"]
     if lead is not None:
+        extra = {name: [m for m in st.get("also") or [] if m not in lead] for name, st in spec["settings"].items()
+                 if name != first and st.get("methods", "all") == "leaders"}
+        also = [f"{', '.join(ms)} in {name}" for name, ms in extra.items() if ms]
         L += ["", f"Leading methods (lowest tuned validation loss, {first}): {', '.join(lead)}; they run the other "
-              "settings at the rate tuned here."]
+              "settings at the rate tuned here" + (f", and beside them {'; '.join(also)}." if also else ".")]
     L += ["", R.DISCUSSION_BEGIN, R.DISCUSSION_END, ""]
     return "\n".join(L)
