@@ -90,12 +90,14 @@ def test_tuning_rule_seeds_leaders_and_resume(spec, tmp_path, monkeypatch):
     silo = [c for c in calls if c[3] == 10 and c[4] == "gsm8k" and c[2] > 0]
     assert sorted((c[0], c[2]) for c in silo) == sorted((m, s) for m in spec["methods"] for s in (1, 2))
     assert all(c[1] == pytest.approx(want[c[0]]) for c in silo)
-    # the leaders (lowest tuned validation loss) alone run the other settings, 2 seeds each
+    # the leaders (lowest tuned validation loss) alone run the other settings (flexlora, named by
+    # cross_device's ``also``, leads here), each at its setting's seeds
     val = {m: 1.0 + 0.01 * (math.log2(want[m] / 0.004) - OPT[m]) ** 2 + 0.001 * list(OPT).index(m) for m in OPT}
     lead = sorted(val, key=lambda m: (val[m], m))[:4]
     assert res["leaders"] == lead
     other = [c for c in calls if c[3] == 100 or c[4] == "codealpaca"]
-    assert sorted(set(c[0] for c in other)) == sorted(lead) and len(other) == 4 * 2 * 2
+    n_seeds = sum(len(spec["settings"][st]["seeds"]) for st in ("cross_device", "codealpaca"))
+    assert "flexlora" in lead and sorted(set(c[0] for c in other)) == sorted(lead) and len(other) == 4 * n_seeds
     assert [c for c in calls if c[0] == lead[0]][-1][2] == 0  # the final generation pass, seed 0
     assert res["final_generation"] and res["final_generation"][0][1]["eval_exact_match"] == 0.05
     # resume: nothing reruns; an interrupted suite ends with the same cache
@@ -120,12 +122,15 @@ def test_also_runs_a_method_beside_the_leaders_and_names_it(spec, tmp_path, monk
     lead = res["leaders"]
     assert "flexlora" in lead and "hetlora" not in lead
     device = [c for c in calls if c[3] == 100]
-    assert sorted((c[0], c[2]) for c in device) == sorted((m, s) for m in lead + ["hetlora"] for s in (0, 1))
+    seeds = spec["settings"]["cross_device"]["seeds"]
+    assert sorted((c[0], c[2]) for c in device) == sorted((m, s) for m in lead + ["hetlora"] for s in seeds)
     assert all(c[1] == pytest.approx(res["tuned"][c[0]]) for c in device)
     assert sorted(set(c[0] for c in calls if c[4] == "codealpaca")) == sorted(lead)  # no also there
     md = E.render(spec, res, tmp_path, stem="results_smollm2")
     assert "and beside them hetlora in cross_device." in md
-    assert any(row.startswith("| hetlora |") and row.count(" (2 seeds) ") == 1 for row in md.splitlines())
+    row = next(r for r in md.splitlines() if r.startswith("| hetlora |"))  # method, lr, silo, device, codealpaca
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[3].endswith(f"({len(seeds)} seeds)") and cells[4] == "–"
     spec["settings"]["cross_device"]["also"] = ["fedavg"]
     calls.clear()
     with pytest.raises(ValueError, match=r"settings.cross_device names method\(s\) \['fedavg'\]"):
