@@ -285,36 +285,31 @@ def at_a_glance(cache: dict[str, dict]) -> list[str]:
 def dense_server_gib(model: str, targets: str) -> float:
     """GiB of FedHL's dense float32 server state ``G`` (one ``d_out x d_in`` matrix per adapted module
     and layer) for one of the table's models and LoRA targets, before any sharding."""
-    from fedhl_jax.model.architecture import LlamaConfig
-    from fedhl_jax.model.llama import module_shapes
+    from fedhl_jax.model.adapters import lora_targets
+    from fedhl_jax.model.planning import MODEL_SHAPES, TARGET_SETS
 
-    cfg = getattr(LlamaConfig, model.replace("-", "_"))()  # llama2-7b -> LlamaConfig.llama2_7b()
-    shapes = module_shapes(cfg)
-    names = ("q_proj", "v_proj") if targets == "q,v" else tuple(shapes)
-    return cfg.num_layers * sum(shapes[n][0] * shapes[n][1] for n in names) * 4 / GIB
+    shapes = lora_targets(MODEL_SHAPES[model], TARGET_SETS[targets]).values()
+    return sum(d_out * d_in for d_out, d_in in shapes) * 4 / GIB
 
 
 def remat_reading(cache: dict[str, dict]) -> list[str]:
     """Markdown lines naming the compiled rounds whose per-chip total does not move with remat (within
     1%, both compiled and fitting): there the peak lies outside the clients' activations."""
     same = []
-    for m in MODELS:
-        for t in TARGETS:
-            for c in CLIENTS:
-                for sl in SLICES:
-                    recs = [cache.get(key(dict(model=m, targets=t, remat=r, clients=c, slice=sl))) for r in REMATS]
-                    if any(rec is None or not rec["plan"]["fits"] for rec in recs):
-                        continue
-                    full, none = (rec["plan"]["memory"]["total"] for rec in recs)
-                    if abs(none - full) <= 0.01 * full:
-                        same.append((m, t, c, sl, full, none))
+    for row in (r for r in rows() if r["remat"] == REMATS[0]):
+        recs = [cache.get(key(dict(row, remat=r))) for r in REMATS]  # full, none
+        if any(rec is None or not rec["plan"]["fits"] for rec in recs):
+            continue
+        full, none = (rec["plan"]["memory"]["total"] for rec in recs)
+        if abs(none - full) <= 0.01 * full:
+            same.append((row["model"], row["targets"], row["clients"], row["slice"], full, none))
     if not same:
         return []
-    rows = "; ".join(f"{MODELS[m]} {t}, {c} clients, {sl}: {_gib(f)} and {_gib(n)} GiB"
-                     for m, t, c, sl, f, n in same)
+    named = "; ".join(f"{MODELS[m]} {t}, {c} clients, {sl}: {_gib(f)} and {_gib(n)} GiB"
+                      for m, t, c, sl, f, n in same)
     models = sorted({(m, t) for m, t, *_ in same})
     dense = ", ".join(f"{MODELS[m]} {t} {dense_server_gib(m, t):.1f} GiB" for m, t in models)
-    return [f"Where remat `none` and `full` give the same total ({rows}), the peak is not in the clients'",
+    return [f"Where remat `none` and `full` give the same total ({named}), the peak is not in the clients'",
             "training, whose activations remat shrinks. The largest resident object there is FedHL's dense",
             f"float32 server state `G` ({dense}, before the `model` axis splits it), held with its update",
             "through the server's step: for these rounds the server state, not remat, decides the slice.",

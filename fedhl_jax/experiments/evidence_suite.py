@@ -687,8 +687,8 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
                     fontsize=9)
         L += ["", f"![loss against update size](figures/{stem}_loss_vs_norm.png)"]
     if lead is not None:
-        extra = {name: [m for m in st.get("also") or [] if m not in lead] for name, st in spec["settings"].items()
-                 if name != first and st.get("methods", "all") == "leaders"}
+        extra = {name: [m for m in setting_methods(spec, name, by_config) if m not in lead]
+                 for name, st in spec["settings"].items() if name != first and st.get("methods", "all") == "leaders"}
         also = [f"{', '.join(ms)} in {name}" for name, ms in extra.items() if ms]
         L += ["", f"Leading methods (lowest tuned validation loss, {first}): {', '.join(lead)}; they run the other "
               "settings at the rate tuned here" + (f", and beside them {'; '.join(also)}." if also else ".")]
