@@ -264,6 +264,10 @@ class EvalConfig:
         FedHL and the peers, the base model) with generation, into ``zero_shot.json``.
       per_example: also report each held-out (and validation) example's mean token loss
         (``eval_loss_examples``, ``eval_val_loss_examples``), for paired comparisons over examples.
+      length_bucket: batch the held-out (and validation) rows by length and cut each batch to its
+        longest row, rounded up to a multiple of this many tokens (0: every batch ``data.seq_len``
+        wide). The losses are those of the full width up to float rounding (the model is causal); the
+        loss program compiles once per width (at most ``seq_len / length_bucket`` of them).
     """
 
     every: int = 1
@@ -276,9 +280,12 @@ class EvalConfig:
     generate_every: int | None = None
     zero_shot: bool = False
     per_example: bool = False
+    length_bucket: int = 64
 
     def __post_init__(self):
         _check_fields(self, "eval.")
+        _require(self.length_bucket >= 0,
+                 f"eval.length_bucket must be >= 0 (0: no cut), got {self.length_bucket}")
         _require(self.every >= 1, f"eval.every must be >= 1, got {self.every}")
         _require(self.loss_examples is None or self.loss_examples >= 1,
                  f"eval.loss_examples must be >= 1 (or null: every held-out row), got {self.loss_examples}")

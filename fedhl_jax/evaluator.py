@@ -51,7 +51,7 @@ class GlobalEvaluator:
         tokens, mask = ((self.validation.tokens, self.validation.loss_mask) if validation
                         else (self.loss_tokens, self.loss_mask))
         return metrics.heldout_loss(lambda t, m: self.loss_fn(self.params, delta, t, m), tokens, mask,
-                                    self.cfg.batch_size)
+                                    self.cfg.batch_size, length_bucket=self.cfg.length_bucket)
 
     def __call__(self, state, key: jax.Array, *, generate: bool = True) -> dict:
         """``eval_loss``, ``eval_ppl``, ``eval_val_loss`` (with a validation split), per-example losses

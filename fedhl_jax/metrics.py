@@ -35,6 +35,7 @@ __all__ = [
     "generation_eval",
     "gsm8k_exact_match",
     "heldout_loss",
+    "length_bucket_ends",
     "normalize_number",
     "perplexity",
     "rouge_l",
@@ -190,18 +191,35 @@ def perplexity(loss_sum: float, n_tokens: float) -> float:
     return math.exp(mean) if mean < 700 else math.inf
 
 
+def length_bucket_ends(loss_mask: np.ndarray) -> np.ndarray:
+    """``[N]`` the columns each row of a ``[N, T]`` target mask needs: one past its last target (1 for a
+    row without targets), so cutting a causal model's batch there leaves every target's loss as it was."""
+    mask = np.asarray(loss_mask) != 0
+    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)  # [N] last target column
+    return np.where(mask.any(axis=1), last + 1, 1)
+
+
 def heldout_loss(
     loss_sum_fn: Callable[[Any, Any], tuple[Any, Any]],
     tokens: np.ndarray,
     loss_mask: np.ndarray,
     batch_size: int,
+    *,
+    length_bucket: int = 0,
 ) -> dict[str, float]:
     """Mean token loss and perplexity over a held-out set.
 
-    Every call of ``loss_sum_fn`` gets the same shapes: the last batch is
-    padded to ``batch_size`` with copies of the first row whose mask is zero,
-    so a jitted function compiles once. Results are fetched once at the end,
-    letting device work overlap.
+    Every call of ``loss_sum_fn`` gets ``batch_size`` rows: the last batch is
+    padded with copies of a row whose mask is zero. Without ``length_bucket``
+    every call has the same shape, so a jitted function compiles once. With
+    ``length_bucket = w``, rows are batched in order of their last target
+    position and each batch is cut to its longest row, rounded up to a
+    multiple of ``w`` (at most ``T``): for a causal model the cut columns
+    change nothing (a position sees only earlier tokens), the forward pass
+    shrinks with the padding it skips, and a jitted function compiles at most
+    ``ceil(T / w)`` times, once per width, on the first call (the widths
+    depend on the fixed held-out set only). Results are fetched once at the
+    end, letting device work overlap.
 
     Args:
         loss_sum_fn: ``(tokens [b, T], mask [b, T]) -> (loss_sum, n_tokens)``,
@@ -209,6 +227,7 @@ def heldout_loss(
         tokens: ``[N, T]`` token ids.
         loss_mask: ``[N, T]`` target mask.
         batch_size: ``b``.
+        length_bucket: ``w`` (0: every batch is ``T`` wide).
 
     Returns:
         ``{"loss": mean nats per target token, "ppl": exp(loss),
@@ -217,8 +236,8 @@ def heldout_loss(
         row (NaN for a row without target tokens).
 
     Raises:
-        ValueError: Shape mismatch, empty input, ``batch_size < 1`` or no
-            target token at all.
+        ValueError: Shape mismatch, empty input, ``batch_size < 1``,
+            ``length_bucket < 0`` or no target token at all.
     """
     tokens = np.asarray(tokens)
     loss_mask = np.asarray(loss_mask)
@@ -226,25 +245,35 @@ def heldout_loss(
         raise ValueError(f"tokens and loss_mask must be [N, T]; got {tokens.shape}, {loss_mask.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = tokens.shape[0]
+    if length_bucket < 0:
+        raise ValueError(f"length_bucket must be >= 0 (0: no cut), got {length_bucket}")
+    n, t = tokens.shape
     if n == 0:
         raise ValueError("no held-out examples")
+    if length_bucket:
+        ends = length_bucket_ends(loss_mask)  # [N] columns each row needs
+        order = np.argsort(ends, kind="stable")
+    else:
+        ends, order = np.full(n, t), np.arange(n)
     outs = []
     for start in range(0, n, batch_size):
-        tb, mb = tokens[start: start + batch_size], loss_mask[start: start + batch_size]
+        rows = order[start: start + batch_size]
+        width = t if not length_bucket else min(t, -(-int(ends[rows].max()) // length_bucket) * length_bucket)
+        tb, mb = tokens[rows, :width], loss_mask[rows, :width]
         short = batch_size - tb.shape[0]
         if short:
-            tb = np.concatenate([tb, np.repeat(tokens[:1], short, axis=0)])
-            mb = np.concatenate([mb, np.zeros((short, mb.shape[1]), dtype=mb.dtype)])
+            tb = np.concatenate([tb, np.repeat(tokens[order[:1], :width], short, axis=0)])
+            mb = np.concatenate([mb, np.zeros((short, width), dtype=mb.dtype)])
         outs.append(loss_sum_fn(tb, mb))
-    sums = np.asarray([np.asarray(s, dtype=np.float64) for s, _ in outs])  # [batches] or [batches, b]
-    counts = np.asarray([np.asarray(c, dtype=np.float64) for _, c in outs])
-    total, count = float(sums.sum()), float(counts.sum())
+    sums = [np.asarray(s, dtype=np.float64) for s, _ in outs]  # each [] or [b]
+    counts = [np.asarray(c, dtype=np.float64) for _, c in outs]
+    total, count = float(np.sum(sums)), float(np.sum(counts))
     if count <= 0:
         raise ValueError("loss_mask selects no target tokens")
     out = {"loss": total / count, "ppl": perplexity(total, count), "n_tokens": count}
-    if sums.ndim == 2:  # per row: drop the padding rows of the last batch
-        s, c = sums.reshape(-1)[:n], counts.reshape(-1)[:n]
+    if sums[0].ndim == 1:  # per row: drop the padding rows of the last batch, undo the length order
+        s, c = np.empty(n), np.empty(n)
+        s[order], c[order] = np.concatenate(sums)[:n], np.concatenate(counts)[:n]
         with np.errstate(invalid="ignore", divide="ignore"):
             out["per_example"] = np.where(c > 0, s / np.maximum(c, 1), np.nan)
     return out

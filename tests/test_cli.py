@@ -145,6 +145,7 @@ def test_existing_run_without_resume_is_refused(reference):
     ("fed.eps=0.1", "config key 'fed.eps' moved to 'fed.options.eps'"),
     ("fed.options.eps_mode=weird", "unknown eps_mode 'weird'"),
     ("fed.clients_per_chunk=0", "fed.clients_per_chunk must be >= 1"),
+    ("eval.length_bucket=-8", "eval.length_bucket must be >= 0 (0: no cut), got -8"),
     ("fed.algorithm=fedit", "needs homogeneous ranks"),
 ])
 def test_bad_config_values(tmp_path, override, msg):

@@ -15,6 +15,7 @@ from fedhl_jax.metrics import (
     generation_eval,
     gsm8k_exact_match,
     heldout_loss,
+    length_bucket_ends,
     normalize_number,
     perplexity,
     rouge_l,
@@ -188,3 +189,72 @@ def test_heldout_loss_per_example_matches_the_rows():
     np.testing.assert_allclose(out["per_example"], want, rtol=1e-12)
     assert np.isnan(out["per_example"][2]) and out["per_example"].shape == (n,)
     assert out["loss"] == pytest.approx((per_tok * mask).sum() / mask.sum(), rel=1e-12)
+
+
+def test_length_bucket_ends():
+    mask = np.array([[0, 1, 1, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], np.float32)
+    np.testing.assert_array_equal(length_bucket_ends(mask), [3, 5, 1, 1])
+
+
+def test_heldout_loss_length_buckets_cut_padding_and_keep_every_loss():
+    """Rows batched by length, each batch cut to a multiple of the bucket: the same per-row losses
+    (in the caller's row order), one compilation per width, and never wider than needed."""
+    rng = np.random.default_rng(1)
+    n, t, b, w = 13, 24, 4, 8
+    tokens = rng.integers(0, 50, size=(n, t)).astype(np.int32)
+    ends = rng.integers(2, t + 1, size=n)
+    ends[3] = t  # one full-width row
+    mask = ((np.arange(t)[None] >= 1) & (np.arange(t)[None] < ends[:, None])).astype(np.float32)
+    mask *= rng.random((n, t)) > 0.3
+    mask[5] = 0.0  # a row without target tokens
+
+    def make(traces):
+        @jax.jit
+        def fn(tk, mk):  # a causal stand-in: each column's "NLL" depends on that column and earlier ones only
+            traces.append(tk.shape)
+            per_token = jnp.cumsum((tk % 7).astype(jnp.float32), axis=1) * 0.01
+            return (per_token * mk).sum(1), mk.sum(1)
+        return fn
+
+    full_traces, traces = [], []
+    full = heldout_loss(make(full_traces), tokens, mask, batch_size=b)
+    fn = make(traces)
+    cut = heldout_loss(fn, tokens, mask, batch_size=b, length_bucket=w)
+    np.testing.assert_allclose(cut["per_example"], full["per_example"], rtol=1e-6)
+    assert np.isnan(cut["per_example"][5])
+    assert cut["loss"] == pytest.approx(full["loss"], rel=1e-6) and cut["n_tokens"] == full["n_tokens"]
+    assert full_traces == [(b, t)]
+    widths = [s[1] for s in traces]
+    assert len(widths) == len(set(widths)) <= -(-t // w)  # one compilation per width
+    assert all(s[0] == b and s[1] % w == 0 for s in traces)
+    heldout_loss(fn, tokens, mask, batch_size=b, length_bucket=w)  # a second evaluation compiles nothing
+    assert len(traces) == len(widths)
+    # the batches hold the rows in length order, so the cut skips padding: never wider than its longest row
+    need = np.sort(np.where(mask.any(1), length_bucket_ends(mask), 1))
+    want = [min(t, -(-int(need[i:i + b].max()) // w) * w) for i in range(0, n, b)]
+    assert sorted(set(want)) == sorted(widths) and sum(want) < (-(-n // b)) * t
+    with pytest.raises(ValueError, match="length_bucket must be >= 0.*-1"):
+        heldout_loss(fn, tokens, mask, batch_size=b, length_bucket=-1)
+
+
+def test_heldout_loss_length_buckets_on_a_llama_match_the_full_width():
+    """A causal model's per-example losses with batches cut to length equal the full-width ones (float32,
+    up to rounding), so the option changes speed only."""
+    from fedhl_jax import model as M
+
+    cfg = M.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=8)
+    params = M.init_params(cfg, jax.random.key(0), std=0.2)
+    rng = np.random.default_rng(2)
+    n, t = 10, 48
+    tokens = rng.integers(0, 97, size=(n, t)).astype(np.int32)
+    starts, ends = rng.integers(2, 12, size=n), rng.integers(14, t + 1, size=n)
+    cols = np.arange(t)[None]
+    mask = ((cols >= starts[:, None]) & (cols < ends[:, None])).astype(np.float32)
+    tokens = np.where(cols < ends[:, None], tokens, 0)  # right padding
+    fn = jax.jit(lambda tk, mk: M.token_losses(cfg, params, None, tk, mk, per_example=True))
+    full = heldout_loss(fn, tokens, mask, batch_size=4)
+    for w in (1, 16):  # 1: every batch cut exactly at its longest row's last target
+        cut = heldout_loss(fn, tokens, mask, batch_size=4, length_bucket=w)
+        np.testing.assert_allclose(cut["per_example"], full["per_example"], rtol=1e-5)
+        assert cut["loss"] == pytest.approx(full["loss"], rel=1e-5)

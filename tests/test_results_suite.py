@@ -85,6 +85,9 @@ def test_config_digest_sees_resolved_defaults_and_seed():
     assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"fed.options.split": "balanced"}), 0) == d  # the default
     assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"fed.options.split": "left"}), 0) != d
     assert R.config_digest(SPEC["base"], cell["overrides"], 1) != d
+    # eval.length_bucket: its default reproduces the runs made before it (to float rounding), 0 is another config
+    assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"eval.length_bucket": 64}), 0) == d
+    assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"eval.length_bucket": 0}), 0) != d
 
 
 @pytest.mark.parametrize("quick", [True, False])

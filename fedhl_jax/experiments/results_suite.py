@@ -138,7 +138,8 @@ _LATER_DEFAULTS = {("data", "prompt_format"): "auto", ("eval", "loss_examples"):
                    ("eval", "generate_every"): None, ("eval", "zero_shot"): False,
                    ("eval", "generate_batch_size"): None, ("model", "cpu_matmul"): "fast",
                    ("fed", "options", "beta_cap"): None, ("data", "validation_examples"): 0,
-                   ("eval", "per_example"): False, ("model", "kind"): "llama", ("model", "factory"): None}
+                   ("eval", "per_example"): False, ("model", "kind"): "llama", ("model", "factory"): None,
+                   ("eval", "length_bucket"): 64}  # equal to the full width up to float rounding (tests/test_metrics.py)
 _LATER_SECTIONS = {"mesh": MeshConfig()}
 
 
