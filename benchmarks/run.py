@@ -784,3 +784,57 @@ def paired_ratio(base_s, other_s, *, resamples=10_000, seed=0) -> dict:
     boot = np.median(r[idx], axis=1)
     return {"ratio_paired_median": float(np.median(r)),
             "ratio_paired_ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]}
+
+
+# --------------------------------------------------------------------------- held-out loss cut to length
+
+
+def bench_eval_buckets(datasets=("gsm8k", "codealpaca"), rows=96, repeat=3, bucket=64,
+                       config="configs/results_smollm2.yaml"):
+    """Seconds of one held-out loss pass (the evaluator's ``loss``) of SmolLM2-135M-Instruct over the first
+    ``rows`` held-out answers of each dataset, as the evidence suite evaluates them (``config``'s base:
+    320 tokens, batches of 8, float32), with every batch ``seq_len`` wide (``eval.length_bucket: 0``)
+    against batches cut to length (``bucket``). Both programs compile first; then they run alternately
+    ``repeat`` times, and ``ratio`` is full / cut per repeat (median and 95% bootstrap interval).
+    ``max_rel_diff``: the largest relative difference of the per-answer losses between the two. Needs
+    ``../shared/models``. Run: ``python -c "import json; from benchmarks.run import bench_eval_buckets;
+    print(json.dumps(bench_eval_buckets()))"``."""
+    import yaml
+
+    from fedhl_jax import metrics
+    from fedhl_jax.config import TrainConfig, from_dict
+    from fedhl_jax.experiments import results_suite as R
+    from fedhl_jax.simulation import Simulation
+
+    base = yaml.safe_load(Path(config).read_text())["base"]
+    out = {"config": config, "rows": rows, "repeat": repeat, "bucket": bucket, "date": date.today().isoformat(),
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "datasets": {}}
+    for name in datasets:
+        ov = {"fed.rounds": 1, "seed": 0, "data.dataset": name, "eval.loss_examples": rows}
+        if name != "gsm8k":
+            ov["data.label_kind"] = None
+        sim = Simulation(from_dict(TrainConfig, R.merge_overrides(base, ov)), log=lambda *a, **k: None)
+        ev = sim.evaluator
+        delta = sim.algorithm.global_delta(sim.init_state())
+        tokens, mask = ev.loss_tokens, ev.loss_mask
+
+        def run(w):
+            return metrics.heldout_loss(lambda t, m: ev.loss_fn(ev.params, delta, t, m), tokens, mask,
+                                        ev.cfg.batch_size, length_bucket=w)
+
+        first = {w: run(w) for w in (0, bucket)}  # compiles (one width, and one per bucket width)
+        seconds = {0: [], bucket: []}
+        for _ in range(repeat):
+            for w in (0, bucket):
+                t0 = time.perf_counter()
+                run(w)
+                seconds[w].append(time.perf_counter() - t0)
+        full, cut = first[0]["per_example"], first[bucket]["per_example"]
+        ends = metrics.length_bucket_ends(mask)
+        out["datasets"][name] = {
+            "seq_len": int(tokens.shape[1]), "mean_end": float(ends.mean()),
+            "seconds_full": seconds[0], "seconds_cut": seconds[bucket],
+            "max_rel_diff": float(np.nanmax(np.abs(cut - full) / np.abs(full))),
+            **paired_ratio(seconds[0], seconds[bucket])}
+        print(json.dumps({name: out["datasets"][name]}), flush=True)
+    return out
