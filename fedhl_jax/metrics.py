@@ -254,11 +254,11 @@ def heldout_loss(
         ends = length_bucket_ends(loss_mask)  # [N] columns each row needs
         order = np.argsort(ends, kind="stable")
     else:
-        ends, order = np.full(n, t), np.arange(n)
+        order = np.arange(n)
     outs = []
     for start in range(0, n, batch_size):
         rows = order[start: start + batch_size]
-        width = t if not length_bucket else min(t, -(-int(ends[rows].max()) // length_bucket) * length_bucket)
+        width = min(t, -(-int(ends[rows].max()) // length_bucket) * length_bucket) if length_bucket else t
         tb, mb = tokens[rows, :width], loss_mask[rows, :width]
         short = batch_size - tb.shape[0]
         if short:
