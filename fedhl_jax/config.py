@@ -219,7 +219,15 @@ class FedConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Client optimizer: ``local_steps`` steps of ``batch_size`` examples per round."""
+    """Client optimizer: ``local_steps`` steps of ``batch_size`` examples per round.
+
+    Attributes:
+      length_bucket: run each local step of the language model at the narrowest width
+        ``w, 2w, ..., data.seq_len`` that holds the targets of its batch (of every client vmapped
+        with it: ``fed.clients_per_chunk``), instead of ``data.seq_len``; the loss and gradient
+        are the same up to float rounding. The round compiles one branch per width (at most
+        ``seq_len / length_bucket``), chosen at run time. 0: every step at ``data.seq_len``.
+    """
 
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -229,6 +237,7 @@ class OptimConfig:
     grad_clip: float | None = 1.0
     local_steps: int = 5
     batch_size: int = 4
+    length_bucket: int = 32
 
     def __post_init__(self):
         _check_fields(self, "optim.")
@@ -239,6 +248,8 @@ class OptimConfig:
         _require(self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip must be > 0, got {self.grad_clip}")
         _require(self.local_steps >= 1, f"optim.local_steps must be >= 1, got {self.local_steps}")
         _require(self.batch_size >= 1, f"optim.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.length_bucket >= 0,
+                 f"optim.length_bucket must be >= 0 (0: every step at data.seq_len), got {self.length_bucket}")
 
 
 @dataclass(frozen=True)
@@ -268,6 +279,9 @@ class EvalConfig:
         longest row, rounded up to a multiple of this many tokens (0: every batch ``data.seq_len``
         wide). The losses are those of the full width up to float rounding (the model is causal); the
         loss program compiles once per width (at most ``seq_len / length_bucket`` of them).
+      validation: also the loss on the validation rows (``data.validation_examples``), as
+        ``eval_val_loss``; false skips it (the rows stay out of the clients' data either way), for
+        runs whose validation loss chooses nothing.
     """
 
     every: int = 1
@@ -281,6 +295,7 @@ class EvalConfig:
     zero_shot: bool = False
     per_example: bool = False
     length_bucket: int = 64
+    validation: bool = True
 
     def __post_init__(self):
         _check_fields(self, "eval.")

@@ -89,19 +89,19 @@ class ClientStep(NamedTuple):
 
 def make_client_step(algorithm: Algorithm, loss: Callable, optimizer: optax.GradientTransformation, *,
                      remat: bool = False, to_client: Callable | None = None,
-                     from_client: Callable | None = None) -> ClientStep:
+                     from_client: Callable | None = None, length_bucket: int = 0) -> ClientStep:
     """Builds a client's step (``ClientStep``); the arguments are ``make_round_step``'s."""
-    local_train = make_local_train(loss, optimizer, remat=remat)
+    local_train = make_local_train(loss, optimizer, remat=remat, length_bucket=length_bucket)
 
-    def train(base, B, A, mask, scale, *batch):
+    def train(base, B, A, mask, scale, *batch, widths=None):
         adapter = Adapter(B, A, mask, scale)
-        trained, losses = local_train(base, to_client(adapter) if to_client else adapter, *batch)
+        trained, losses = local_train(base, to_client(adapter) if to_client else adapter, *batch, widths=widths)
         return (from_client(trained) if from_client else trained), losses
 
-    def from_broadcast(base, shared, per_client, mask, scale, *batch):
+    def from_broadcast(base, shared, per_client, mask, scale, *batch, widths=None):
         # The client builds its starting factors from the broadcast (its slice of the SVD), then trains.
         B, A = algorithm.materialize(shared, per_client, mask)
-        return train(base, B, A, mask, scale, *batch)
+        return train(base, B, A, mask, scale, *batch, widths=widths)
 
     return ClientStep(train, from_broadcast)
 
@@ -110,7 +110,7 @@ def make_round_step(algorithm: Algorithm, loss: Callable, optimizer: optax.Gradi
                     clients_per_chunk: int | None = None, remat: bool = False,
                     merge_delta: Callable = add_delta, to_client: Callable | None = None,
                     from_client: Callable | None = None, mesh: Mesh | None = None,
-                    probe: Callable | None = None) -> Callable:
+                    probe: Callable | None = None, length_bucket: int = 0) -> Callable:
     """Builds the pure ``round_step(state, base, inputs) -> (state, info)``.
 
     Args:
@@ -130,18 +130,23 @@ def make_round_step(algorithm: Algorithm, loss: Callable, optimizer: optax.Gradi
         constraints on the client inputs and outputs).
       probe: ``probe(name, shape, sharding)``, called at compile time with the sharding of each
         trained client factor (``"B"``, ``"A"``) inside the round; for tests and debugging.
+      length_bucket: ``w`` > 0: every local step runs at the narrowest width ``w, 2w, ..., T`` that
+        holds the targets of the clients vmapped with it (``local.make_local_train``); the batch
+        is then ``(..., loss_mask)`` with the sequence as the last axis and ``loss`` causal.
 
     Returns:
       ``round_step``; ``info`` holds the algorithm's aggregation info (``p``, ``valid``, ...)
       and ``losses [n, K]`` (each client's loss before each local step).
     """
-    client = make_client_step(algorithm, loss, optimizer, remat=remat, to_client=to_client, from_client=from_client)
+    client = make_client_step(algorithm, loss, optimizer, remat=remat, to_client=to_client, from_client=from_client,
+                              length_bucket=length_bucket)
     if mesh is not None and clients_per_chunk is not None:  # each chunk's clients split evenly over the mesh
         size = mesh.shape[CLIENTS]
         clients_per_chunk = -(-clients_per_chunk // size) * size
 
     clients_train = make_clients_train(client.from_broadcast, clients_per_chunk=clients_per_chunk, n_shared=2,
-                                       spmd_axis_name=CLIENTS if mesh is not None else None)
+                                       spmd_axis_name=CLIENTS if mesh is not None else None,
+                                       length_bucket=length_bucket)
 
     def on_clients(tree):
         if mesh is None:

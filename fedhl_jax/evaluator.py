@@ -62,7 +62,7 @@ class GlobalEvaluator:
         out = {"eval_loss": res["loss"], "eval_ppl": res["ppl"]}
         if "per_example" in res:
             out["eval_loss_examples"] = res["per_example"].tolist()
-        if self.validation is not None:
+        if self.validation is not None and self.cfg.validation:
             val = self.loss(delta, validation=True)
             out["eval_val_loss"] = val["loss"]
             if "per_example" in val:

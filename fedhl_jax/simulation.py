@@ -216,7 +216,7 @@ class Simulation:
         self.round_fn = engine.compile_round_step(engine.make_round_step(
             self.algorithm, self.loss, self.optimizer, clients_per_chunk=fed.clients_per_chunk,
             merge_delta=self.merge_delta, to_client=self.to_client, from_client=self.from_client,
-            mesh=self.mesh, probe=probe))
+            mesh=self.mesh, probe=probe, length_bucket=o.length_bucket if self.nnx is None else 0))
         self.evaluator = None
         if self.data.eval is not None and self.nnx is None:  # held-out metrics: the built-in Llama only
             self.evaluator = GlobalEvaluator(self.model_cfg, self.params, self.tokenizer, self.data.eval,

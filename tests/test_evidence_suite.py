@@ -29,10 +29,13 @@ def _method(ov):
     raise AssertionError(ov)
 
 
-def fake_run_cell(calls):
+def fake_run_cell(calls, validated=None):
+    validated = [] if validated is None else validated
+
     def run_cell(base, overrides, seed, log=None):
         m, lr = _method(overrides), overrides["optim.lr"]
         calls.append((m, lr, seed, overrides.get("fed.num_clients", 10), overrides.get("data.dataset", "gsm8k")))
+        validated.append(overrides.get("eval.validation", True))
         x = math.log2(lr / 0.004) - OPT[m]
         val = 1.0 + 0.01 * x * x + 0.001 * list(OPT).index(m)
         rng = np.random.default_rng([seed, int(lr * 1e6), list(OPT).index(m)])
@@ -70,8 +73,8 @@ def test_config_is_valid_and_every_run_resolves(name):
 
 
 def test_tuning_rule_seeds_leaders_and_resume(spec, tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(R, "run_cell", fake_run_cell(calls))
+    calls, validated = [], []
+    monkeypatch.setattr(R, "run_cell", fake_run_cell(calls, validated))
     cache = tmp_path / "c.jsonl"
     res = E.run_suite(spec, cache, log=lambda *a, **k: None)
     grid = spec["tune"]["grid"]
@@ -100,6 +103,10 @@ def test_tuning_rule_seeds_leaders_and_resume(spec, tmp_path, monkeypatch):
     assert "flexlora" in lead and sorted(set(c[0] for c in other)) == sorted(lead) and len(other) == 4 * n_seeds
     assert [c for c in calls if c[0] == lead[0]][-1][2] == 0  # the final generation pass, seed 0
     assert res["final_generation"] and res["final_generation"][0][1]["eval_exact_match"] == 0.05
+    # the validation loss is computed where it chooses something (the tuning runs) and nowhere else
+    tuning = [c[2] == 0 and c[3] == 10 and c[4] == "gsm8k" for c in calls]
+    assert validated[:-1] == tuning[:-1] and validated[-1] is False  # the last: the final generation pass
+    assert sum(validated) == sum(len(v) for v in tried.values()) and not all(validated)
     # resume: nothing reruns; an interrupted suite ends with the same cache
     before = len(calls)
     E.run_suite(spec, cache, log=lambda *a, **k: None)

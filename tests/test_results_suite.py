@@ -88,6 +88,13 @@ def test_config_digest_sees_resolved_defaults_and_seed():
     # eval.length_bucket: its default reproduces the runs made before it (to float rounding), 0 is another config
     assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"eval.length_bucket": 64}), 0) == d
     assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"eval.length_bucket": 0}), 0) != d
+    # optim.length_bucket likewise (tests/test_local_train.py), and eval.validation reports, it trains nothing
+    assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"optim.length_bucket": 32}), 0) == d
+    assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"optim.length_bucket": 0}), 0) != d
+    assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"eval.validation": False}), 0) == d
+    # how many clients are vmapped together is a layout: the digest keeps the committed runs' value
+    assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"fed.clients_per_chunk": 1}), 0) == d
+    assert R.config_digest(SPEC["base"], dict(cell["overrides"], **{"fed.clients_per_chunk": None}), 0) == d
 
 
 @pytest.mark.parametrize("quick", [True, False])

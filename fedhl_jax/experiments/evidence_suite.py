@@ -28,8 +28,8 @@ file (keyed by the digest of its resolved config, as in ``results_suite``) as so
 5. **Final generation**: the generation metric of the best method (lowest tuned validation loss),
    one pass, ``final_generation``'s overrides.
 
-A run's record (``results_suite.run_cell``) holds the held-out and validation loss after the last
-round with their per-example losses, and per round the global update's norm and its energy beyond
+A run's record (``results_suite.run_cell``) holds the held-out loss after the last round with its
+per-example losses (and the validation loss, in the tuning runs only: elsewhere it chooses nothing), and per round the global update's norm and its energy beyond
 ranks 2, 8 and 16, so the page can pair methods over seeds and examples (``stats``) and relate loss
 to step size.
 """
@@ -233,13 +233,15 @@ def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable
     done = [0]
     t0 = time.perf_counter()
 
-    def run(rid: str, ov: dict, seed: int, d: str) -> bool:
+    def run(rid: str, ov: dict, seed: int, d: str, validation: bool = True) -> bool:
         again = (rerun is not None and d in by_config and count.get(d, 0) == 1 and rerun in f"{rid} seed {seed}")
         if (d in by_config and not again) or (only is not None and only not in rid):
             return True
         if max_runs is not None and done[0] >= max_runs:
             return False
-        rec = R.run_cell(base, ov, seed)
+        # The validation loss chooses rates and leaders only (the first setting's tuning seed); elsewhere
+        # it is not computed (``eval.validation`` is not part of the digest: it trains nothing).
+        rec = R.run_cell(base, ov if validation else dict(ov, **{"eval.validation": False}), seed)
         if again:
             superseded.append((rid, seed, d, by_config[d]))
             count[d] = 2
@@ -288,12 +290,12 @@ def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable
                 if best.get(m) is None:
                     continue
                 if not run(run_id(setting, m, best[m]), overrides(spec, setting, m, best[m]), seed,
-                           digest(spec, setting, m, best[m], seed)):
+                           digest(spec, setting, m, best[m], seed), validation=(setting, seed) == (first, tune_seed)):
                     return _summary(spec, by_config, superseded)
     # 5. one generation pass of the best method
     fg = final_generation(spec, by_config)
     if fg is not None:
-        run(fg[0], fg[1], tune_seed, fg[2])
+        run(fg[0], fg[1], tune_seed, fg[2], validation=False)
     return _summary(spec, by_config, superseded)
 
 

@@ -139,8 +139,14 @@ _LATER_DEFAULTS = {("data", "prompt_format"): "auto", ("eval", "loss_examples"):
                    ("eval", "generate_batch_size"): None, ("model", "cpu_matmul"): "fast",
                    ("fed", "options", "beta_cap"): None, ("data", "validation_examples"): 0,
                    ("eval", "per_example"): False, ("model", "kind"): "llama", ("model", "factory"): None,
-                   ("eval", "length_bucket"): 64}  # equal to the full width up to float rounding (tests/test_metrics.py)
+                   ("eval", "length_bucket"): 64,  # equal to the full width up to float rounding (tests/test_metrics.py,
+                   ("optim", "length_bucket"): 32}  # tests/test_local_train.py)
 _LATER_SECTIONS = {"mesh": MeshConfig()}
+_NOT_IN_DIGEST = (("eval", "validation"),)  # what a run reports besides its results, not what it trains
+# How many clients are vmapped together sets memory and speed, not the result (to float rounding, as a
+# change of layout: benchmarks/run.py:bench_train_buckets); the digest records the value the committed
+# runs used, whatever the config says.
+_LAYOUT_IN_DIGEST = {("fed", "clients_per_chunk"): 2}
 
 
 def config_digest(base: dict, overrides: dict, seed: int) -> str:
@@ -154,6 +160,10 @@ def config_digest(base: dict, overrides: dict, seed: int) -> str:
         node = functools.reduce(lambda d, k: d.get(k, {}), path, cfg)  # reproduce the older runs exactly
         if node.get(key, default) == default:
             node.pop(key, None)
+    for *path, key in _NOT_IN_DIGEST:
+        functools.reduce(lambda d, k: d.get(k, {}), path, cfg).pop(key, None)
+    for (*path, key), value in _LAYOUT_IN_DIGEST.items():
+        functools.reduce(lambda d, k: d.get(k, {}), path, cfg)[key] = value
     for section, default in _LATER_SECTIONS.items():  # whole sections added later, likewise
         if cfg.get(section) == dataclasses.asdict(default):
             cfg.pop(section)

@@ -220,7 +220,8 @@ class NodeTrainer:
         optimizer, loss, to_client, from_client = client_pieces(cfg, model_cfg, algorithm, bridge)
         merge = merge_delta if bridge is None else bridge.merge_delta
         runtime.set_cpu_matmul(cfg.model.cpu_matmul)
-        client = engine.make_client_step(algorithm, loss, optimizer, to_client=to_client, from_client=from_client)
+        client = engine.make_client_step(algorithm, loss, optimizer, to_client=to_client, from_client=from_client,
+                                         length_bucket=cfg.optim.length_bucket if bridge is None else 0)
         self.trainable = algorithm.trainable
 
         def step(base, base_delta, B, A, mask, scale, *batch):
