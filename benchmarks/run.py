@@ -838,3 +838,115 @@ def bench_eval_buckets(datasets=("gsm8k", "codealpaca"), rows=96, repeat=3, buck
             **paired_ratio(seconds[0], seconds[bucket])}
         print(json.dumps({name: out["datasets"][name]}), flush=True)
     return out
+
+
+def bench_train_buckets(datasets=("gsm8k", "codealpaca"), modes=((0, 1), (64, 2), (64, 1), (32, 1)), repeat=3,
+                        config="configs/results_smollm2.yaml", baseline=(0, 2)):
+    """Seconds of one training round of SmolLM2-135M-Instruct as the evidence suite runs it (``config``'s
+    base: 10 clients × 2 local steps of one 320-token sequence, AdamW, float32) with every local step
+    ``seq_len`` wide in chunks of 2 vmapped clients (``baseline``: ``(length_bucket, clients_per_chunk)``,
+    as the suite's runs until 2026-12-07) against steps cut to length: each ``(bucket, clients_per_chunk)`` of ``modes`` runs each chunk's step at the narrowest
+    multiple of ``bucket`` that holds its clients' targets. Every program compiles first (``compile_s``:
+    the first round's seconds); then the modes run alternately ``repeat`` times on rounds
+    ``0..repeat-1`` from the initial state, and ``ratio`` is full / cut per repeat (median and 95%
+    bootstrap interval). ``max_rel_diff``: the largest difference of the new global adapter against
+    the full width, relative to its largest entry; ``fro_rel_diff``: the Frobenius norm of the difference
+    relative to the adapter's (over every module). Mode ``(0, 1)``, the full width one client at a time,
+    is a change of layout only: its differences are the float-rounding floor (AdamW's first step
+    divides each gradient entry by its own size, so entries near 0 move by up to the learning rate
+    either way). ``width_fraction``: the mean of (chosen width /
+    ``seq_len``) over the timed steps. Needs ``../shared/models``. Run: ``python -c "import json;
+    from benchmarks.run import bench_train_buckets; print(json.dumps(bench_train_buckets()))"``."""
+    import yaml
+
+    from fedhl_jax.config import TrainConfig, from_dict
+    from fedhl_jax.experiments import results_suite as R
+    from fedhl_jax.local import bucket_widths, step_widths
+    from fedhl_jax.simulation import Simulation
+
+    base = yaml.safe_load(Path(config).read_text())["base"]
+    out = {"config": config, "modes": [list(m) for m in modes], "repeat": repeat, "date": date.today().isoformat(),
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "datasets": {}}
+    full_mode = tuple(baseline)
+    modes = (full_mode,) + tuple(tuple(m) for m in modes if tuple(m) != full_mode)
+    key = lambda m: f"bucket{m[0]}_chunk{m[1]}"  # noqa: E731
+    for name in datasets:
+        sims = {}
+        for w, c in modes:
+            ov = {"fed.rounds": repeat, "seed": 0, "data.dataset": name, "optim.length_bucket": w,
+                  "fed.clients_per_chunk": c}
+            if name != "gsm8k":
+                ov["data.label_kind"] = None
+            sims[w, c] = Simulation(from_dict(TrainConfig, R.merge_overrides(base, ov)), log=lambda *a, **k: None)
+
+        def run(m, t):
+            sim = sims[m]
+            inputs, _ = sim.schedule(t)
+            t0 = time.perf_counter()
+            state, _ = sim.round_fn(sim.init_state(), sim.base, inputs)
+            jax.block_until_ready(state)
+            return time.perf_counter() - t0, state
+
+        compile_s = {key(m): run(m, 0)[0] for m in modes}
+        seconds, states = {m: [] for m in modes}, {m: [] for m in modes}
+        for t in range(repeat):
+            for m in modes:
+                s, state = run(m, t)
+                seconds[m].append(s)
+                states[m].append(sims[m].algorithm.global_delta(state))
+        row = {"compile_s": compile_s, "seconds": {key(m): v for m, v in seconds.items()}}
+        for m in modes[1:]:
+            (w, c), diffs, fros, fracs = m, [], [], []
+            for t, (cut, full) in enumerate(zip(states[m], states[full_mode])):
+                pairs = list(zip(jax.tree.leaves(cut), jax.tree.leaves(full)))
+                diffs.append(max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in pairs))
+                fros.append(float(np.sqrt(sum(float(jnp.sum((a - b) ** 2)) for a, b in pairs)
+                                          / sum(float(jnp.sum(b ** 2)) for _, b in pairs))))
+                mask = sims[m].schedule(t)[0].batch[-1]  # [n, K, b, T]
+                idx = np.asarray(step_widths(mask, w, axes=2)) if w else np.full(mask.shape[:2], -1)  # [n, K]
+                chunk_idx = np.stack([idx[i:i + c].max(0) for i in range(0, idx.shape[0], c)])
+                fracs.append(float(np.mean(np.asarray(bucket_widths(mask.shape[-1], w))[chunk_idx]) / mask.shape[-1]))
+            row[key(m)] = {"max_rel_diff": max(diffs), "fro_rel_diff": max(fros), "width_fraction": float(np.mean(fracs)),
+                           **paired_ratio(seconds[full_mode], seconds[m])}
+        out["datasets"][name] = row
+        print(json.dumps({name: row}), flush=True)
+    return out
+
+
+def bench_suite_runs(runs=(("cross_silo", "fedhl_data_size", 0, True), ("cross_silo", "fedhl_data_size", 1, False),
+                           ("codealpaca", "fedhl_data_size", 1, False)),
+                     config="configs/results_smollm2.yaml", cache="docs/results/results_smollm2.jsonl"):
+    """Whole runs of the evidence suite with the current code, against the records the cache holds for the
+    same configs (the same digest): wall seconds (``results_suite.run_cell``, load to last evaluation)
+    and the change in the final held-out (and validation) loss and its per-answer values. Each run is
+    ``(setting, method, seed, validation)`` at the method's tuned rate; ``validation`` as the suite
+    runs it (the tuning runs only). Needs ``../shared``. Run: ``python -c "import json; from
+    benchmarks.run import bench_suite_runs; print(json.dumps(bench_suite_runs()))"``."""
+    import yaml
+
+    from fedhl_jax.experiments import evidence_suite as E
+    from fedhl_jax.experiments import results_suite as R
+
+    spec = yaml.safe_load(Path(config).read_text())
+    by_config = {row["config"]: row["rec"] for row in R.read_cache(Path(cache))}
+    best = E.tuned(spec, by_config)
+    out = {"config": config, "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "runs": []}
+    for setting, m, seed, validation in runs:
+        ov = E.overrides(spec, setting, m, best[m])
+        old = by_config[E.digest(spec, setting, m, best[m], seed)]
+        t0 = time.perf_counter()
+        rec = R.run_cell(spec["base"], ov if validation else dict(ov, **{"eval.validation": False}), seed)
+        row = {"setting": setting, "method": m, "lr": best[m], "seed": seed, "validation": validation,
+               "seconds": time.perf_counter() - t0, "seconds_cached": old.get("seconds"),
+               "final_eval_loss": rec["final_eval_loss"], "final_eval_loss_cached": old["final_eval_loss"],
+               "max_abs_diff_examples": float(np.nanmax(np.abs(np.asarray(rec["eval_loss_examples"], float)
+                                                               - np.asarray(old["eval_loss_examples"], float))))}
+        if validation:
+            row.update(final_val_loss=rec["final_val_loss"], final_val_loss_cached=old["final_val_loss"])
+        for k in ("eval_rouge_l", "eval_exact_match"):
+            if k in rec:
+                row.update({k: rec[k], f"{k}_cached": old.get(k)})
+        out["runs"].append(row)
+        print(json.dumps(row), flush=True)
+    return out
