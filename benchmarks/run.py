@@ -920,7 +920,9 @@ def bench_suite_runs(runs=(("cross_silo", "fedhl_data_size", 0, True), ("cross_s
     same configs (the same digest): wall seconds (``results_suite.run_cell``, load to last evaluation)
     and the change in the final held-out (and validation) loss and its per-answer values. Each run is
     ``(setting, method, seed, validation)`` at the method's tuned rate; ``validation`` as the suite
-    runs it (the tuning runs only). Needs ``../shared``. Run: ``python -c "import json; from
+    runs it (the tuning runs only); a fifth element, a dict of overrides, runs it otherwise (for
+    example as the cached runs were made: ``{"optim.length_bucket": 0, "eval.length_bucket": 0,
+    "fed.clients_per_chunk": 2}``), still against the same cached record. Needs ``../shared``. Run: ``python -c "import json; from
     benchmarks.run import bench_suite_runs; print(json.dumps(bench_suite_runs()))"``."""
     import yaml
 
@@ -932,12 +934,13 @@ def bench_suite_runs(runs=(("cross_silo", "fedhl_data_size", 0, True), ("cross_s
     best = E.tuned(spec, by_config)
     out = {"config": config, "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "runs": []}
-    for setting, m, seed, validation in runs:
-        ov = E.overrides(spec, setting, m, best[m])
+    for setting, m, seed, validation, *extra in runs:
+        ov = dict(E.overrides(spec, setting, m, best[m]), **(extra[0] if extra else {}))
         old = by_config[E.digest(spec, setting, m, best[m], seed)]
         t0 = time.perf_counter()
         rec = R.run_cell(spec["base"], ov if validation else dict(ov, **{"eval.validation": False}), seed)
         row = {"setting": setting, "method": m, "lr": best[m], "seed": seed, "validation": validation,
+               "overrides": extra[0] if extra else {},
                "seconds": time.perf_counter() - t0, "seconds_cached": old.get("seconds"),
                "final_eval_loss": rec["final_eval_loss"], "final_eval_loss_cached": old["final_eval_loss"],
                "max_abs_diff_examples": float(np.nanmax(np.abs(np.asarray(rec["eval_loss_examples"], float)
