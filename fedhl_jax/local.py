@@ -139,8 +139,7 @@ def make_local_train(loss: Callable, optimizer: optax.GradientTransformation, *,
             return (train, opt_state), value
 
         train = {"A": adapter.A, "B": adapter.B}
-        k = batch[0].shape[0]
-        xs = (tuple(batch), widths if len(cuts) > 1 else jnp.zeros((k,), jnp.int32))
+        xs = (tuple(batch), widths if len(cuts) > 1 else None)  # None: an empty pytree, nothing scanned
         (train, _), losses = jax.lax.scan(step, (train, optimizer.init(train)), xs)
         return Adapter(train["B"], train["A"], adapter.mask, adapter.scale), losses
 
@@ -183,18 +182,18 @@ def make_clients_train(local_train: Callable, *, clients_per_chunk: int | None =
         # with the chunk's widths [K] (the widest of its clients') passed to all of them unbatched.
         n = jax.tree.leaves(per_client)[0].shape[0]
         full = (n // c) * c
-        step_widths_of = (lambda w: None) if widths is None else (lambda w: jnp.max(w, axis=0))
+        chunk_widths = (lambda w: None) if widths is None else (lambda w: jnp.max(w, axis=0))  # [c, K] -> [K]
         head = jax.tree.map(lambda x: x[:full].reshape((n // c, c) + x.shape[1:]), (per_client, widths))
         if full == c:  # one chunk: no loop
             xs, w = jax.tree.map(lambda x: x[0], head)
-            out = jax.tree.map(lambda x: x[None], vmapped(*shared, *xs, widths=step_widths_of(w)))
+            out = jax.tree.map(lambda x: x[None], vmapped(*shared, *xs, widths=chunk_widths(w)))
         else:
-            out = jax.lax.map(lambda xw: vmapped(*shared, *xw[0], widths=step_widths_of(xw[1])), head)
+            out = jax.lax.map(lambda xw: vmapped(*shared, *xw[0], widths=chunk_widths(xw[1])), head)
         out = jax.tree.map(lambda x: x.reshape((full,) + x.shape[2:]), out)
         if full == n:
             return out
         tail = jax.tree.map(lambda x: x[full:], (per_client, widths))
-        tail = vmapped(*shared, *tail[0], widths=step_widths_of(tail[1]))
+        tail = vmapped(*shared, *tail[0], widths=chunk_widths(tail[1]))
         return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
 
     def clients_train(*args):

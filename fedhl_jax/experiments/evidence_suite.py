@@ -29,9 +29,9 @@ file (keyed by the digest of its resolved config, as in ``results_suite``) as so
    one pass, ``final_generation``'s overrides.
 
 A run's record (``results_suite.run_cell``) holds the held-out loss after the last round with its
-per-example losses (and the validation loss, in the tuning runs only: elsewhere it chooses nothing), and per round the global update's norm and its energy beyond
-ranks 2, 8 and 16, so the page can pair methods over seeds and examples (``stats``) and relate loss
-to step size.
+per-example losses (and the validation loss, in the tuning runs only: elsewhere it chooses nothing),
+and per round the global update's norm and its energy beyond ranks 2, 8 and 16, so the page can pair
+methods over seeds and examples (``stats``) and relate loss to step size.
 """
 
 from __future__ import annotations
