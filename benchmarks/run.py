@@ -953,3 +953,65 @@ def bench_suite_runs(runs=(("cross_silo", "fedhl_data_size", 0, True), ("cross_s
         out["runs"].append(row)
         print(json.dumps(row), flush=True)
     return out
+
+
+# --------------------------------------------------------------------------- suite runs in two workers
+
+
+def bench_suite_workers(runs=(("cross_silo", "fedhl_data_size", 1), ("cross_silo", "flexlora", 1)), workers=2,
+                        extra=(("optim.length_bucket", 32), ("fed.clients_per_chunk", 1)),
+                        config="configs/results_smollm2.yaml", cache="docs/results/results_smollm2.jsonl"):
+    """Wall seconds of whole evidence-suite runs one after another in this process (on every core) against
+    the same runs at once in ``workers`` worker processes, each pinned to its share of the cores
+    (``fedhl_jax.experiments.workers``, as ``fedhl-results --workers`` runs them). Each run is ``(setting,
+    method, seed)`` at the method's tuned rate in ``cache`` without the validation loss, with ``extra``
+    overrides (default: the settings a suite from an empty cache trains with, steps cut to length, one
+    client per chunk). Each mode starts from its own empty persistent compilation cache, so both compile
+    every program (the sequential mode reuses the evaluation programs across its runs; the workers
+    compile them at the same time). ``speedup``: sequential / parallel wall seconds; ``same_losses``:
+    whether each run's per-answer held-out losses are equal in both modes (a run on one core against the
+    same run on two). Needs ``../shared``. Run: ``python -c "import json; from benchmarks.run import
+    bench_suite_workers; print(json.dumps(bench_suite_workers()))"``."""
+    import tempfile
+
+    import yaml
+
+    from fedhl_jax.experiments import evidence_suite as E
+    from fedhl_jax.experiments import results_suite as R
+    from fedhl_jax.experiments.workers import pool
+
+    spec = yaml.safe_load(Path(config).read_text())
+    by_config = {row["config"]: row["rec"] for row in R.read_cache(Path(cache))}
+    best = E.tuned(spec, by_config)
+    todo = []
+    for setting, m, seed in runs:
+        ov = dict(E.overrides(spec, setting, m, best[m]), **dict(extra))
+        todo.append(E.Run(E.run_id(setting, m, best[m]), ov, seed, R.config_digest(spec["base"], ov, seed), 2, False))
+    out = {"config": config, "runs": [list(r) for r in runs], "extra": dict(extra), "workers": workers,
+           "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    old = jax.config.jax_compilation_cache_dir
+    recs = {}
+    try:
+        with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
+            jax.config.update("jax_compilation_cache_dir", d1)
+            t0 = time.perf_counter()
+            recs["sequential"] = [E.execute(r, spec["base"]) for r in todo]
+            out["sequential_s"] = time.perf_counter() - t0
+            print(json.dumps({"sequential_s": out["sequential_s"]}), flush=True)
+            jax.config.update("jax_compilation_cache_dir", d2)
+            t0 = time.perf_counter()
+            with pool(workers) as ex:
+                recs["parallel"] = [f.result() for f in [ex.submit(E.execute, r, spec["base"]) for r in todo]]
+            out["parallel_s"] = time.perf_counter() - t0
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old)
+    out["speedup"] = out["sequential_s"] / out["parallel_s"]
+    out["run_seconds"] = {mode: [r["seconds"] for r in rs] for mode, rs in recs.items()}
+    out["final_eval_loss"] = {mode: [r["final_eval_loss"] for r in rs] for mode, rs in recs.items()}
+    out["same_losses"] = all(a["eval_loss_examples"] == b["eval_loss_examples"]
+                             for a, b in zip(recs["sequential"], recs["parallel"]))
+    out["max_abs_diff_examples"] = max(float(np.nanmax(np.abs(np.asarray(a["eval_loss_examples"], float)
+                                                              - np.asarray(b["eval_loss_examples"], float))))
+                                       for a, b in zip(recs["sequential"], recs["parallel"]))
+    print(json.dumps(out), flush=True)
+    return out

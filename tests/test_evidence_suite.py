@@ -349,3 +349,113 @@ def test_committed_cache_keys_are_the_specs_digests():
             assert lr in E.candidate_rates(SPEC), rid
             want = E.digest(SPEC, setting, method, lr, seed)
         assert row["config"] == want, rid
+
+
+# --------------------------------------------------------------------------- runs in worker processes
+
+
+def fake_cell(run, base):
+    """``fake_run_cell``'s record as a module-level runner (picklable, for worker processes)."""
+    return fake_run_cell([])(base, run.overrides if run.validation else dict(run.overrides, **{"eval.validation": False}),
+                             run.seed)
+
+
+def failing_cell(run, base):
+    """``fake_cell``, but hetlora's runs fail (a worker's error)."""
+    if run.overrides.get("fed.algorithm") == "hetlora":
+        raise RuntimeError(f"{run.rid} failed")
+    return fake_cell(run, base)
+
+
+def _rows(path):
+    return sorted(json.dumps(json.loads(line), sort_keys=True) for line in path.read_text().splitlines())
+
+
+def test_workers_record_what_one_process_records_and_resume(tmp_path):
+    """Two worker processes end with the cache that one process makes (every run once, in another order);
+    an interrupted parallel suite (``max_runs``) resumes to the same cache; ``ready`` offers a method's
+    next rate only after its current one has finished."""
+    spec = copy.deepcopy(SPEC)
+    spec["zero_shot"] = False
+    quiet = lambda *a, **k: None  # noqa: E731
+    one, two, parts = tmp_path / "one.jsonl", tmp_path / "two.jsonl", tmp_path / "parts.jsonl"
+    res1 = E.run_suite(spec, one, log=quiet, runner=fake_cell)
+    res2 = E.run_suite(spec, two, log=quiet, runner=fake_cell, workers=2)
+    assert _rows(one) == _rows(two) and len(_rows(two)) == len({json.loads(x)["config"] for x in _rows(two)})
+    assert res2["tuned"] == res1["tuned"] and res2["leaders"] == res1["leaders"] and res2["final_generation"]
+    for _ in range(60):
+        if E.run_suite(spec, parts, log=quiet, runner=fake_cell, workers=2, max_runs=9)["final_generation"]:
+            break
+    assert _rows(parts) == _rows(one)
+    # what can start at once: every method's first rate, nothing that depends on one of them
+    first = E.ready(spec, {})
+    assert [r.stage for r in first] == [1] * len(spec["methods"])
+    assert len({r.digest for r in first}) == len(spec["methods"])
+
+
+def test_a_failed_run_raises_after_the_runs_in_flight_are_recorded_and_the_suite_resumes(tmp_path):
+    spec = copy.deepcopy(SPEC)
+    spec["zero_shot"] = False
+    quiet = lambda *a, **k: None  # noqa: E731
+    cache, whole = tmp_path / "c.jsonl", tmp_path / "whole.jsonl"
+    with pytest.raises(RuntimeError, match=r"cross_silo:method=hetlora:lr=0.004 failed"):
+        E.run_suite(spec, cache, log=quiet, runner=failing_cell, workers=2)
+    rows = [json.loads(line) for line in cache.read_text().splitlines()]  # every line whole
+    assert rows and not any("hetlora" in r["id"] for r in rows)
+    E.run_suite(spec, whole, log=quiet, runner=fake_cell)
+    assert len(rows) < len(_rows(whole))  # no final generation: hetlora was never tuned
+    assert not any(r["id"].startswith(E.FINAL_GENERATION) for r in rows)
+    # the cache resumes: the finished runs are not trained again, and it ends as one process makes it
+    res = E.run_suite(spec, cache, log=quiet, runner=fake_cell, workers=2)
+    assert _rows(cache) == _rows(whole) and res["final_generation"]
+    with pytest.raises(ValueError, match=r"workers must be at least 1, got 0"):
+        E.run_suite(spec, cache, log=quiet, workers=0)
+
+
+def _affinity_and_cache_dir(_):
+    import os
+
+    import jax
+
+    return sorted(os.sched_getaffinity(0)), jax.config.jax_compilation_cache_dir
+
+
+def test_worker_pool_pins_disjoint_cores_and_passes_the_compile_cache(tmp_path):
+    import os
+
+    import jax
+
+    from fedhl_jax.experiments import workers as W
+
+    assert W.core_groups(2, [3, 0, 1, 2]) == [[0, 1], [2, 3]]
+    assert W.core_groups(3, [0, 1, 2, 3]) == [[0, 1], [2], [3]]
+    assert W.core_groups(2, [0]) is None
+    with pytest.raises(ValueError, match=r"workers must be at least 1, got 0"):
+        W.core_groups(0, [0, 1])
+    cores = sorted(os.sched_getaffinity(0))
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
+    try:
+        with W.pool(2) as ex:
+            got = [f.result() for f in [ex.submit(_affinity_and_cache_dir, i) for i in range(8)]]
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old)
+    assert all(d == str(tmp_path / "xla") for _, d in got)
+    groups = {tuple(a) for a, _ in got}
+    if len(cores) >= 2:
+        assert all(set(g) <= set(cores) for g in groups) and set(map(tuple, W.core_groups(2, cores))) >= groups
+    else:
+        assert groups == {tuple(cores)}
+
+
+def test_cli_refuses_bad_worker_counts_before_any_run(tmp_path, capsys, monkeypatch):
+    from fedhl_jax.experiments import cli
+
+    monkeypatch.setattr(R, "run_cell", lambda *a, **k: pytest.fail("a refused command must not train"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--config", str(REPO / "configs" / "results_smollm2.yaml"), "--workers", "0"])
+    assert e.value.code == 2 and "--workers must be at least 1, got 0" in capsys.readouterr().err
+    assert cli.main(["--config", str(REPO / "configs" / "results.yaml"), "--out", str(tmp_path), "--workers", "2",
+                     "--compile-cache", ""]) == 2
+    assert "--workers 2: only a 'suite: evidence' spec runs in workers" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()

@@ -4,6 +4,7 @@
   fedhl-results              # the full suite of configs/results.yaml (3 seeds, every dataset): docs/results.md
   fedhl-results --config configs/results_smollm2.yaml   # SmolLM2, tuned rates: docs/results_smollm2.md
   fedhl-results --config configs/results_smollm2.yaml --render-only   # its page from the cache alone
+  fedhl-results --config configs/results_smollm2.yaml --workers 2     # two runs at once, one per core
 
 Under ``--out`` (default ``docs``, relative to the current directory) the page is ``<page>.md``, its
 plots go to ``figures/`` and the finished (cell, seed) runs are cached in ``results/<mode>.jsonl``
@@ -14,6 +15,7 @@ so an interrupted suite resumes and a finished one regenerates its page from the
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -43,11 +45,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "records (e.g. to store a field older records lack; suite: evidence)")
     p.add_argument("--render-only", action="store_true",
                    help="write the page from the cached runs without training (suite: evidence)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs trained at once, each in its own process pinned to its share of the cores "
+                   "(suite: evidence; default 1: in this process)")
     p.add_argument("--compile-cache", default=str(Path.home() / ".cache" / "fedhl_jax" / "xla"),
                    help="XLA persistent compilation cache shared by the cells ('' turns it off)")
     args = p.parse_args(argv)
     if not args.config.is_file():
         p.error(f"--config {args.config}: no such file (run from the repository root or pass --config)")
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1, got {args.workers}")
     return args
 
 
@@ -60,6 +67,10 @@ def main(argv=None) -> int:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     spec = OmegaConf.to_container(OmegaConf.load(args.config))
+    if args.workers > 1 and spec.get("suite") != "evidence":
+        print(f"fedhl-results: error: --workers {args.workers}: only a 'suite: evidence' spec runs in workers; "
+              f"{args.config} is suite {spec.get('suite', 'results')!r}", file=sys.stderr)
+        return 2
     if spec.get("suite") == "methods":  # one dataset, methods × seeds (configs/results_smollm2_3rounds.yaml)
         return run_methods_suite(spec, args)
     if spec.get("suite") == "evidence":  # tuned rates, settings, intervals (configs/results_smollm2.yaml)
@@ -100,7 +111,7 @@ def run_evidence_suite(spec: dict, args: argparse.Namespace) -> int:
     (args.out / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     res = ES.run_suite(spec, args.out / RESULTS_DIR / f"{stem}.jsonl", only=args.only,
-                       max_runs=0 if args.render_only else None, rerun=args.rerun)
+                       max_runs=0 if args.render_only else None, rerun=args.rerun, workers=args.workers)
     md = ES.render(spec, res, args.out, stem=stem)
     page = args.out / f"{stem}.md"
     page.write_text(R.keep_discussion(page.read_text() if page.exists() else None, md))

@@ -42,7 +42,7 @@ from collections import Counter
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -201,9 +201,97 @@ def setting_methods(spec: dict, setting: str, by_config: dict) -> list[str] | No
     return base + [m for m in also if m not in base]
 
 
+class Run(NamedTuple):
+    """One run the suite can start now (``ready``).
+
+    Attributes:
+      rid: its id in the cache (``run_id``, ``ZERO_SHOT`` or the final generation's).
+      overrides: its dotted overrides of the spec's base.
+      seed: its seed.
+      digest: its cache key.
+      stage: 0 zero-shot, 1 tuning, 2 the settings' seeds, 3 the final generation pass.
+      validation: whether it computes the validation loss (where the loss chooses: the tuning runs).
+    """
+
+    rid: str
+    overrides: dict
+    seed: int
+    digest: str
+    stage: int
+    validation: bool = True
+
+
+def ready(spec: dict, by_config: dict) -> list[Run]:
+    """The runs whose configs are known given the cached records, in the suite's order (module docstring).
+
+    Tuning offers each untuned method's next rate (with ``tune.search: grid``, only the runs at the grid
+    rate of the current column); the settings offer every seed of every method whose rate is tuned (and
+    of a ``leaders`` setting only once the leaders are known), cached runs included (a ``rerun`` may ask
+    for them again); the final generation pass comes once every method is tuned. A run whose inputs
+    are not known yet (a method's next rate before its current one has finished) is not offered, so
+    any runs offered together are independent of one another.
+
+    Args:
+      spec: the suite spec.
+      by_config: ``{digest: record}`` of the finished runs.
+
+    Returns:
+      Zero-shot and tuning runs not in ``by_config``; the settings' runs (cached or not); the final
+      generation pass when not cached. Stages in increasing order.
+    """
+    base, out = spec["base"], []
+    first, tune_seed = setting_names(spec)[0], spec["tune"]["seed"]
+    zs = "zero_shot-" + R.config_digest(base, {}, tune_seed)
+    if spec.get("zero_shot", True) and zs not in by_config:
+        out.append(Run(ZERO_SHOT, dict(spec.get("zero_shot_overrides") or {}), tune_seed, zs, 0))
+    # 1. tuning: every untuned method's next rate (round-robin, so that an interrupted suite has whole grid columns)
+    todo = [(m, next_rate(spec, tried(spec, by_config, m))) for m in spec["methods"]]
+    todo = [(m, lr) for m, lr in todo if lr is not None]
+    lr_now = todo[0][1] if todo and not _bracket(spec) and todo[0][1] in spec["tune"]["grid"] else None
+    out += [Run(run_id(first, m, lr), overrides(spec, first, m, lr), tune_seed, digest(spec, first, m, lr, tune_seed), 1)
+            for m, lr in todo if lr_now is None or lr == lr_now]
+    # 2. the settings' seeds at each method's own rate
+    best = tuned(spec, by_config)
+    for setting in setting_names(spec):
+        methods = setting_methods(spec, setting, by_config)
+        for seed in spec["settings"][setting]["seeds"] if methods is not None else ():
+            out += [Run(run_id(setting, m, best[m]), overrides(spec, setting, m, best[m]), seed,
+                        digest(spec, setting, m, best[m], seed), 2, validation=(setting, seed) == (first, tune_seed))
+                    for m in methods if best.get(m) is not None]
+    # 3. one generation pass of the best method
+    fg = final_generation(spec, by_config)
+    if fg is not None and fg[2] not in by_config:
+        out.append(Run(fg[0], fg[1], tune_seed, fg[2], 3, validation=False))
+    return out
+
+
+def execute(run: Run, base: dict) -> dict:
+    """Trains (or, for the zero-shot run, evaluates) one run and returns its record.
+
+    The validation loss is computed only where it chooses (``run.validation``): ``eval.validation`` is
+    not part of the digest, since it trains nothing.
+    """
+    if run.stage == 0:
+        from fedhl_jax.experiments.methods_suite import zero_shot_cell
+
+        return zero_shot_cell(R.merge_overrides(base, run.overrides))
+    ov = run.overrides if run.validation else dict(run.overrides, **{"eval.validation": False})
+    return R.run_cell(base, ov, run.seed)
+
+
 def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable = print,
-              max_runs: int | None = None, rerun: str | None = None) -> dict:
+              max_runs: int | None = None, rerun: str | None = None, workers: int = 1,
+              runner: Callable[[Run, dict], dict] | None = None) -> dict:
     """Runs what is not yet in ``cache``, in the module docstring's order (see there).
+
+    With one worker, the runs train in this process one after another: each tuning pass (every untuned
+    method's next rate) as a whole, then the settings' seeds (setting, seed, method), then the final
+    generation pass. With ``workers`` > 1, up to that many runs train at once in worker processes
+    (``workers.pool``, each pinned to its own cores), started in the same order as soon as their configs
+    are known (``ready``): a method's seeds start once its own tuning has finished. Records are
+    appended to the cache by this process, each as its run finishes, so an interrupted suite loses only
+    the runs in flight. Runs are independent, so the records do not depend on the order; the float
+    rounding of a run may depend on the cores it had (its digest does not).
 
     Args:
       spec: the suite spec.
@@ -215,12 +303,20 @@ def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable
         what an older record lacks. The new record is appended and supersedes the old one; a run the
         cache already holds twice is not rerun again, so an interrupted rerun resumes. Superseded
         records still count toward the compute.
+      workers: runs trained at once (1: in this process).
+      runner: ``(run, base) -> record`` (default ``execute``); with ``workers`` > 1 a module-level
+        function, sent to the workers.
 
     Returns:
       ``{"by_config": {digest: rec}, "tuned": {method: lr}, "leaders": [...] | None,
       "superseded": [(id, seed, digest, rec)] (records replaced by a rerun),
       "seconds": sum of every cached run's wall time, superseded ones included}``.
+
+    Raises:
+      ValueError: ``workers`` < 1 (naming it) or a setting naming an unknown method, before any run.
     """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers!r}")
     for setting in setting_names(spec):  # before any run
         check_setting_methods(spec, setting)
     rows = R.read_cache(cache)
@@ -229,74 +325,83 @@ def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable
     superseded = [(row["id"], row["seed"], row["config"], row["rec"]) for row in rows
                   if row["rec"] is not by_config[row["config"]]]  # every record but a config's last
     base = spec["base"]
-    first, tune_seed = setting_names(spec)[0], spec["tune"]["seed"]
     done = [0]
     t0 = time.perf_counter()
 
-    def run(rid: str, ov: dict, seed: int, d: str, validation: bool = True) -> bool:
-        again = (rerun is not None and d in by_config and count.get(d, 0) == 1 and rerun in f"{rid} seed {seed}")
-        if (d in by_config and not again) or (only is not None and only not in rid):
-            return True
-        if max_runs is not None and done[0] >= max_runs:
-            return False
-        # The validation loss chooses rates and leaders only (the first setting's tuning seed); elsewhere
-        # it is not computed (``eval.validation`` is not part of the digest: it trains nothing).
-        rec = R.run_cell(base, ov if validation else dict(ov, **{"eval.validation": False}), seed)
-        if again:
-            superseded.append((rid, seed, d, by_config[d]))
-            count[d] = 2
-        by_config[d] = rec
-        R.append_cache(cache, rid, seed, d, rec)
-        done[0] += 1
-        log(f"{rid} seed {seed}: test {rec['final_eval_loss']:.4f}, val {rec.get('final_val_loss', math.nan):.4f} "
-            f"({rec['seconds']:.0f} s; {time.perf_counter() - t0:.0f} s so far)", flush=True)
-        return True
+    def again(r: Run) -> bool:
+        return (rerun is not None and r.stage != 0 and r.digest in by_config and count.get(r.digest, 0) == 1
+                and rerun in f"{r.rid} seed {r.seed}")
 
-    zs = "zero_shot-" + R.config_digest(base, {}, tune_seed)
-    if (spec.get("zero_shot", True) and zs not in by_config and (only is None or only in ZERO_SHOT)
-            and (max_runs is None or max_runs > 0)):
-        from fedhl_jax.experiments.methods_suite import zero_shot_cell
+    def wanted() -> list[Run]:
+        return [r for r in ready(spec, by_config) if (r.digest not in by_config or again(r))
+                and (only is None or only in r.rid)]
 
-        rec = zero_shot_cell(R.merge_overrides(base, spec.get("zero_shot_overrides") or {}))
-        by_config[zs] = rec
-        R.append_cache(cache, ZERO_SHOT, tune_seed, zs, rec)
+    def finish(r: Run, rec: dict) -> None:
+        if r.digest in by_config:  # a rerun
+            superseded.append((r.rid, r.seed, r.digest, by_config[r.digest]))
+            count[r.digest] = 2
+        by_config[r.digest] = rec
+        R.append_cache(cache, r.rid, r.seed, r.digest, rec)
         done[0] += 1
-        log(f"zero-shot: test {rec.get('eval_loss', math.nan):.4f} ({rec['seconds']:.0f} s)", flush=True)
-    # 2. tuning, round-robin over methods so that an interrupted suite has whole grid columns
-    while True:
-        todo = [(m, next_rate(spec, tried(spec, by_config, m))) for m in spec["methods"]]
-        todo = [(m, lr) for m, lr in todo if lr is not None]
-        if not todo:
-            break
-        lr_now = todo[0][1] if not _bracket(spec) and todo[0][1] in spec["tune"]["grid"] else None
-        progressed = False
-        for m, lr in todo:
-            if lr_now is not None and lr != lr_now:
-                continue
-            if not run(run_id(first, m, lr), overrides(spec, first, m, lr), tune_seed,
-                       digest(spec, first, m, lr, tune_seed)):
-                return _summary(spec, by_config, superseded)
-            progressed = progressed or digest(spec, first, m, lr, tune_seed) in by_config
-        if not progressed:  # everything left is filtered out by ``only``
-            break
-    best = tuned(spec, by_config)
-    # 3.-4. the settings' seeds at each method's own rate
-    for setting in setting_names(spec):
-        methods = setting_methods(spec, setting, by_config)
-        if methods is None:
-            continue
-        for seed in spec["settings"][setting]["seeds"]:
-            for m in methods:
-                if best.get(m) is None:
-                    continue
-                if not run(run_id(setting, m, best[m]), overrides(spec, setting, m, best[m]), seed,
-                           digest(spec, setting, m, best[m], seed), validation=(setting, seed) == (first, tune_seed)):
-                    return _summary(spec, by_config, superseded)
-    # 5. one generation pass of the best method
-    fg = final_generation(spec, by_config)
-    if fg is not None:
-        run(fg[0], fg[1], tune_seed, fg[2], validation=False)
+        if r.stage == 0:
+            log(f"zero-shot: test {rec.get('eval_loss', math.nan):.4f} ({rec['seconds']:.0f} s)", flush=True)
+        else:
+            log(f"{r.rid} seed {r.seed}: test {rec['final_eval_loss']:.4f}, "
+                f"val {rec.get('final_val_loss', math.nan):.4f} ({rec['seconds']:.0f} s; "
+                f"{time.perf_counter() - t0:.0f} s so far)", flush=True)
+
+    def budget() -> bool:
+        return max_runs is None or done[0] < max_runs
+
+    if workers == 1:
+        run = runner or execute
+        while budget():
+            todo = wanted()
+            if not todo:
+                break
+            for r in [r for r in todo if r.stage == todo[0].stage]:  # a whole pass of one stage
+                if not budget():
+                    break
+                finish(r, run(r, base))
+        return _summary(spec, by_config, superseded)
+    _run_parallel(runner or execute, base, workers, wanted, finish,
+                  lambda n_flight: max_runs is None or done[0] + n_flight < max_runs)
     return _summary(spec, by_config, superseded)
+
+
+def _run_parallel(runner: Callable, base: dict, workers: int, wanted: Callable[[], list[Run]],
+                  finish: Callable[[Run, dict], None], may_start: Callable[[int], bool]) -> None:
+    """Keeps up to ``workers`` runs of ``wanted()`` in flight in a worker pool; ``finish`` records each as
+    it ends. A failed run stops new starts; the runs in flight still finish and are recorded before the
+    error is raised."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from fedhl_jax.experiments.workers import pool
+
+    flight, error = {}, None
+    with pool(workers) as ex:
+        while True:
+            if error is None:
+                busy = {r.digest for r in flight.values()}
+                for r in wanted():
+                    if len(flight) >= workers or not may_start(len(flight)):
+                        break
+                    if r.digest not in busy:
+                        flight[ex.submit(runner, r, base)] = r
+                        busy.add(r.digest)
+            if not flight:
+                break
+            finished, _ = wait(flight, return_when=FIRST_COMPLETED)
+            for f in finished:
+                r = flight.pop(f)
+                try:
+                    rec = f.result()
+                except BaseException as e:  # noqa: BLE001 - re-raised once the others are recorded
+                    error = error or e
+                    continue
+                finish(r, rec)
+    if error is not None:
+        raise error
 
 
 def final_generation(spec: dict, by_config: dict) -> tuple[str, dict, str] | None:
