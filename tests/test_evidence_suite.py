@@ -459,3 +459,23 @@ def test_cli_refuses_bad_worker_counts_before_any_run(tmp_path, capsys, monkeypa
                      "--compile-cache", ""]) == 2
     assert "--workers 2: only a 'suite: evidence' spec runs in workers" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+
+
+def test_fewer_seeds_redecides_each_pair_over_the_first_seeds(spec, tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "run_cell", fake_run_cell([]))
+    res = E.run_suite(spec, tmp_path / "c.jsonl", log=lambda *a, **k: None)
+    by, best = res["by_config"], res["tuned"]
+    rows = E.fewer_seeds(spec, by, best, 2)
+    named = sum(1 for s in E.setting_names(spec) for a, b in spec["pairs"]
+                if E.runs_of(spec, by, s, a, best[a]) and E.runs_of(spec, by, s, b, best[b]))
+    assert len(rows) == named > 0  # every setting has 3 seeds
+    r = rows[0]
+    a, b = r["pair"]
+    ra, rb = (E.runs_of(spec, by, r["setting"], m, best[m]) for m in (a, b))
+    want = E.compare({s: ra[s] for s in (0, 1)}, {s: rb[s] for s in (0, 1)})
+    assert r["first"]["seeds"] == 2 and r["all"]["seeds"] == 3
+    assert r["first"]["ci"] == want["ci"] and r["all"]["ci"] == E.compare(ra, rb)["ci"]
+    md = "\n".join(E.fewer_seeds_section(spec, by, best, 2))
+    changed = sum(E.S.decision(x["all"]["ci"], x["pair"]) != E.S.decision(x["first"]["ci"], x["pair"]) for x in rows)
+    assert f"{changed} of {len(rows)} decisions change" in md and md.count("\n| ") == len(rows) + 1
+    assert E.fewer_seeds(spec, by, best, 3) == [] and E.fewer_seeds_section(spec, by, best, 3) == []

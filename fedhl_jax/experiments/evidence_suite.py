@@ -616,6 +616,54 @@ def _fmt_cmp(c: dict | None, names: tuple[str, str]) -> list[str]:
     return [_fmt_ci(c["ci"], sign=True), p, f"{c['seeds']} × {c['examples']}", S.decision(c["ci"], names)]
 
 
+def fewer_seeds(spec: dict, by_config: dict, best: dict, n: int = 2) -> list[dict]:
+    """The named pairs decided again over each setting's first ``n`` seeds only: what a design with ``n``
+    seeds per setting would have concluded from the same runs.
+
+    Args:
+      spec, by_config, best: the suite spec, the cache by config digest and the tuned rates.
+      n: the seeds kept (the first ``n`` of the setting's ``seeds``).
+
+    Returns:
+      ``{"setting", "pair", "all", "first"}`` per named pair that both methods ran in a setting with
+      more than ``n`` seeds: ``all`` and ``first`` are ``compare``'s results over all the common seeds and
+      over the first ``n`` of them (pairs without ``n`` common first seeds are left out).
+    """
+    out = []
+    for s in setting_names(spec):
+        keep = list(spec["settings"][s]["seeds"])[:n]
+        if len(spec["settings"][s]["seeds"]) <= n:
+            continue
+        for a, b in spec.get("pairs", []):
+            ra, rb = runs_of(spec, by_config, s, a, best.get(a)), runs_of(spec, by_config, s, b, best.get(b))
+            if not all(k in ra and k in rb for k in keep):
+                continue
+            full = compare(ra, rb)
+            first = compare({k: ra[k] for k in keep}, {k: rb[k] for k in keep})
+            if full is not None and first is not None:
+                out.append({"setting": s, "pair": (a, b), "all": full, "first": first})
+    return out
+
+
+def fewer_seeds_section(spec: dict, by_config: dict, best: dict, n: int = 2) -> list[str]:
+    """The page's table of ``fewer_seeds``: each named pair's decision over all seeds and over the first
+    ``n``, and how many decisions change (empty when no setting has more than ``n`` seeds)."""
+    rows = fewer_seeds(spec, by_config, best, n)
+    if not rows:
+        return []
+    changed = [r for r in rows if S.decision(r["all"]["ci"], r["pair"]) != S.decision(r["first"]["ci"], r["pair"])]
+    L = ["", f"### With {n} seeds instead", "",
+         f"The same pairs over the first {n} seeds of each setting only, from the same runs: what a design with {n} "
+         f"seeds per setting would have decided. {len(changed)} of {len(rows)} decisions change.", "",
+         f"| setting | a − b | all seeds | decision | first {n} seeds | decision |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        a, f = r["all"], r["first"]
+        da, df = S.decision(a["ci"], r["pair"]), S.decision(f["ci"], r["pair"])
+        L.append(f"| {r['setting']} | {r['pair'][0]} − {r['pair'][1]} | {_fmt_ci(a['ci'], sign=True)} ({a['seeds']}) "
+                 f"| {da} | {_fmt_ci(f['ci'], sign=True)} | {'**' + df + '**' if df != da else df} |")
+    return L
+
+
 def _lr(lr: float | None) -> str:
     return "–" if lr is None else f"{lr:g}"
 
@@ -700,6 +748,7 @@ def render(spec: dict, res: dict, out_dir: Path, *, stem: str) -> str:
             if not ra or not rb:
                 continue
             L.append("| " + " | ".join([s, f"{a} − {b}"] + _fmt_cmp(compare(ra, rb), (a, b))) + " |")
+    L += fewer_seeds_section(spec, by_config, best)
     L += generation_section(spec, by_config, best)
     # ---- step size
     L += ["", "## Step size: every method at every learning rate it was tuned on", "",
