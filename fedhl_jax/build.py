@@ -1,4 +1,4 @@
-"""Objects built from a validated config: the run's algorithm.
+"""Objects built from a validated config: the run's algorithm and its clients' training pieces.
 
 The config classes (``fedhl_jax.config``) hold plain frozen values; this module turns the
 ``fed`` section into an :class:`~fedhl_jax.algorithms.Algorithm`. ``config.load_config`` (and
@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from fedhl_jax.algorithms import ALGORITHMS, Algorithm, make_algorithm
 from fedhl_jax.errors import ConfigError
 
 if TYPE_CHECKING:
-    from fedhl_jax.config import FedConfig
+    import optax
 
-__all__ = ["build_algorithm", "checked_options", "options_class"]
+    from fedhl_jax.config import FedConfig, TrainConfig
+
+__all__ = ["ClientPieces", "build_algorithm", "checked_options", "client_pieces", "options_class"]
 
 
 def options_class(algorithm: str) -> type:
@@ -86,3 +88,49 @@ def build_algorithm(fed: FedConfig) -> Algorithm:
         ``config.load_config`` / ``config.from_dict``, which check the options already).
     """
     return _build(fed, fed.options)
+
+
+class ClientPieces(NamedTuple):
+    """What a client's local training is made of (``engine.make_client_step`` / ``make_round_step``).
+
+    Attributes:
+      optimizer: the clients' optimizer (``optim``; the algorithm's trainable factors only).
+      loss: ``(params, adapter, tokens, mask) -> scalar`` (the model's, with ``model.remat``).
+      to_client, from_client: the adapter's layout change into and out of the loss (the built-in Llama
+        scans stacked layers), or None.
+      length_bucket: ``optim.length_bucket`` for the built-in Llama; 0 (full width) for an NNX model,
+        whose batch layout is its own.
+    """
+
+    optimizer: optax.GradientTransformation
+    loss: Callable
+    to_client: Callable | None
+    from_client: Callable | None
+    length_bucket: int
+
+
+def client_pieces(cfg: TrainConfig, model_cfg, algorithm: Algorithm, bridge=None) -> ClientPieces:
+    """The clients' optimizer, loss, adapter layout and step width, as the simulation and a deployed
+    node (``fedhl_jax.flower.node``) both train: one construction, so a node's step is the simulation's.
+
+    Args:
+      cfg: the run's config (``optim``, ``model.remat``).
+      model_cfg: the built-in Llama's ``LlamaConfig`` (unused with ``bridge``).
+      algorithm: the run's algorithm (its ``trainable`` factors).
+      bridge: the ``nnx_bridge.NnxLoRA`` of ``model.kind: nnx``: its loss, and the adapter as it is.
+
+    Returns:
+      A ``ClientPieces``.
+    """
+    from fedhl_jax import model as M
+    from fedhl_jax.local import make_optimizer
+
+    o = cfg.optim
+    optimizer = make_optimizer(o.optimizer, o.lr, lr_b=o.lr_b, weight_decay=o.weight_decay, momentum=o.momentum,
+                               grad_clip=o.grad_clip, trainable=algorithm.trainable)
+    if bridge is not None:
+        return ClientPieces(optimizer, bridge.loss, None, None, 0)
+    train_cfg = model_cfg.replace(remat=cfg.model.remat)  # remat per scanned block, for training
+    return ClientPieces(optimizer, lambda params, adapter, tokens, mask: M.loss_fn(train_cfg, params, adapter, tokens, mask),
+                        lambda ad: M.stacked_adapter(model_cfg, ad), lambda ad: M.per_layer_adapter(model_cfg, ad),
+                        o.length_bucket)

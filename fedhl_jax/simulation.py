@@ -18,11 +18,10 @@ from fedhl_jax import engine, runtime
 from fedhl_jax import model as M
 from fedhl_jax.model.hub import resolve_model_source
 from fedhl_jax.model.sharded_load import load_sharded
-from fedhl_jax.build import build_algorithm
+from fedhl_jax.build import build_algorithm, client_pieces
 from fedhl_jax.config import ConfigError, TrainConfig
 from fedhl_jax.data.federated import build_federated_dataset, load_records
 from fedhl_jax.evaluator import GlobalEvaluator, eval_metric
-from fedhl_jax.local import make_optimizer
 
 _AUTO_MESH = object()
 
@@ -198,17 +197,9 @@ class Simulation:
                                               fed.clients_per_round, cfg.seed, batches=batcher,
                                               rslora=cfg.model.rslora, mesh=self.mesh)
         # The clients' optimizer, loss and adapter layout (also used by a deployed node, fedhl_jax.flower).
-        self.optimizer = make_optimizer(o.optimizer, o.lr, lr_b=o.lr_b, weight_decay=o.weight_decay,
-                                        momentum=o.momentum, grad_clip=o.grad_clip, trainable=self.algorithm.trainable)
-        if self.nnx is not None:
-            self.loss, self.to_client, self.from_client = self.nnx.loss, None, None
-            self.merge_delta = self.nnx.merge_delta
-        else:
-            train_cfg = self.model_cfg.replace(remat=cfg.model.remat)  # remat per scanned block, for training
-            self.loss = lambda params, adapter, tokens, mask: M.loss_fn(train_cfg, params, adapter, tokens, mask)
-            self.to_client = lambda ad: M.stacked_adapter(self.model_cfg, ad)
-            self.from_client = lambda ad: M.per_layer_adapter(self.model_cfg, ad)
-            self.merge_delta = M.merge_delta
+        pieces = client_pieces(cfg, self.model_cfg, self.algorithm, self.nnx)
+        self.optimizer, self.loss, self.to_client, self.from_client = pieces[:4]
+        self.merge_delta = M.merge_delta if self.nnx is None else self.nnx.merge_delta
         # Process-wide: the round step, evaluation and generation compile in this mode (fedhl_jax.runtime).
         runtime.set_cpu_matmul(cfg.model.cpu_matmul)
         if cfg.model.cpu_matmul == "accurate" and jax.default_backend() == "cpu":
@@ -216,7 +207,7 @@ class Simulation:
         self.round_fn = engine.compile_round_step(engine.make_round_step(
             self.algorithm, self.loss, self.optimizer, clients_per_chunk=fed.clients_per_chunk,
             merge_delta=self.merge_delta, to_client=self.to_client, from_client=self.from_client,
-            mesh=self.mesh, probe=probe, length_bucket=o.length_bucket if self.nnx is None else 0))
+            mesh=self.mesh, probe=probe, length_bucket=pieces.length_bucket))
         self.evaluator = None
         if self.data.eval is not None and self.nnx is None:  # held-out metrics: the built-in Llama only
             self.evaluator = GlobalEvaluator(self.model_cfg, self.params, self.tokenizer, self.data.eval,

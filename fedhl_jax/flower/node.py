@@ -85,30 +85,6 @@ def unpack(arrays: dict, shapes: dict, r_max: int, rank: int, *, fill: dict | No
     return B, A
 
 
-def client_pieces(cfg: TrainConfig, model_cfg, algorithm, bridge=None) -> tuple:
-    """The simulation's client optimizer, loss and adapter layout for ``model_cfg`` (the same
-    construction as ``Simulation``'s, so a node's step is the simulation's client step).
-
-    Args:
-      bridge: the ``nnx_bridge.NnxLoRA`` of ``model.kind: nnx`` (``model_cfg`` is then unused): its
-        loss, and the adapter as it is (no layout change), as the simulation's.
-
-    Returns:
-      ``(optimizer, loss, to_client, from_client)``.
-    """
-    from fedhl_jax import model as M
-    from fedhl_jax.local import make_optimizer
-
-    o = cfg.optim
-    optimizer = make_optimizer(o.optimizer, o.lr, lr_b=o.lr_b, weight_decay=o.weight_decay, momentum=o.momentum,
-                               grad_clip=o.grad_clip, trainable=algorithm.trainable)
-    if bridge is not None:
-        return optimizer, bridge.loss, None, None
-    train_cfg = model_cfg.replace(remat=cfg.model.remat)
-    return (optimizer, lambda params, adapter, tokens, mask: M.loss_fn(train_cfg, params, adapter, tokens, mask),
-            lambda ad: M.stacked_adapter(model_cfg, ad), lambda ad: M.per_layer_adapter(model_cfg, ad))
-
-
 def local_batcher(cfg: TrainConfig, path: str, tokenizer, *, log: Callable = lambda *_: None):
     """A node's own data: every row of its JSON Lines file (the dataset's fields), in file order.
 
@@ -180,7 +156,7 @@ class NodeTrainer:
                  ranks=None, log: Callable = lambda *_: None):
         from fedhl_jax import engine, runtime
         from fedhl_jax.lora import lora_scale, rank_mask
-        from fedhl_jax.build import build_algorithm
+        from fedhl_jax.build import build_algorithm, client_pieces
         from fedhl_jax.config import ConfigError
         from fedhl_jax.model import lora_targets, merge_delta
         from fedhl_jax.simulation import Simulation, load_model
@@ -217,11 +193,11 @@ class NodeTrainer:
             self.batches, self.num_examples = batcher, int(sizes[partition_id])
         self.mask = rank_mask(np.array([rank]), self.r_max)[0]  # [r_max]
         self.scale = lora_scale(np.array([rank]), cfg.model.alpha, rslora=cfg.model.rslora)[0]  # []
-        optimizer, loss, to_client, from_client = client_pieces(cfg, model_cfg, algorithm, bridge)
+        pieces = client_pieces(cfg, model_cfg, algorithm, bridge)
         merge = merge_delta if bridge is None else bridge.merge_delta
         runtime.set_cpu_matmul(cfg.model.cpu_matmul)
-        client = engine.make_client_step(algorithm, loss, optimizer, to_client=to_client, from_client=from_client,
-                                         length_bucket=cfg.optim.length_bucket if bridge is None else 0)
+        client = engine.make_client_step(algorithm, pieces.loss, pieces.optimizer, to_client=pieces.to_client,
+                                         from_client=pieces.from_client, length_bucket=pieces.length_bucket)
         self.trainable = algorithm.trainable
 
         def step(base, base_delta, B, A, mask, scale, *batch):
