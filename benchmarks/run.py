@@ -1015,3 +1015,51 @@ def bench_suite_workers(runs=(("cross_silo", "fedhl_data_size", 1), ("cross_silo
                                        for a, b in zip(recs["sequential"], recs["parallel"]))
     print(json.dumps(out), flush=True)
     return out
+
+
+def bench_compile_cache(runs=(("cross_silo", "fedhl_data_size", 1), ("cross_silo", "fedhl_data_size", 2)),
+                        extra=(("optim.length_bucket", 32), ("fed.clients_per_chunk", 1)),
+                        config="configs/results_smollm2.yaml", cache="docs/results/results_smollm2.jsonl"):
+    """Whole evidence-suite runs in one process from an empty persistent compilation cache (as
+    ``fedhl-results`` keeps one), then the suite's zero-shot pass: per run, wall seconds and JAX's
+    compile events (``jax.monitoring``: tracing, lowering, XLA's backend compile, and the seconds the
+    persistent cache saved). The default runs are two seeds of one method at its tuned rate in
+    ``cache`` (one program: the second loads it from the cache), without the validation loss, with
+    ``extra`` overrides (the settings of a suite from an empty cache). Needs ``../shared``. Run:
+    ``python -c "import json; from benchmarks.run import bench_compile_cache; print(json.dumps(bench_compile_cache()))"``."""
+    import tempfile
+
+    import yaml
+    from jax import monitoring
+
+    from fedhl_jax.experiments import evidence_suite as E
+    from fedhl_jax.experiments import results_suite as R
+
+    events = {}
+    monitoring.register_event_duration_secs_listener(lambda name, secs, **kw: events.__setitem__(
+        name, events.get(name, 0.0) + secs))
+    spec = yaml.safe_load(Path(config).read_text())
+    best = E.tuned(spec, {row["config"]: row["rec"] for row in R.read_cache(Path(cache))})
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    out = []
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            jax.config.update("jax_compilation_cache_dir", d)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # as fedhl-results
+            todo = [E.Run(E.run_id(s, m, best[m]), dict(E.overrides(spec, s, m, best[m]), **dict(extra)), seed, "-", 2,
+                          False) for s, m, seed in runs]
+            todo.append(E.Run(E.ZERO_SHOT, dict(spec.get("zero_shot_overrides") or {}), spec["tune"]["seed"], "-", 0))
+            for r in todo:
+                events.clear()
+                t0 = time.perf_counter()
+                rec = E.execute(r, spec["base"])
+                row = {"run": r.rid, "seed": r.seed, "seconds": time.perf_counter() - t0,
+                       "eval_loss": rec.get("final_eval_loss", rec.get("eval_loss")),
+                       "events": {k: v for k, v in events.items() if "compil" in k or "cache" in k}}
+                out.append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    return {"config": config, "extra": dict(extra), "date": date.today().isoformat(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "runs": out}
