@@ -1063,3 +1063,68 @@ def bench_compile_cache(runs=(("cross_silo", "fedhl_data_size", 1), ("cross_silo
         jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
     return {"config": config, "extra": dict(extra), "date": date.today().isoformat(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "runs": out}
+
+
+def bench_cut_pairs(seeds=(1, 2), setting="cross_silo", methods=None, workers=2,
+                    extra=(("optim.length_bucket", 32), ("fed.clients_per_chunk", 1)),
+                    out="docs/results/cut_pairs.jsonl", config="configs/results_smollm2.yaml",
+                    cache="docs/results/results_smollm2.jsonl"):
+    """Does training cut to length (the defaults, ``extra``) shift a suite's results? Reruns cached suite
+    runs (``setting``, each method of the spec at its tuned rate, each of ``seeds``; no validation loss)
+    with ``extra`` in ``workers`` worker processes and appends each, as it finishes, to the JSONL ``out``
+    beside its cached record's numbers (resumable: runs already in ``out`` are skipped). A row holds the
+    final held-out loss as the page defines it (the mean over answers) of both, and the cut run's
+    per-answer losses. ``cut_pairs_summary`` reads it. Needs ``../shared``. Run: ``python -c "from
+    benchmarks.run import bench_cut_pairs; bench_cut_pairs()"``."""
+    import yaml
+    from concurrent.futures import as_completed
+
+    from fedhl_jax.experiments import evidence_suite as E
+    from fedhl_jax.experiments import results_suite as R
+    from fedhl_jax.experiments.workers import pool
+
+    spec = yaml.safe_load(Path(config).read_text())
+    by_config = {row["config"]: row["rec"] for row in R.read_cache(Path(cache))}
+    best = E.tuned(spec, by_config)
+    path = Path(out)
+    have = {(r["method"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())} if path.exists() else set()
+    todo = [(m, s) for s in seeds for m in (methods or spec["methods"]) if (m, s) not in have]
+    with pool(workers) as ex:
+        futures = {}
+        for m, s in todo:
+            ov = dict(E.overrides(spec, setting, m, best[m]), **dict(extra))
+            run = E.Run(E.run_id(setting, m, best[m]), ov, s, R.config_digest(spec["base"], ov, s), 2, False)
+            futures[ex.submit(E.execute, run, spec["base"])] = (m, s)
+        for f in as_completed(futures):
+            m, s = futures[f]
+            rec, old = f.result(), by_config[E.digest(spec, setting, m, best[m], s)]
+            row = {"setting": setting, "method": m, "seed": s, "lr": best[m], "extra": dict(extra),
+                   "answer_mean": E.answer_mean(rec), "answer_mean_cached": E.answer_mean(old),
+                   "final_eval_loss": rec["final_eval_loss"], "final_eval_loss_cached": old["final_eval_loss"],
+                   "seconds": rec["seconds"], "eval_loss_examples": rec["eval_loss_examples"]}
+            with open(path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(json.dumps({k: v for k, v in row.items() if k != "eval_loss_examples"}), flush=True)
+
+
+def cut_pairs_summary(path="docs/results/cut_pairs.jsonl") -> dict:
+    """The mean over runs of (cut − cached full width) held-out loss, with its 95% t interval over runs
+    and the paired t-test's p (``fedhl_jax.experiments.stats``), and the mean absolute difference."""
+    from fedhl_jax.experiments import stats as S
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    a = np.asarray([[r["answer_mean"]] for r in rows])  # [runs, 1]
+    b = np.asarray([[r["answer_mean_cached"]] for r in rows])
+    d = a[:, 0] - b[:, 0]
+    t = S.paired_t_test(a, b) if len(rows) >= 2 else None
+    def t975(df):  # the t quantile with two-sided p = 0.05, by bisection on the p-value
+        lo, hi = 0.0, 100.0
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if S.t_two_sided_p(mid, df) > 0.05 else (lo, mid)
+        return (lo + hi) / 2
+
+    half = float(t975(len(rows) - 1) * d.std(ddof=1) / np.sqrt(len(rows))) if len(rows) >= 2 else None
+    return {"runs": len(rows), "mean_diff": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)]
+            if half is not None else None, "p": t.p if t else None, "mean_abs_diff": float(np.abs(d).mean()),
+            "max_abs_diff": float(np.abs(d).max())}
