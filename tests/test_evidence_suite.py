@@ -505,3 +505,41 @@ def test_real_runs_in_workers_match_the_in_process_run(tmp_path):
     there = res["by_config"][run.digest]
     np.testing.assert_allclose(there["eval_loss_examples"], here["eval_loss_examples"], rtol=1e-5)
     np.testing.assert_allclose(there["update_norm"], here["update_norm"], rtol=1e-5)
+
+
+def test_workers_end_when_the_suite_process_is_killed(tmp_path):
+    """A suite process killed outright (no pool shutdown) takes its workers with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, time\n"
+        "from fedhl_jax.experiments.workers import pool\n"
+        "if __name__ == '__main__':\n"
+        "    ex = pool(1)\n"
+        "    print(ex.submit(os.getpid).result(), flush=True)\n"
+        "    ex.submit(time.sleep, 600)\n"
+        "    time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)))
+    worker = int(parent.stdout.readline())
+    os.kill(worker, 0)  # alive
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        try:  # reap it if it became our child (it did not: its parent was the killed process)
+            os.waitpid(worker, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail(f"worker {worker} outlived its parent")

@@ -50,9 +50,24 @@ def core_groups(workers: int, cores: list[int]) -> list[list[int]] | None:
     return out
 
 
+def _exit_with_parent() -> None:
+    """Asks Linux to end this process when its parent dies (``PR_SET_PDEATHSIG``), so a suite killed
+    without a chance to shut its pool down leaves no worker training on; elsewhere nothing is done."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
+            pass
+
+
 def _init(groups, options: dict) -> None:
     """A worker's initializer: takes a core group from the queue (None: no pinning) and the parent's
     JAX options."""
+    _exit_with_parent()
     group = groups.get()
     if group is not None:
         os.sched_setaffinity(0, group)
