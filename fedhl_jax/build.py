@@ -98,6 +98,8 @@ class ClientPieces(NamedTuple):
       loss: ``(params, adapter, tokens, mask) -> scalar`` (the model's, with ``model.remat``).
       to_client, from_client: the adapter's layout change into and out of the loss (the built-in Llama
         scans stacked layers), or None.
+      merge_delta: ``(params, delta) -> params``: a dense update merged into the base weights (the
+        algorithms that move the base, FLoRA).
       length_bucket: ``optim.length_bucket`` for the built-in Llama; 0 (full width) for an NNX model,
         whose batch layout is its own.
     """
@@ -106,18 +108,19 @@ class ClientPieces(NamedTuple):
     loss: Callable
     to_client: Callable | None
     from_client: Callable | None
+    merge_delta: Callable
     length_bucket: int
 
 
 def client_pieces(cfg: TrainConfig, model_cfg, algorithm: Algorithm, bridge=None) -> ClientPieces:
-    """The clients' optimizer, loss, adapter layout and step width, as the simulation and a deployed
+    """The clients' optimizer, loss, adapter layout, base merge and step width, as the simulation and a deployed
     node (``fedhl_jax.flower.node``) both train: one construction, so a node's step is the simulation's.
 
     Args:
       cfg: the run's config (``optim``, ``model.remat``).
       model_cfg: the built-in Llama's ``LlamaConfig`` (unused with ``bridge``).
       algorithm: the run's algorithm (its ``trainable`` factors).
-      bridge: the ``nnx_bridge.NnxLoRA`` of ``model.kind: nnx``: its loss, and the adapter as it is.
+      bridge: the ``nnx_bridge.NnxLoRA`` of ``model.kind: nnx``: its loss and merge, and the adapter as it is.
 
     Returns:
       A ``ClientPieces``.
@@ -129,8 +132,8 @@ def client_pieces(cfg: TrainConfig, model_cfg, algorithm: Algorithm, bridge=None
     optimizer = make_optimizer(o.optimizer, o.lr, lr_b=o.lr_b, weight_decay=o.weight_decay, momentum=o.momentum,
                                grad_clip=o.grad_clip, trainable=algorithm.trainable)
     if bridge is not None:
-        return ClientPieces(optimizer, bridge.loss, None, None, 0)
+        return ClientPieces(optimizer, bridge.loss, None, None, bridge.merge_delta, 0)
     train_cfg = model_cfg.replace(remat=cfg.model.remat)  # remat per scanned block, for training
     return ClientPieces(optimizer, lambda params, adapter, tokens, mask: M.loss_fn(train_cfg, params, adapter, tokens, mask),
                         lambda ad: M.stacked_adapter(model_cfg, ad), lambda ad: M.per_layer_adapter(model_cfg, ad),
-                        o.length_bucket)
+                        M.merge_delta, o.length_bucket)

@@ -198,8 +198,8 @@ class Simulation:
                                               rslora=cfg.model.rslora, mesh=self.mesh)
         # The clients' optimizer, loss and adapter layout (also used by a deployed node, fedhl_jax.flower).
         pieces = client_pieces(cfg, self.model_cfg, self.algorithm, self.nnx)
-        self.optimizer, self.loss, self.to_client, self.from_client = pieces[:4]
-        self.merge_delta = M.merge_delta if self.nnx is None else self.nnx.merge_delta
+        self.optimizer, self.loss, self.merge_delta = pieces.optimizer, pieces.loss, pieces.merge_delta
+        self.to_client, self.from_client = pieces.to_client, pieces.from_client
         # Process-wide: the round step, evaluation and generation compile in this mode (fedhl_jax.runtime).
         runtime.set_cpu_matmul(cfg.model.cpu_matmul)
         if cfg.model.cpu_matmul == "accurate" and jax.default_backend() == "cpu":

@@ -4,6 +4,7 @@ import types
 
 import numpy as np
 
+from fedhl_jax import model as M
 from fedhl_jax.build import client_pieces
 from fedhl_jax.config import load_config
 from fedhl_jax.lora import Adapter
@@ -28,8 +29,10 @@ def test_client_pieces_are_the_simulations_and_an_nnx_model_trains_at_full_width
     assert np.isfinite(got) and got == float(sim.loss(sim.base, sim.to_client(adapter), tokens, mask))
     assert got != float(p.loss(sim.base, p.to_client(adapter._replace(scale=np.float32(0.0))), tokens, mask))
     # an NNX bridge: its own loss, the adapter as it is, full-width steps
-    bridge = types.SimpleNamespace(loss=object())
+    assert p.merge_delta is M.merge_delta and sim.merge_delta is p.merge_delta
+    bridge = types.SimpleNamespace(loss=object(), merge_delta=object())
     q = client_pieces(cfg, sim.model_cfg, sim.algorithm, bridge)
     assert q.loss is bridge.loss and q.to_client is None and q.from_client is None and q.length_bucket == 0
+    assert q.merge_delta is bridge.merge_delta
     # the optimizer trains the algorithm's factors only, as the simulation's
     assert type(q.optimizer) is type(sim.optimizer)

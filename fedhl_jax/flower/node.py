@@ -158,7 +158,7 @@ class NodeTrainer:
         from fedhl_jax.lora import lora_scale, rank_mask
         from fedhl_jax.build import build_algorithm, client_pieces
         from fedhl_jax.config import ConfigError
-        from fedhl_jax.model import lora_targets, merge_delta
+        from fedhl_jax.model import lora_targets
         from fedhl_jax.simulation import Simulation, load_model
 
         if not 0 <= partition_id < cfg.fed.num_clients:
@@ -194,7 +194,6 @@ class NodeTrainer:
         self.mask = rank_mask(np.array([rank]), self.r_max)[0]  # [r_max]
         self.scale = lora_scale(np.array([rank]), cfg.model.alpha, rslora=cfg.model.rslora)[0]  # []
         pieces = client_pieces(cfg, model_cfg, algorithm, bridge)
-        merge = merge_delta if bridge is None else bridge.merge_delta
         runtime.set_cpu_matmul(cfg.model.cpu_matmul)
         client = engine.make_client_step(algorithm, pieces.loss, pieces.optimizer, to_client=pieces.to_client,
                                          from_client=pieces.from_client, length_bucket=pieces.length_bucket)
@@ -202,7 +201,7 @@ class NodeTrainer:
 
         def step(base, base_delta, B, A, mask, scale, *batch):
             if base_delta is not None:  # algorithms that move the base: the shared update, merged here
-                base = merge(base, base_delta)
+                base = pieces.merge_delta(base, base_delta)
             trained, losses = client.train(base, B, A, mask, scale, *batch)
             return trained.B, trained.A, losses
 
