@@ -350,8 +350,8 @@ def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable
                 f"val {rec.get('final_val_loss', math.nan):.4f} ({rec['seconds']:.0f} s; "
                 f"{time.perf_counter() - t0:.0f} s so far)", flush=True)
 
-    def budget() -> bool:
-        return max_runs is None or done[0] < max_runs
+    def budget(in_flight: int = 0) -> bool:  # may another run start (``in_flight`` runs not yet finished)?
+        return max_runs is None or done[0] + in_flight < max_runs
 
     if workers == 1:
         run = runner or execute
@@ -364,8 +364,7 @@ def run_suite(spec: dict, cache: Path, *, only: str | None = None, log: Callable
                     break
                 finish(r, run(r, base))
         return _summary(spec, by_config, superseded)
-    _run_parallel(runner or execute, base, workers, wanted, finish,
-                  lambda n_flight: max_runs is None or done[0] + n_flight < max_runs)
+    _run_parallel(runner or execute, base, workers, wanted, finish, budget)
     return _summary(spec, by_config, superseded)
 
 
