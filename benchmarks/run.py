@@ -913,6 +913,28 @@ def bench_train_buckets(datasets=("gsm8k", "codealpaca"), modes=((0, 1), (64, 2)
     return out
 
 
+def _cached_suite(config: str, cache: str):
+    """``(spec, by_config, tuned rates)`` of an evidence suite's config and its committed run cache."""
+    import yaml
+
+    from fedhl_jax.experiments import evidence_suite as E
+    from fedhl_jax.experiments import results_suite as R
+
+    spec = yaml.safe_load(Path(config).read_text())
+    by_config = {row["config"]: row["rec"] for row in R.read_cache(Path(cache))}
+    return spec, by_config, E.tuned(spec, by_config)
+
+
+def _suite_rerun(spec: dict, best: dict, setting: str, method: str, seed: int, extra):
+    """A suite run of ``method`` at its tuned rate in ``setting``, with ``extra`` overrides on top, without
+    the validation loss (``evidence_suite.Run``, stage 2: the settings' seeds)."""
+    from fedhl_jax.experiments import evidence_suite as E
+    from fedhl_jax.experiments import results_suite as R
+
+    ov = dict(E.overrides(spec, setting, method, best[method]), **dict(extra))
+    return E.Run(E.run_id(setting, method, best[method]), ov, seed, R.config_digest(spec["base"], ov, seed), 2, False)
+
+
 def bench_suite_runs(runs=(("cross_silo", "fedhl_data_size", 0, True), ("cross_silo", "fedhl_data_size", 1, False),
                            ("codealpaca", "fedhl_data_size", 1, False)),
                      config="configs/results_smollm2.yaml", cache="docs/results/results_smollm2.jsonl"):
@@ -924,14 +946,10 @@ def bench_suite_runs(runs=(("cross_silo", "fedhl_data_size", 0, True), ("cross_s
     example as the cached runs were made: ``{"optim.length_bucket": 0, "eval.length_bucket": 0,
     "fed.clients_per_chunk": 2}``), still against the same cached record. Needs ``../shared``. Run: ``python -c "import json; from
     benchmarks.run import bench_suite_runs; print(json.dumps(bench_suite_runs()))"``."""
-    import yaml
-
     from fedhl_jax.experiments import evidence_suite as E
     from fedhl_jax.experiments import results_suite as R
 
-    spec = yaml.safe_load(Path(config).read_text())
-    by_config = {row["config"]: row["rec"] for row in R.read_cache(Path(cache))}
-    best = E.tuned(spec, by_config)
+    spec, by_config, best = _cached_suite(config, cache)
     out = {"config": config, "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "runs": []}
     for setting, m, seed, validation, *extra in runs:
@@ -974,19 +992,11 @@ def bench_suite_workers(runs=(("cross_silo", "fedhl_data_size", 1), ("cross_silo
     bench_suite_workers; print(json.dumps(bench_suite_workers()))"``."""
     import tempfile
 
-    import yaml
-
     from fedhl_jax.experiments import evidence_suite as E
-    from fedhl_jax.experiments import results_suite as R
     from fedhl_jax.experiments.workers import pool
 
-    spec = yaml.safe_load(Path(config).read_text())
-    by_config = {row["config"]: row["rec"] for row in R.read_cache(Path(cache))}
-    best = E.tuned(spec, by_config)
-    todo = []
-    for setting, m, seed in runs:
-        ov = dict(E.overrides(spec, setting, m, best[m]), **dict(extra))
-        todo.append(E.Run(E.run_id(setting, m, best[m]), ov, seed, R.config_digest(spec["base"], ov, seed), 2, False))
+    spec, by_config, best = _cached_suite(config, cache)
+    todo = [_suite_rerun(spec, best, setting, m, seed, extra) for setting, m, seed in runs]
     out = {"config": config, "runs": [list(r) for r in runs], "extra": dict(extra), "workers": workers,
            "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     old = jax.config.jax_compilation_cache_dir
@@ -1029,25 +1039,21 @@ def bench_compile_cache(runs=(("cross_silo", "fedhl_data_size", 1), ("cross_silo
     ``python -c "import json; from benchmarks.run import bench_compile_cache; print(json.dumps(bench_compile_cache()))"``."""
     import tempfile
 
-    import yaml
     from jax import monitoring
 
     from fedhl_jax.experiments import evidence_suite as E
-    from fedhl_jax.experiments import results_suite as R
 
     events = {}
     monitoring.register_event_duration_secs_listener(lambda name, secs, **kw: events.__setitem__(
         name, events.get(name, 0.0) + secs))
-    spec = yaml.safe_load(Path(config).read_text())
-    best = E.tuned(spec, {row["config"]: row["rec"] for row in R.read_cache(Path(cache))})
+    spec, _, best = _cached_suite(config, cache)
     old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
     out = []
     try:
         with tempfile.TemporaryDirectory() as d:
             jax.config.update("jax_compilation_cache_dir", d)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # as fedhl-results
-            todo = [E.Run(E.run_id(s, m, best[m]), dict(E.overrides(spec, s, m, best[m]), **dict(extra)), seed, "-", 2,
-                          False) for s, m, seed in runs]
+            todo = [_suite_rerun(spec, best, s, m, seed, extra) for s, m, seed in runs]
             todo.append(E.Run(E.ZERO_SHOT, dict(spec.get("zero_shot_overrides") or {}), spec["tune"]["seed"], "-", 0))
             for r in todo:
                 events.clear()
@@ -1076,25 +1082,19 @@ def bench_cut_pairs(seeds=(1, 2), setting="cross_silo", methods=None, workers=2,
     final held-out loss as the page defines it (the mean over answers) of both, and the cut run's
     per-answer losses. ``cut_pairs_summary`` reads it. Needs ``../shared``. Run: ``python -c "from
     benchmarks.run import bench_cut_pairs; bench_cut_pairs()"``."""
-    import yaml
     from concurrent.futures import as_completed
 
     from fedhl_jax.experiments import evidence_suite as E
-    from fedhl_jax.experiments import results_suite as R
     from fedhl_jax.experiments.workers import pool
 
-    spec = yaml.safe_load(Path(config).read_text())
-    by_config = {row["config"]: row["rec"] for row in R.read_cache(Path(cache))}
-    best = E.tuned(spec, by_config)
+    spec, by_config, best = _cached_suite(config, cache)
     path = Path(out)
     have = {(r["method"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())} if path.exists() else set()
     todo = [(m, s) for s in seeds for m in (methods or spec["methods"]) if (m, s) not in have]
     with pool(workers) as ex:
         futures = {}
         for m, s in todo:
-            ov = dict(E.overrides(spec, setting, m, best[m]), **dict(extra))
-            run = E.Run(E.run_id(setting, m, best[m]), ov, s, R.config_digest(spec["base"], ov, s), 2, False)
-            futures[ex.submit(E.execute, run, spec["base"])] = (m, s)
+            futures[ex.submit(E.execute, _suite_rerun(spec, best, setting, m, s, extra), spec["base"])] = (m, s)
         for f in as_completed(futures):
             m, s = futures[f]
             rec, old = f.result(), by_config[E.digest(spec, setting, m, best[m], s)]
