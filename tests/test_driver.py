@@ -161,3 +161,30 @@ def test_a_checkpoint_of_an_unreadable_layout_refuses_the_resume_and_keeps_every
     assert code == driver.EXIT_BAD_INPUT
     assert "'server-state/1'" in err and "'fedhl-momentum/1'" in err, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in (".lock", "status.json")} == before
+
+
+def test_the_hard_stop_thread_has_ended_when_disarm_returns():
+    """A reader thread still alive at the interpreter's shutdown dropped the run's JAX arrays there and
+    crashed the process (SIGSEGV instead of exit status 130 after a Ctrl-C)."""
+    import gc
+    import signal
+    import weakref
+
+    class Held:  # stands for the run the stop callback reaches
+        pass
+
+    held = Held()
+    ref = weakref.ref(held)
+    stop = driver.HardStop(lambda: held)
+    before = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(before)
+    stop.arm()
+    thread = stop.thread
+    assert thread is not None and thread.is_alive() and thread.daemon
+    stop.disarm()
+    assert not thread.is_alive() and stop.thread is None
+    assert signal.set_wakeup_fd(before) == before  # the previous wake-up fd is back
+    stop.disarm()  # twice is harmless
+    del stop, held
+    gc.collect()
+    assert ref() is None  # nothing left holds the run
