@@ -1107,24 +1107,28 @@ def bench_cut_pairs(seeds=(1, 2), setting="cross_silo", methods=None, workers=2,
             print(json.dumps({k: v for k, v in row.items() if k != "eval_loss_examples"}), flush=True)
 
 
-def cut_pairs_summary(path="docs/results/cut_pairs.jsonl") -> dict:
-    """The mean over runs of (cut − cached full width) held-out loss, with its 95% t interval over runs
-    and the paired t-test's p (``fedhl_jax.experiments.stats``), and the mean absolute difference."""
+def cut_pairs_summary(path="docs/results/cut_pairs.jsonl", baseline=None) -> dict:
+    """The mean over runs of (rerun − cached record) held-out loss, with its 95% t interval over runs
+    and the paired t-test's p (``fedhl_jax.experiments.stats``), and the mean absolute difference.
+
+    ``baseline``: another such JSONL (e.g. ``cut_pairs.jsonl``); each row is then compared with the baseline's
+    rerun of the same setting, method and seed instead of the cached record (rows it lacks are left out), and
+    ``seconds_ratio`` is the mean over runs of (rerun seconds / baseline seconds)."""
     from fedhl_jax.experiments import stats as S
 
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    if baseline is not None:
+        base = {(r["setting"], r["method"], r["seed"]): r for r in map(json.loads, Path(baseline).read_text().splitlines())}
+        rows = [dict(r, answer_mean_cached=base[k]["answer_mean"], seconds_base=base[k]["seconds"])
+                for r in rows if (k := (r["setting"], r["method"], r["seed"])) in base]
     a = np.asarray([[r["answer_mean"]] for r in rows])  # [runs, 1]
     b = np.asarray([[r["answer_mean_cached"]] for r in rows])
     d = a[:, 0] - b[:, 0]
     t = S.paired_t_test(a, b) if len(rows) >= 2 else None
-    def t975(df):  # the t quantile with two-sided p = 0.05, by bisection on the p-value
-        lo, hi = 0.0, 100.0
-        for _ in range(200):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if S.t_two_sided_p(mid, df) > 0.05 else (lo, mid)
-        return (lo + hi) / 2
-
-    half = float(t975(len(rows) - 1) * d.std(ddof=1) / np.sqrt(len(rows))) if len(rows) >= 2 else None
-    return {"runs": len(rows), "mean_diff": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)]
-            if half is not None else None, "p": t.p if t else None, "mean_abs_diff": float(np.abs(d).mean()),
-            "max_abs_diff": float(np.abs(d).max())}
+    ci = S.t_interval(d) if len(rows) >= 2 else None
+    out = {"runs": len(rows), "mean_diff": float(d.mean()), "ci95": [ci.low, ci.high] if ci else None,
+           "p": t.p if t else None, "mean_abs_diff": float(np.abs(d).mean()), "max_abs_diff": float(np.abs(d).max()),
+           "sd_diff": float(d.std(ddof=1)) if len(rows) >= 2 else None}
+    if baseline is not None:
+        out["seconds_ratio"] = float(np.mean([r["seconds"] / r["seconds_base"] for r in rows]))
+    return out

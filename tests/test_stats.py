@@ -59,6 +59,26 @@ def test_paired_t_test_by_hand():
     assert res.p == pytest.approx(float(stats.ttest_rel(a.mean(1), b.mean(1)).pvalue), rel=1e-9)
 
 
+def test_t_critical_and_t_interval():
+    # Table values of the two-sided 95% and 99% points, and the t-interval of a known sample.
+    for df, want in ((1, 12.706204736), (2, 4.302652730), (11, 2.200985160), (30, 2.042272456)):
+        assert S.t_critical(df) == pytest.approx(want, rel=1e-8)
+    assert S.t_critical(4, level=0.99) == pytest.approx(4.604094871, rel=1e-8)
+    x = np.array([0.3, -0.1, 0.2, 0.4, 0.0])
+    got = S.t_interval(x)
+    half = 2.776445105 * x.std(ddof=1) / math.sqrt(5)
+    assert got.mean == pytest.approx(0.16) and got.level == 0.95
+    assert (got.low, got.high) == pytest.approx((0.16 - half, 0.16 + half), rel=1e-8)
+    assert S.t_two_sided_p((got.high - got.mean) / (x.std(ddof=1) / math.sqrt(5)), 4) == pytest.approx(0.05)
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 3, 7.5, 100):
+        assert S.t_critical(df, level=0.9) == pytest.approx(float(stats.t.ppf(0.95, df)), rel=1e-9)
+    with pytest.raises(ValueError, match=r"at least 2 finite values, got \[0.1\]"):
+        S.t_interval([0.1])
+    with pytest.raises(ValueError, match="df must be > 0, got df=0"):
+        S.t_critical(0)
+
+
 def test_paired_t_test_degenerate_and_bad_inputs():
     assert S.paired_t_test(np.ones((3, 2)), np.ones((3, 2))).p == 1.0
     res = S.paired_t_test(np.ones((3, 2)), np.zeros((3, 2)))

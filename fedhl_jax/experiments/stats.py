@@ -182,6 +182,34 @@ def t_two_sided_p(t: float, df: float) -> float:
     return betainc(df / 2, 0.5, df / (df + t * t))
 
 
+def t_critical(df: float, *, level: float = 0.95) -> float:
+    """The two-sided critical value of Student's t: ``c`` with ``P(|T| ≥ c) = 1 − level`` (bisection on
+    :func:`t_two_sided_p`, to about 1e-12)."""
+    level = _check_level(level)
+    if not df > 0:
+        raise ValueError(f"df must be > 0, got df={df!r}")
+    lo, hi = 0.0, 1.0
+    while t_two_sided_p(hi, df) > 1 - level:  # p falls as |t| grows
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 1 - level else (lo, mid)
+        if hi - lo < 1e-12 * hi:
+            break
+    return (lo + hi) / 2
+
+
+def t_interval(x, *, level: float = 0.95) -> Interval:
+    """The mean of ``x`` (``[n]``, ``n ≥ 2``, e.g. one difference per run) and its t interval,
+    ``mean ± t_critical(n − 1) · sd / √n``."""
+    x = np.asarray(x, np.float64).reshape(-1)
+    if x.size < 2 or not np.all(np.isfinite(x)):
+        raise ValueError(f"a t interval needs at least 2 finite values, got {x.tolist()!r}")
+    level = _check_level(level)
+    mean, half = float(x.mean()), t_critical(x.size - 1, level=level) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return Interval(mean, mean - half, mean + half, level)
+
+
 def paired_t_test(loss_a, loss_b) -> TTest:
     """Two-sided paired t-test over seeds on the per-seed mean differences ``d̄_s``.
 
