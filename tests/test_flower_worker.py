@@ -210,3 +210,44 @@ def test_the_least_recently_used_trainer_is_dropped(worker):
     with pytest.raises(ValueError, match="max_trainers=0 must be at least 1"):
         Worker(max_trainers=0)
 
+
+
+def test_sigterm_while_a_request_trains_ends_the_worker_cleanly(tmp_path, task_identity):
+    """SIGTERM while a request's thread was inside JAX ended the worker with SIGSEGV (the interpreter's
+    shutdown ended that thread there); now the worker exits with 0, its socket and key removed, and the
+    node's request fails naming the socket."""
+    import signal
+
+    cfg = load_config(None, tiny_overrides(tmp_path, **CONFIG))
+    save_config(cfg, tmp_path / "run.yaml")
+    sock, log = tmp_path / "node.sock", tmp_path / "worker.log"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "fedhl_jax.flower.worker", "--socket", str(sock)], env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not key_path(sock).exists():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.1)
+        msg = next(iter(two_node_strategy(cfg).configure_train(1, ArrayRecord(), ConfigRecord(), grid=None)))
+        pid = int(msg.content["config"]["partition-id"])
+        errors = []
+
+        def request():
+            try:
+                client_app.train(msg, context(tmp_path, pid, worker=str(sock)))
+            except WorkerError as e:
+                errors.append(str(e))
+
+        node = threading.Thread(target=request)
+        node.start()
+        while "loaded the trainer" not in log.read_text():  # the request's thread now compiles and trains
+            assert proc.poll() is None and time.time() < deadline + 120, log.read_text()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+        node.join(timeout=60)
+        assert not sock.exists() and not key_path(sock).exists()
+        assert len(errors) == 1 and str(sock) in errors[0], errors
+    finally:
+        stop([proc])

@@ -263,12 +263,25 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a clean exit removes the socket and its key
     try:
         serve(args.socket, max_trainers=args.max_trainers, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except KeyboardInterrupt:
-        return 0
+    except (KeyboardInterrupt, SystemExit):
+        return _end(0)
     except WorkerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _end(code: int) -> int:
+    """The exit status, or the process ended at once (``os._exit``) while a request is being served.
+
+    A request's thread may be inside JAX; the interpreter's shutdown would end that thread there and
+    crash the process (SIGSEGV instead of a clean exit after SIGTERM). The socket and its key are
+    already removed; the request's node sees the worker gone.
+    """
+    if any(t.is_alive() for t in threading.enumerate() if t is not threading.current_thread()):
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":  # run as the module proper, so requests unpickle to its TrainRequest
