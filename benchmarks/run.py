@@ -1107,6 +1107,55 @@ def bench_cut_pairs(seeds=(1, 2), setting="cross_silo", methods=None, workers=2,
             print(json.dumps({k: v for k, v in row.items() if k != "eval_loss_examples"}), flush=True)
 
 
+BF16_EXTRA = (("optim.length_bucket", 32), ("fed.clients_per_chunk", 1), ("model.compute_dtype", "bfloat16"))
+
+
+def bench_bf16_pairs(out="docs/results/bf16_pairs.jsonl"):
+    """The reruns of ``bench_cut_pairs`` (every method's cross-silo seed 1, FlexLoRA's and FedHL's seed 2) once
+    more with bfloat16 compute: does it keep the suite's results? Compare with
+    ``cut_pairs_summary(out, baseline="docs/results/cut_pairs.jsonl")``. Resumable. Needs ``../shared``. Run:
+    ``python -c "from benchmarks.run import bench_bf16_pairs; bench_bf16_pairs()"``."""
+    bench_cut_pairs(seeds=(1,), extra=BF16_EXTRA, out=out)
+    bench_cut_pairs(seeds=(2,), methods=["flexlora", "fedhl"], extra=BF16_EXTRA, out=out)
+
+
+def bench_compute_dtype(variants=("float32", "bfloat16"), rounds=3, lr=0.004, config="configs/results_smollm2.yaml"):
+    """Seconds per round and of the held-out (and validation) pass of the evidence suite's GSM8K run at the
+    defaults (cut to length, one client per chunk), by ``model.compute_dtype``, in one process on both cores;
+    the first round includes compiling. Needs ``../shared``. Run: ``python -c "import json; from
+    benchmarks.run import bench_compute_dtype; print(json.dumps(bench_compute_dtype()))"``."""
+    import yaml
+
+    from fedhl_jax.config import TrainConfig, from_dict
+    from fedhl_jax.simulation import Simulation
+
+    spec = yaml.safe_load(Path(config).read_text())
+    out = []
+    for variant in variants:
+        base = json.loads(json.dumps(spec["base"]))
+        base["optim"].update(length_bucket=32, lr=lr)
+        base["fed"].update(clients_per_chunk=1, rounds=rounds)
+        base["model"]["compute_dtype"] = variant
+        sim = Simulation(from_dict(TrainConfig, base), log=lambda *a: None)
+        state, times, losses = sim.init_state(), [], []
+        sim.start(0)
+        for t in range(rounds):
+            t0 = time.perf_counter()
+            rec = sim.run_round(state, t)
+            state = jax.block_until_ready(rec.state)
+            times.append(time.perf_counter() - t0)
+            losses.append(rec.metrics.get("train_loss"))
+        t0 = time.perf_counter()
+        ev = sim.evaluate(state, rounds - 1)
+        row = {"compute_dtype": variant, "round_seconds": times, "eval_seconds": time.perf_counter() - t0,
+               "train_loss": losses, "eval_loss": ev.get("eval_loss")}
+        out.append(row)
+        print(json.dumps(row), flush=True)
+        del sim, state
+    return {"config": config, "rounds": rounds, "lr": lr, "date": date.today().isoformat(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "runs": out}
+
+
 def cut_pairs_summary(path="docs/results/cut_pairs.jsonl", baseline=None) -> dict:
     """The mean over runs of (rerun − cached record) held-out loss, with its 95% t interval over runs
     and the paired t-test's p (``fedhl_jax.experiments.stats``), and the mean absolute difference.
