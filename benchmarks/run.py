@@ -1127,16 +1127,15 @@ def bench_compute_dtype(variants=("float32", "bfloat16"), rounds=3, lr=0.004, co
     import yaml
 
     from fedhl_jax.config import TrainConfig, from_dict
+    from fedhl_jax.experiments.results_suite import merge_overrides
     from fedhl_jax.simulation import Simulation
 
     spec = yaml.safe_load(Path(config).read_text())
     out = []
     for variant in variants:
-        base = json.loads(json.dumps(spec["base"]))
-        base["optim"].update(length_bucket=32, lr=lr)
-        base["fed"].update(clients_per_chunk=1, rounds=rounds)
-        base["model"]["compute_dtype"] = variant
-        sim = Simulation(from_dict(TrainConfig, base), log=lambda *a: None)
+        ov = {"optim.length_bucket": 32, "fed.clients_per_chunk": 1, "optim.lr": lr, "fed.rounds": rounds,
+              "model.compute_dtype": variant}
+        sim = Simulation(from_dict(TrainConfig, merge_overrides(spec["base"], ov)), log=lambda *a: None)
         state, times, losses = sim.init_state(), [], []
         sim.start(0)
         for t in range(rounds):

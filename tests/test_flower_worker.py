@@ -211,7 +211,6 @@ def test_the_least_recently_used_trainer_is_dropped(worker):
         Worker(max_trainers=0)
 
 
-
 def test_sigterm_while_a_request_trains_ends_the_worker_cleanly(tmp_path, task_identity):
     """SIGTERM while a request's thread was inside JAX ended the worker with SIGSEGV (the interpreter's
     shutdown ended that thread there); now the worker exits with 0, its socket and key removed, and the
